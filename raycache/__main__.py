@@ -1,0 +1,5 @@
+import sys
+
+from raycache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""`raycache run CONFIG [--set key=value ...]` and `raycache ui`. A user's mistake exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raycache.errors import UserError, find_user_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raycache", description="Federated fine-tuning of CLIP on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federated experiment")
+    run.add_argument("config", help="experiment YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a dotted config key, e.g. --set data.alpha=0.1 (repeatable)")
+    ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    return p
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from raycache.config import load_config
+    from raycache.experiment import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("setting up", total=cfg.federation.rounds, status="")
+
+        def on_stage(text: str) -> None:
+            progress.update(task, description=text)
+
+        def on_round(r: int, m: dict[str, float]) -> None:
+            progress.update(task, advance=1, description=f"round {r}/{cfg.federation.rounds}",
+                            status=f"accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+
+        summary = run_experiment(cfg, on_round=on_round, on_stage=on_stage)
+
+    table = Table(title=f"raycache: {summary.method} on {cfg.data.dataset}, {cfg.data.clients} clients "
+                        f"({cfg.data.partition}, alpha={cfg.data.alpha})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("zero-shot accuracy", f"{summary.zeroshot_accuracy:.4f}")
+    table.add_row("final federated accuracy", f"{summary.final['accuracy']:.4f}")
+    table.add_row("client accuracy (mean ± std)",
+                  f"{summary.final['client_accuracy_mean']:.4f} ± {summary.final['client_accuracy_std']:.4f}")
+    table.add_row("rounds", str(summary.rounds))
+    table.add_row("bytes sent (up + down)", f"{_fmt_bytes(summary.comm_bytes)} "
+                                             f"({_fmt_bytes(summary.comm_bytes_up)} up)")
+    table.add_row("images encoded this run", f"{summary.encoded} of {summary.distinct_images}")
+    table.add_row("wall time (ray / encode / rounds)",
+                  " / ".join(f"{summary.timings.get(k, 0):.1f}s"
+                             for k in ("time_ray_start_s", "time_encode_s", "time_rounds_s")))
+    Console().print(table)
+    print(f"MLflow run {summary.run_id} in experiment '{cfg.tracking.experiment}'. To open it:\n  "
+          f"{summary.ui_hint}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from raycache.tracking import tracking_uri
+
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(), "--host", args.host, "--port", str(args.port)]
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "ui": cmd_ui}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a user's mistake is one line and exit 2; anything else is a bug: traceback
+        user = find_user_error(err)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Typed experiment config: YAML files plus dotted `key=value` overrides, validated on load.
+
+Every field has a type, a default and a help string; unknown keys, wrong types and out-of-range values
+raise `UserError` with one line naming the dotted key. Registries are checked by name only, so loading a
+config never imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raycache.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("tiny", description="open_clip architecture name (e.g. ViT-B-32) or an offline preset: "
+                                          "tiny")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, a local checkpoint file, or "
+                                                     "'local-dir:PATH' (open_clip_config.json + weights); "
+                                                     "null = random init")
+    init_seed: int = Field(0, description="seed for random init (pretrained: null); part of the feature key")
+    templates: list[str] = Field(["a photo of a {}."], min_length=1,
+                                 description="prompt templates; text embeddings are averaged over them")
+
+    @field_validator("templates")
+    @classmethod
+    def _has_slot(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
+        return v
+
+
+class DataConfig(_Section):
+    dataset: str = Field("digits", description="'digits' (scikit-learn's 8x8 digits), an ImageFolder directory "
+                                               "(root/<class>/*.png|jpg) or a .parquet file")
+    image_column: str = Field("image", description="Parquet column with image bytes")
+    label_column: str = Field("label", description="Parquet column with labels (int or class name)")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share of samples held out as test")
+    server_per_class: int = Field(16, ge=0, description="labelled samples per class the server holds out "
+                                                        "(the real-image cache init draws from them)")
+    clients: int = Field(10, ge=1, description="number of (virtual) clients")
+    partition: Literal["dirichlet", "iid", "shards"] = Field("dirichlet", description="how training samples "
+                                                                                      "are split over clients")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more label skew)")
+    shards_per_client: int = Field(2, ge=1, description="classes' shards per client for partition: shards")
+
+
+class MethodConfig(_Section):
+    name: str = Field("cachefl", description="federated method; see `raycache methods`")
+    shots: int = Field(16, ge=1, description="cache size K per class")
+    cache_init: Literal["real"] = Field("real", description="where cache keys come from: 'real' = the server's "
+                                                            "held-out labelled images")
+    alpha: float = Field(1.0, ge=0, description="Tip-Adapter residual ratio (weight of the cache logits)")
+    beta: float = Field(1.0, gt=0, description="Tip-Adapter sharpness of the affinity exp(-beta(1-f.k))")
+    lr: float = Field(1e-3, gt=0, description="local AdamW learning rate")
+    eps: float = Field(1e-4, gt=0, description="AdamW epsilon (Tip-Adapter-F uses 1e-4)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    local_epochs: int = Field(1, ge=1, description="local epochs per round")
+    batch_size: int = Field(256, ge=1, description="local minibatch size")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="local learning-rate schedule over "
+                                                                          "a client's steps in a round")
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from raycache.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
+        return v
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(5, ge=1, description="federated rounds")
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round")
+
+
+class RuntimeConfig(_Section):
+    address: str | None = Field(None, description="Ray address to join (e.g. 'auto', 'ray://host:10001'); "
+                                                  "null starts a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (null = all)")
+    client_actors: int = Field(2, ge=1, description="actors hosting the virtual clients")
+    client_cpus: float = Field(1.0, ge=0, description="CPUs per client actor (fractions allowed)")
+    client_gpus: float = Field(0.0, ge=0, description="GPUs per client actor (fractions share one GPU)")
+    encoder_actors: int = Field(1, ge=1, description="encoder actors in the Ray Data pool")
+    encoder_cpus: float = Field(1.0, ge=0, description="CPUs per encoder actor")
+    encoder_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (fractions share one GPU)")
+    encoder_batch_size: int = Field(128, ge=1, description="images per encoder batch")
+    cache_dir: str = Field(".raycache", description="where encoded features persist across runs")
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field("raycache", min_length=1, description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name (null = generated)")
+
+
+class ExperimentConfig(_Section):
+    seed: int = Field(0, description="seed for splits, partitions, client sampling and local training")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    federation: FederationConfig = FederationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        if self.method.cache_init == "real" and self.method.shots > self.data.server_per_class:
+            raise ValueError(
+                f"method.shots={self.method.shots} needs data.server_per_class >= {self.method.shots} "
+                f"(the real-image cache draws K per class from the server's held-out split)")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Every field as a dotted key, for MLflow params and tables."""
+        return flatten(self.model_dump())
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", YAML-parsed value). Numbers, null, booleans and lists parse as YAML does."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected key=value, e.g. --set data.alpha=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{'.'.join(parts[: i + 1])}: is a value, not a section; cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _known_keys(ExperimentConfig), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{loc}: unknown config key{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"].startswith("value_error") or "input" not in e:
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {e['input']!r})"
+
+
+def build_config(tree: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(f"config error: {_one_line(err)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML experiment (or the defaults when `path` is None) and apply `key=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{p}: not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides:
+        apply_override(tree, *parse_override(item))
+    return build_config(tree)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

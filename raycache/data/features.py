@@ -1,0 +1,106 @@
+"""Encode once: CLIP image features for every image of a dataset, computed by a Ray Data actor pool and
+persisted on disk under a fingerprint of (model weights, dataset), so rounds, epochs and later runs reuse them.
+
+The encoder actors take `num_cpus` / `num_gpus` from config; fractional GPUs let several share one device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raycache.data.sources.base import Source, decode_image
+from raycache.errors import UserError
+from raycache.models.clip import ModelSpec
+
+
+class ImageEncoder:
+    """Ray Data callable class: one model per actor, batches of encoded images in, unit-norm features out."""
+
+    def __init__(self, spec: ModelSpec, use_gpu: bool) -> None:
+        import torch
+
+        from raycache.models.clip import load_clip
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model, self.preprocess, _ = load_clip(spec, device=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        pixels = torch.stack([self.preprocess(decode_image(img, str(key)))
+                              for img, key in zip(batch["image"], batch["key"])])  # (B, 3, H, W)
+        with torch.no_grad():
+            feats = F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)  # (B, D)
+        return {"features": feats.cpu().numpy()}
+
+
+@dataclass(frozen=True)
+class Features:
+    features: np.ndarray  # (n, D) float32, unit rows, in the source's order
+    encoded: int  # images pushed through the encoder in this call (0 when read from the store)
+    path: Path
+
+
+def feature_key(spec: ModelSpec, source: Source) -> str:
+    return hashlib.sha256(f"{spec.fingerprint()}|{source.fingerprint}".encode()).hexdigest()[:24]
+
+
+def load_or_encode(source: Source, spec: ModelSpec, runtime) -> Features:
+    """Features for every image of `source` under `spec`; encodes only if the store lacks them."""
+    from safetensors.numpy import load_file, save_file
+
+    store = Path(runtime.cache_dir) / "features"
+    path = store / f"{feature_key(spec, source)}.safetensors"
+    if path.is_file():
+        feats = load_file(str(path))["features"]
+        if feats.shape[0] == len(source.labels) and np.isfinite(feats).all():
+            return Features(feats, 0, path)
+    feats = _encode(source, spec, runtime)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        meta = {"model": json.dumps(spec.__dict__), "dataset": source.fingerprint, "n": str(len(feats))}
+        save_file({"features": feats}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    except OSError as err:
+        raise UserError(f"runtime.cache_dir: cannot write features to {store} ({err.strerror})") from None
+    return Features(feats, len(feats), path)
+
+
+def _encode(source: Source, spec: ModelSpec, runtime) -> np.ndarray:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # features line up with source.labels
+    ds = source.to_ray().map_batches(
+        ImageEncoder,
+        fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0},
+        batch_size=runtime.encoder_batch_size,
+        batch_format="numpy",
+        num_cpus=runtime.encoder_cpus,
+        num_gpus=runtime.encoder_gpus,
+        compute=ray.data.ActorPoolStrategy(size=runtime.encoder_actors),
+    )
+    try:
+        chunks = [b["features"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    except Exception as err:  # Ray wraps the actor's exception; surface a user's mistake as one line
+        from raycache.errors import find_user_error
+
+        user = find_user_error(err)
+        if user is not None:
+            raise user from None
+        raise
+    feats = np.concatenate(chunks).astype(np.float32, copy=False)
+    if feats.shape[0] != len(source.labels):
+        raise RuntimeError(f"encoder returned {feats.shape[0]} rows for {len(source.labels)} images")
+    if not np.isfinite(feats).all():
+        bad = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
+        raise UserError(f"data.dataset: image {bad} of {source.name} encodes to NaN/inf features")
+    return feats

@@ -1,0 +1,9 @@
+"""IID: a uniform random split into near-equal parts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def partition(labels: np.ndarray, cfg, rng: np.random.Generator) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(len(labels)), cfg.clients)

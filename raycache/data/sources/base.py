@@ -1,0 +1,61 @@
+"""What every data source provides: labels known up front, image bytes streamed through Ray Data."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from raycache.errors import UserError
+
+
+@dataclass
+class Source:
+    """A labelled image dataset.
+
+    `labels[i]` and row `i` of `to_ray()` describe the same image: Ray Data runs with `preserve_order`,
+    so features come back in this order. `to_ray()` yields an `image` column (encoded bytes) and a `key`
+    column naming where each image came from, for error messages.
+    """
+
+    name: str
+    labels: np.ndarray  # (n,) int64 in [0, len(class_names))
+    class_names: list[str]
+    fingerprint: str  # changes whenever any image or label changes
+    to_ray: Callable[[], Any] = field(repr=False)
+    domains: np.ndarray | None = None  # (n,) int64, for sources that carry a domain per image
+
+    def __post_init__(self) -> None:
+        if len(self.labels) == 0:
+            raise UserError(f"data.dataset: {self.name} holds no images")
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        empty = [self.class_names[c] for c in np.flatnonzero(counts == 0)]
+        if empty:
+            raise UserError(f"data.dataset: class {empty[0]!r} in {self.name} has no images")
+
+
+def decode_image(data: Any, key: str):
+    """Encoded bytes (or a Hugging Face style {'bytes': ...} struct) -> RGB PIL image; UserError if corrupt."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, dict):
+        data = data.get("bytes")
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise UserError(f"data.dataset: image {key} is empty or not encoded image bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decode fully now: a truncated file fails here, not later
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"data.dataset: cannot decode image {key}: {err}") from None
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) array -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,73 @@
+"""A Parquet file (or a folder of them) with an image-bytes column and a label column.
+
+Labels may be integers (class names from an optional `class_name` column, else the numbers) or strings
+(classes in sorted order). This is also the format `raycache synth` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from raycache.data.sources.base import Source
+from raycache.errors import UserError
+
+
+def _files(root: Path) -> list[str]:
+    files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
+    if not files:
+        raise UserError(f"data.dataset: {root} holds no .parquet files")
+    return [str(f.resolve()) for f in files]
+
+
+def load(cfg) -> Source:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _files(Path(cfg.dataset))
+    h = hashlib.sha256()
+    tables = []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise UserError(f"data.dataset: {f} is not a readable Parquet file ({err})") from None
+        for col in (cfg.image_column, cfg.label_column):
+            if col not in schema.names:
+                raise UserError(f"data.dataset: {f} has no column {col!r} (columns: {', '.join(schema.names)}); "
+                                f"set data.image_column / data.label_column")
+        cols = [cfg.label_column] + (["class_name"] if "class_name" in schema.names else [])
+        try:
+            tables.append(pq.read_table(f, columns=cols))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise UserError(f"data.dataset: {f} is corrupt or truncated ({err})") from None
+        st = Path(f).stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{cfg.image_column}|{cfg.label_column}\n".encode())
+    table = pa.concat_tables(tables, promote_options="default")
+    raw = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
+    if raw.dtype.kind in "iu":
+        labels = raw.astype(np.int64)
+        n = int(labels.max()) + 1 if len(labels) else 0
+        names = [str(i) for i in range(n)]
+        if "class_name" in table.column_names:
+            for lab, name in zip(labels, table.column("class_name").to_pylist()):
+                names[lab] = str(name)
+        if len(labels) and labels.min() < 0:
+            raise UserError(f"data.dataset: {files[0]} has negative labels in column {cfg.label_column!r}")
+    elif raw.dtype.kind in "OUS":
+        names, labels = np.unique(raw.astype(str), return_inverse=True)
+        names, labels = [str(x) for x in names], labels.astype(np.int64)
+    else:
+        raise UserError(f"data.dataset: column {cfg.label_column!r} must hold ints or class names, "
+                        f"not {raw.dtype}")
+    image_column = cfg.image_column
+
+    def to_ray():
+        import ray.data
+
+        ds = ray.data.read_parquet(files, columns=[image_column], include_paths=True)
+        return ds.rename_columns({image_column: "image", "path": "key"})
+
+    return Source(str(cfg.dataset), labels, names, f"parquet-{h.hexdigest()[:16]}", to_ray)

@@ -1,0 +1,30 @@
+"""User-facing errors: a bad config, a bad file, a missing model. The CLI turns these into exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input, reported as one line, never with a traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\n", " ").strip())
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """Return the UserError behind `exc`, looking through Ray's wrappers and exception chains.
+
+    Ray re-raises a remote failure as `RayTaskError(UserError)` (an instance of both) or wraps it
+    (Ray Data's `UserCodeException`), so the original can sit in `cause`, `__cause__` or `__context__`.
+    """
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            # RayTaskError(UserError) carries the remote traceback in its str(); keep only our line.
+            return UserError(str(e.args[0])) if e.args else e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None

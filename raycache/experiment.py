@@ -1,0 +1,145 @@
+"""One federated experiment, top to bottom: check inputs, split and partition, encode once, train, log.
+
+Everything that can be checked without compute (config, model name, dataset, splits, partition) is checked
+before the MLflow run starts; anything that fails after is recorded on the run as FAILED with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from raycache.config import ExperimentConfig, dump_config
+from raycache.data.partition import class_counts, partition
+from raycache.data.sources import open_source
+from raycache.data.split import stratified_split
+from raycache.models.clip import ModelSpec, check_spec
+
+RoundCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Summary:
+    run_id: str
+    experiment_id: str
+    ui_hint: str
+    method: str
+    zeroshot_accuracy: float
+    final: dict[str, float]
+    rounds: int
+    comm_bytes_up: float
+    comm_bytes_down: float
+    timings: dict[str, float]
+    encoded: int
+    distinct_images: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def comm_bytes(self) -> float:
+        return self.comm_bytes_up + self.comm_bytes_down
+
+
+def partition_table(counts: np.ndarray, class_names: list[str]) -> str:
+    """CSV of per-client, per-class sample counts."""
+    buf = io.StringIO()
+    buf.write("client," + ",".join(class_names) + ",total\n")
+    for c, row in enumerate(counts):
+        buf.write(f"{c}," + ",".join(str(int(x)) for x in row) + f",{int(row.sum())}\n")
+    return buf.getvalue()
+
+
+def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
+                   on_stage: Callable[[str], None] | None = None) -> Summary:
+    stage = on_stage or (lambda s: None)
+    # Cheap checks first: a user's mistake must not cost a Ray start or leave a run behind.
+    spec = ModelSpec.from_config(cfg.model)
+    check_spec(spec)
+    source = open_source(cfg.data)
+    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction,
+                              cfg.data.server_per_class, cfg.seed)
+    train_labels = source.labels[splits.train]
+    parts = partition(train_labels, cfg.data, cfg.seed)
+    counts = class_counts(parts, train_labels, len(source.class_names))
+    task, text_seconds = _text_task(spec, source.class_names, cfg.model.templates)  # loads the weights: fails early
+
+    from raycache.tracking import Run
+
+    run = Run(cfg.tracking.experiment, cfg.tracking.run_name, tags={"raycache.method": cfg.method.name})
+    try:
+        summary = _run(cfg, spec, source, splits, parts, counts, task, run, on_round, stage,
+                       {"time_text_s": text_seconds})
+    except BaseException as err:
+        run.finish(err)
+        raise
+    run.finish()
+    return summary
+
+
+def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str]):
+    from raycache.methods.base import Task
+    from raycache.models.clip import load_clip
+    from raycache.models.text import text_classifier
+
+    t = time.perf_counter()
+    model, _, tokenizer = load_clip(spec)
+    task = Task(class_names, text_classifier(model, tokenizer, class_names, templates))
+    return task, time.perf_counter() - t
+
+
+def _run(cfg, spec, source, splits, parts, counts, task, run, on_round, stage, timings) -> Summary:
+    from raycache.data.features import load_or_encode
+    from raycache.federation.evaluate import predict
+    from raycache.federation.runtime import Federation, ensure_ray
+    from raycache.methods.zeroshot import ZeroShot
+
+    run.log_params(cfg.flat())
+    run.log_text(dump_config(cfg), "config.yaml")
+    run.log_text(partition_table(counts, source.class_names), "partition.csv")
+
+    stage("starting Ray")
+    t = time.perf_counter()
+    ensure_ray(cfg.runtime)
+    timings["time_ray_start_s"] = time.perf_counter() - t
+
+    stage("encoding images (once per model and dataset)")
+    t = time.perf_counter()
+    feats = load_or_encode(source, spec, cfg.runtime)
+    timings["time_encode_s"] = time.perf_counter() - t
+
+    f, y = feats.features, source.labels
+    test = (f[splits.test], y[splits.test])
+    zs_pred = predict(lambda x: ZeroShot(cfg.method, task).logits({}, x), test[0])
+    zeroshot_accuracy = float((zs_pred == test[1]).mean())
+    run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
+                     "distinct_images": len(y), "num_classes": len(source.class_names),
+                     "train_samples": len(splits.train), "test_samples": len(splits.test)})
+
+    stage("starting client actors")
+    t = time.perf_counter()
+    train = (np.ascontiguousarray(f[splits.train]), np.ascontiguousarray(y[splits.train]))
+    history: list[dict[str, float]] = []
+    with Federation(cfg, task, train, parts, test, (f[splits.server], y[splits.server]), counts) as fed:
+        run.log_metrics(fed.info())
+        initial = fed.evaluate()
+        run.log_metrics(initial, step=0)
+        timings["time_actors_s"] = time.perf_counter() - t
+        stage("training")
+        t = time.perf_counter()
+        for r in range(1, cfg.federation.rounds + 1):
+            metrics = fed.run_round(r)
+            run.log_metrics(metrics, step=r)
+            history.append(metrics)
+            if on_round:
+                on_round(r, metrics)
+        timings["time_rounds_s"] = time.perf_counter() - t
+    run.log_metrics(timings)
+    up = sum(m["comm_bytes_up"] for m in history)
+    down = sum(m["comm_bytes_down"] for m in history)
+    run.log_metrics({"comm_bytes_up_total": up, "comm_bytes_down_total": down,
+                     "final_accuracy": history[-1]["accuracy"]})
+    return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, zeroshot_accuracy,
+                   history[-1], cfg.federation.rounds, up, down, timings, feats.encoded, len(y), history)

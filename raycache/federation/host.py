@@ -1,0 +1,66 @@
+"""A client host: one Ray actor that serves many virtual clients.
+
+It holds a read-only view of the shared training features (one object-store copy for every host) and each
+of its clients' sample indices. Per round it trains each requested client from the broadcast state and folds
+the results into one partial FedAvg sum, so what returns to the server is one message per host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from raycache.federation.aggregate import WeightedSum
+from raycache.federation.sampling import client_seed
+from raycache.methods.base import State, state_nbytes
+
+
+@dataclass
+class HostReport:
+    partial: WeightedSum
+    clients: np.ndarray  # (c,) client ids trained
+    samples: np.ndarray  # (c,) their sample counts (the FedAvg weights)
+    losses: np.ndarray  # (c,) mean local training loss
+    seconds: np.ndarray  # (c,) compute seconds per client
+    bytes_up: int  # exact bytes of every client's update
+    peak_rss_mb: float
+
+
+class ClientHost:
+    def __init__(self, method_name: str, method_cfg, task, train, clients: dict[int, np.ndarray], seed: int,
+                 threads: int = 1) -> None:
+        import torch
+
+        from raycache.methods import method_class
+
+        torch.set_num_threads(max(1, threads))
+        self.method = method_class(method_name)(method_cfg, task)
+        self.features, self.labels = train  # read-only, zero-copy views of the shared object
+        self.clients = clients
+        self.seed = seed
+
+    def train(self, state: State, client_ids: list[int], round_idx: int) -> HostReport:
+        import resource
+
+        import torch
+
+        partial = WeightedSum()
+        n = len(client_ids)
+        samples, losses, seconds = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
+        bytes_up = 0
+        for i, cid in enumerate(client_ids):
+            t0 = time.perf_counter()
+            idx = self.clients[cid]
+            feats = torch.from_numpy(self.features[idx])  # fancy indexing copies: (n_c, D)
+            labels = torch.from_numpy(self.labels[idx])
+            update, loss = self.method.local_train(state, feats, labels, client_seed(self.seed, round_idx, cid))
+            partial.add(update, float(len(idx)))
+            bytes_up += state_nbytes(update)
+            samples[i], losses[i], seconds[i] = len(idx), loss, time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return HostReport(partial, np.asarray(client_ids), samples, losses, seconds, bytes_up, peak)
+
+    def ping(self) -> bool:
+        return True

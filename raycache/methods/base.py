@@ -1,0 +1,64 @@
+"""The method contract. The round loop talks to every method through these few calls and never asks
+which method it is.
+
+State is a flat dict of float32 numpy arrays: exactly what a client sends (and the server broadcasts), so
+payload sizes are the arrays' bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Task:
+    """What every party knows about the task: the class names and their zero-shot text weights."""
+
+    class_names: list[str]
+    text_weights: np.ndarray  # (N, D) unit rows
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_weights.shape[1])
+
+
+class Method(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, cfg, task: Task) -> None:
+        self.cfg = cfg  # the `method` config section
+        self.task = task
+        self.text_weights = torch.from_numpy(np.ascontiguousarray(task.text_weights, dtype=np.float32))
+
+    @abstractmethod
+    def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
+        """The initial global state, built on the server from its own labelled hold-out."""
+
+    @abstractmethod
+    def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) unit features -> (B, N) class logits under `state`."""
+
+    @abstractmethod
+    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
+                    seed: int) -> tuple[State, float]:
+        """One client's local update from the broadcast `state`; returns (new state, mean training loss)."""
+
+
+def state_nbytes(state: State) -> int:
+    """Exact bytes of the tensors in `state`."""
+    return int(sum(a.nbytes for a in state.values()))
+
+
+def state_params(state: State) -> int:
+    return int(sum(a.size for a in state.values()))

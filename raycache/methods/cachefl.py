@@ -1,0 +1,57 @@
+"""CacheFL (arXiv 2505.05130): a Tip-Adapter-F cache whose keys clients fine-tune and the server averages.
+
+Keys are initialised from K class-balanced labelled images per class held by the server; values are fixed
+one-hot labels, so only the keys (N*K x D floats) ever travel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raycache.methods.base import Method, State
+from raycache.methods.cache_model import cache_logits, class_balanced_keys, one_hot_values
+
+
+class CacheFL(Method):
+    name = "cachefl"
+
+    def __init__(self, cfg, task) -> None:
+        super().__init__(cfg, task)
+        self.values = one_hot_values(task.n_classes, cfg.shots)  # (NK, N)
+
+    def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
+        return {"cache_keys": class_balanced_keys(server_features, server_labels, self.task.n_classes,
+                                                  self.cfg.shots)}
+
+    def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
+        keys = torch.as_tensor(state["cache_keys"])
+        return cache_logits(features, self.text_weights, keys, self.values, self.cfg.alpha, self.cfg.beta)
+
+    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
+                    seed: int) -> tuple[State, float]:
+        cfg = self.cfg
+        keys = torch.tensor(state["cache_keys"], requires_grad=True)  # a private copy: (NK, D)
+        opt = torch.optim.AdamW([keys], lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        n = len(labels)
+        bs = min(cfg.batch_size, n)
+        total = cfg.local_epochs * math.ceil(n / bs)
+        loss_sum, step = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, bs):
+                batch = order[start:start + bs]
+                if cfg.schedule == "cosine":
+                    opt.param_groups[0]["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
+                logits = cache_logits(features[batch], self.text_weights, keys, self.values, cfg.alpha, cfg.beta)
+                loss = F.cross_entropy(logits, labels[batch])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * len(batch)
+                step += 1
+        return {"cache_keys": keys.detach().numpy()}, loss_sum / (n * cfg.local_epochs)

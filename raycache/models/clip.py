@@ -1,0 +1,109 @@
+"""Load an open_clip model by name with a pretrained tag, a local checkpoint or a `local-dir:` folder.
+
+Offline presets are open_clip JSON configs shipped in `presets/`, registered with `add_model_config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raycache.errors import UserError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS = {"tiny": "raycache-tiny"}  # config name -> open_clip model name registered from presets/
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What identifies an image/text encoder: enough to rebuild it in any process."""
+
+    name: str
+    pretrained: str | None = None
+    init_seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ModelSpec":
+        return cls(cfg.name, cfg.pretrained, cfg.init_seed)
+
+    @property
+    def arch(self) -> str:
+        return PRESETS.get(self.name, self.name)
+
+    def fingerprint(self) -> str:
+        """Stable id of the weights: architecture, weights source (with file size and mtime) or init seed."""
+        import open_clip
+
+        ident: dict[str, Any] = {"arch": self.arch, "open_clip": open_clip.__version__}
+        if self.pretrained is None:
+            ident["init_seed"] = self.init_seed
+        else:
+            ident["pretrained"] = self.pretrained
+            path = Path(self.pretrained.removeprefix(LOCAL_DIR))
+            if path.exists():
+                files = sorted(path.rglob("*")) if path.is_dir() else [path]
+                ident["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _register_presets() -> None:
+    import open_clip
+
+    if PRESETS["tiny"] not in open_clip.list_models():
+        open_clip.add_model_config(PRESETS_DIR)
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Fail fast, before any compute, on a model name or weights path that cannot exist."""
+    import open_clip
+
+    _register_presets()
+    if spec.pretrained is not None and spec.pretrained.startswith(LOCAL_DIR):
+        folder = Path(spec.pretrained.removeprefix(LOCAL_DIR))
+        if not (folder / "open_clip_config.json").is_file():
+            raise UserError(f"model.pretrained: {folder} is not a model folder (no open_clip_config.json)")
+        return
+    if spec.arch not in open_clip.list_models():
+        raise UserError(f"model.name: unknown model {spec.name!r}; use an open_clip architecture "
+                        f"(see open_clip.list_models()) or a preset: {', '.join(PRESETS)}")
+    if spec.pretrained is None:
+        return
+    looks_like_path = os.sep in spec.pretrained or Path(spec.pretrained).suffix in {".pt", ".pth", ".bin",
+                                                                                    ".safetensors"}
+    if looks_like_path and not Path(spec.pretrained).is_file():
+        raise UserError(f"model.pretrained: weights file {spec.pretrained} not found")
+    if not looks_like_path and spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.arch):
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        raise UserError(f"model.pretrained: unknown tag {spec.pretrained!r} for {spec.name}; "
+                        f"known tags: {', '.join(tags) or 'none'}")
+
+
+def load_clip(spec: ModelSpec, device: str = "cpu"):
+    """Build (model in eval mode, image preprocess, tokenizer) for `spec`; weights stay frozen."""
+    import open_clip
+    import torch
+
+    check_spec(spec)
+    if spec.pretrained is not None and spec.pretrained.startswith(LOCAL_DIR):
+        name, pretrained = spec.pretrained, None
+    else:
+        name, pretrained = spec.arch, spec.pretrained
+    torch.manual_seed(spec.init_seed)  # random init is a function of the seed, identical in every process
+    logging.disable(logging.ERROR)  # open_clip logs its own copy of a failure; ours below is the one line
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except (RuntimeError, OSError, ValueError) as err:
+        what = spec.pretrained or spec.name
+        raise UserError(f"model.pretrained: weights {what!r} for {spec.name} could not be loaded offline "
+                        f"or downloaded ({str(err).splitlines()[0][:160]})") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval().requires_grad_(False)
+    return model, preprocess, tokenizer

@@ -1,0 +1,65 @@
+"""MLflow: one run per experiment, params flattened, per-round metrics at step=round, artifacts.
+
+The tracking URI is `MLFLOW_TRACKING_URI` if set, else `sqlite:///<cwd>/mlflow.db`. A run that raises is
+ended FAILED (KILLED on Ctrl-C) with the reason in the `failure_reason` tag, never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class Run:
+    def __init__(self, experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri()
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+        self.run_id = run.info.run_id
+        self.run_name = run.info.run_name
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v)[:5000])
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is None:
+            self.client.set_terminated(self.run_id, "FINISHED")
+            return
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        reason = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
+        try:
+            self.client.set_tag(self.run_id, "failure_reason", reason[:5000])
+        finally:
+            self.client.set_terminated(self.run_id, status)
+
+    def ui_hint(self) -> str:
+        store = self.uri
+        return (f"mlflow ui --backend-store-uri {store} --host 127.0.0.1   (or: make ui), then open "
+                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
