@@ -30,6 +30,17 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def quiet_libraries() -> None:
+    """The terminal shows our progress and our one-line errors. Library chatter (MLflow's schema set-up,
+    Ray Data's own copy of an exception we re-raise) stays in their log files."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures its loggers on import; override after)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,17 +50,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raycache.experiment import run_experiment
 
     cfg = load_config(args.config, args.overrides)
+    quiet_libraries()
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("setting up", total=cfg.federation.rounds, status="")
 
         def on_stage(text: str) -> None:
             progress.update(task, description=text)
 
         def on_round(r: int, m: dict[str, float]) -> None:
-            progress.update(task, advance=1, description=f"round {r}/{cfg.federation.rounds}",
-                            status=f"accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+            status = f"accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  {m['round_seconds']:.2f}s"
+            progress.update(task, advance=1, description=f"round {r}/{cfg.federation.rounds}", status=status)
+            if not console.is_terminal:  # a log file gets one plain line per round instead of a live bar
+                console.print(f"round {r}/{cfg.federation.rounds}  {status}", highlight=False)
 
         summary = run_experiment(cfg, on_round=on_round, on_stage=on_stage)
 

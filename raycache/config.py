@@ -174,7 +174,9 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _one_line(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    loc = ".".join(str(p) for p in e["loc"])
+    if not loc:  # a cross-field check: its message names the keys
+        return e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, _known_keys(ExperimentConfig), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -27,4 +27,12 @@ def find_user_error(exc: BaseException) -> UserError | None:
             # RayTaskError(UserError) carries the remote traceback in its str(); keep only our line.
             return UserError(str(e.args[0])) if e.args else e
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    # Across a process boundary the chain can be lost (Ray Data re-raises a UserCodeException whose cause
+    # survives only in the remote traceback text): recover our one line from that text.
+    for line in reversed(str(exc).splitlines()):
+        if line.startswith(_MARK):
+            return UserError(line[len(_MARK):])
     return None
+
+
+_MARK = f"{UserError.__module__}.{UserError.__qualname__}: "

@@ -87,6 +87,7 @@ def _encode(source: Source, spec: ModelSpec, runtime) -> np.ndarray:
         num_cpus=runtime.encoder_cpus,
         num_gpus=runtime.encoder_gpus,
         compute=ray.data.ActorPoolStrategy(size=runtime.encoder_actors),
+        max_restarts=0,  # a failed encoder fails the encode (nothing half-written); no restart warning
     )
     try:
         chunks = [b["features"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]

@@ -79,7 +79,6 @@ def ensure_ray(runtime) -> bool:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)

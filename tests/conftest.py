@@ -1,0 +1,61 @@
+"""Shared fixtures: offline everywhere, one Ray for the session, one MLflow sqlite store, tiny data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download: fail fast instead of retrying a hub
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> str:
+    """One feature store for the session: digits are encoded once and reused by every run test."""
+    return str(tmp_path_factory.mktemp("features"))
+
+
+def write_png(path: Path, rng: np.random.Generator, size: int = 12, value: int | None = None) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8) if value is None else \
+        np.full((size, size, 3), value, np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """3 classes x 24 tiny PNGs; each class has its own brightness so features separate them."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for c, name in enumerate(["cat", "dog", "owl"]):
+        for i in range(24):
+            from PIL import Image
+
+            base = 40 + 80 * c
+            arr = np.clip(base + rng.integers(-20, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / name / f"{i:03d}.png")
+    return root

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from raycache.federation.aggregate import WeightedSum, fedavg
+from raycache.federation.evaluate import client_accuracy, per_class_accuracy
+from raycache.federation.sampling import client_seed, sample_clients
+
+
+def test_fedavg_weights_by_sample_count():
+    a = {"k": np.array([1.0, 0.0], np.float32), "b": np.array([2.0], np.float32)}
+    b = {"k": np.array([0.0, 1.0], np.float32), "b": np.array([4.0], np.float32)}
+    out = fedavg([a, b], [3, 1])
+    np.testing.assert_allclose(out["k"], [0.75, 0.25])
+    np.testing.assert_allclose(out["b"], [2.5])
+    assert out["k"].dtype == np.float32
+
+
+def test_partial_sums_merge_to_the_same_average():
+    rng = np.random.default_rng(0)
+    states = [{"k": rng.normal(size=(3, 4)).astype(np.float32)} for _ in range(7)]
+    weights = rng.integers(1, 50, 7).astype(float)
+    left, right = WeightedSum(), WeightedSum()
+    for i, (s, w) in enumerate(zip(states, weights)):
+        (left if i < 3 else right).add(s, w)
+    left.merge(right)
+    expected = sum(w * s["k"].astype(np.float64) for s, w in zip(states, weights)) / weights.sum()
+    np.testing.assert_allclose(left.mean()["k"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(left.mean()["k"], fedavg(states, list(weights))["k"])
+
+
+def test_aggregating_nothing_fails_loudly():
+    with pytest.raises(ValueError, match="nothing to aggregate"):
+        WeightedSum().mean()
+    with pytest.raises(ValueError):
+        WeightedSum().add({"k": np.zeros(1)}, -1)
+
+
+def test_client_sampling():
+    assert list(sample_clients(5, 1.0, 0, 1)) == [0, 1, 2, 3, 4]
+    s = sample_clients(100, 0.1, 0, 1)
+    assert len(s) == 10 and len(set(s)) == 10 and list(s) == sorted(s)
+    assert np.array_equal(s, sample_clients(100, 0.1, 0, 1))
+    assert not np.array_equal(s, sample_clients(100, 0.1, 0, 2))
+    assert len(sample_clients(3, 0.01, 0, 1)) == 1
+    assert client_seed(0, 1, 2) == client_seed(0, 1, 2) != client_seed(0, 1, 3)
+
+
+def test_client_accuracy_is_the_label_mix_of_per_class_accuracy():
+    pred = np.array([0, 0, 1, 0, 2, 2])
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    per_class = per_class_accuracy(pred, labels, 3)
+    np.testing.assert_allclose(per_class, [1.0, 0.5, 1.0])
+    counts = np.array([[10, 0, 0], [0, 5, 5], [1, 1, 2]])
+    np.testing.assert_allclose(client_accuracy(counts, per_class), [1.0, 0.75, (1 + 0.5 + 2) / 4])

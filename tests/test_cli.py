@@ -1,0 +1,70 @@
+"""Bad input: exit code 2 and one line naming the key, value or file; never a traceback; no run left RUNNING."""
+
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raycache.cli import main
+
+QUICK = "experiments/quickstart.yaml"
+
+
+def run_cli(capsys, *args):
+    code = main(["run", QUICK, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("data.clinets=3", "data.clinets: unknown config key (did you mean data.clients?)"),
+    ("data.clients=many", "data.clients: Input should be a valid integer"),
+    ("data.alpha=0", "data.alpha: Input should be greater than 0"),
+    ("method.shots=0", "method.shots: Input should be greater than or equal to 1"),
+    ("federation.fraction=2", "federation.fraction: Input should be less than or equal to 1"),
+    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: cachefl, zeroshot"),
+    ("model.name=ViT-Q-99", "model.name: unknown model 'ViT-Q-99'"),
+    ("model.pretrained=/no/such/weights.safetensors", "model.pretrained: weights file /no/such/weights.safetensors"),
+    ("model.pretrained=local-dir:/no/such/dir", "model.pretrained: /no/such/dir is not a model folder"),
+    ("data.dataset=/no/such/data", "data.dataset: '/no/such/data' not found"),
+    ("data.clients=5000", "data.clients: 5000 clients but only"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, mlflow_uri, override, expect):
+    code, err = run_cli(capsys, "--set", override)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+def test_class_with_no_images(capsys, mlflow_uri, image_folder):
+    (image_folder / "zebra").mkdir()
+    code, err = run_cli(capsys, "--set", f"data.dataset={image_folder}")
+    assert code == 2 and len(err) == 1 and "class 'zebra'" in err[0]
+
+
+def test_corrupt_image_fails_the_started_run(capsys, ray_session, mlflow_uri, image_folder, tmp_path):
+    bad = image_folder / "owl" / "003.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code, err = run_cli(capsys, "--set", f"data.dataset={image_folder}", "--set", "method.shots=2",
+                        "--set", "data.server_per_class=2", "--set", "data.clients=3",
+                        "--set", "tracking.experiment=corrupt", "--set", f"runtime.cache_dir={tmp_path}")
+    assert code == 2 and len(err) == 1 and "owl/003.png" in err[-1], err
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("corrupt").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "owl/003.png" in runs[0].data.tags["failure_reason"]
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    """The console entry point itself: exit 2, one stderr line, for a config error and for hub weights
+    that are not on this machine (HF_HUB_OFFLINE=1, set by conftest, makes the miss immediate)."""
+    for override, expect in [("data.alpha=-1", "data.alpha"),
+                             ("model.name=ViT-B-32", "model.pretrained: weights 'openai' for ViT-B-32")]:
+        args = [sys.executable, "-m", "raycache", "run", QUICK, "--set", override]
+        if "ViT" in override:
+            args += ["--set", "model.pretrained=openai"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert lines[-1].startswith("error: ") and expect in lines[-1], proc.stderr

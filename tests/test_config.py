@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from raycache.config import ExperimentConfig, load_config
+from raycache.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None)
+    assert cfg.method.name == "cachefl" and cfg.data.dataset == "digits"
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\ndata: {clients: 7}\n")
+    cfg = load_config(p, ["data.alpha=0.1", "method.lr=1e-4", "model.pretrained=null", "federation.rounds=2"])
+    assert (cfg.seed, cfg.data.clients, cfg.data.alpha) == (3, 7, 0.1)
+    assert cfg.method.lr == pytest.approx(1e-4)  # YAML reads '1e-4' as a string; the typed field coerces it
+    assert cfg.model.pretrained is None and cfg.federation.rounds == 2
+
+
+def test_flat_has_every_dotted_key():
+    flat = load_config(None).flat()
+    for key in ["seed", "model.name", "model.pretrained", "data.dataset", "data.clients", "data.partition",
+                "data.alpha", "method.name", "method.shots", "method.alpha", "method.beta", "method.lr",
+                "method.local_epochs", "federation.rounds", "federation.fraction", "tracking.experiment"]:
+        assert key in flat
+
+
+@pytest.mark.parametrize("override, names", [
+    ("data.alpah=0.1", "data.alpah: unknown config key (did you mean data.alpha?)"),
+    ("nonsense=1", "nonsense: unknown config key"),
+    ("data.clients=abc", "data.clients"),
+    ("data.clients=0", "data.clients"),
+    ("data.alpha=0", "data.alpha"),
+    ("data.alpha=-1", "data.alpha"),
+    ("method.shots=0", "method.shots"),
+    ("federation.fraction=0", "federation.fraction"),
+    ("federation.fraction=1.5", "federation.fraction"),
+    ("data.partition=random", "data.partition"),
+    ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: cachefl, zeroshot"),
+    ("seed.x=1", "seed: Input should be a valid integer"),
+    ("method.shots=32", "method.shots=32 needs data.server_per_class >= 32"),
+])
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(UserError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert names in msg and "\n" not in msg
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_config(bad)
+    with pytest.raises(UserError, match="expected key=value"):
+        load_config(None, ["data.alpha"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), ExperimentConfig)
