@@ -36,6 +36,11 @@ class ClientHost:
         from raycache.methods import method_class
 
         torch.set_num_threads(max(1, threads))
+        # torch loads its compiler stack on a process's first optimizer step (~2 s here): pay that at
+        # start-up so that round 1 costs what every other round costs.
+        param = torch.zeros(1, requires_grad=True)
+        param.sum().backward()
+        torch.optim.AdamW([param], fused=True).step()
         self.method = method_class(method_name)(method_cfg, task)
         self.features, self.labels = train  # read-only, zero-copy views of the shared object
         self.clients = clients

@@ -19,10 +19,16 @@ def affinity(features: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.T
     return torch.exp(-beta * (1.0 - features @ keys.T))  # (B, NK)
 
 
+def cache_residual(features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alpha: float,
+                   beta: float) -> torch.Tensor:
+    """The cache's contribution alpha * A @ L, (B, N)."""
+    return alpha * affinity(features, keys, beta) @ values
+
+
 def cache_logits(features: torch.Tensor, text_weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  alpha: float, beta: float) -> torch.Tensor:
     zero_shot = 100.0 * features @ text_weights.T  # (B, N)
-    return zero_shot + alpha * affinity(features, keys, beta) @ values  # (B, N)
+    return zero_shot + cache_residual(features, keys, values, alpha, beta)  # (B, N)
 
 
 def class_balanced_keys(features: np.ndarray, labels: np.ndarray, n_classes: int, shots: int) -> np.ndarray:

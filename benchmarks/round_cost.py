@@ -1,0 +1,106 @@
+"""What a federated CacheFL round costs on Ray, against the floor: the same arithmetic in one plain
+single-process torch loop (same features, partition, seeds, local training and FedAvg, no Ray).
+
+For each setting it reports encoder calls against distinct images, the wall-time split (Ray start,
+encoding, rounds), time per round and per client, and the runtime/floor ratio, all from one process run so
+the ratio is measured under the same load. Usage:
+
+    .venv/bin/python benchmarks/round_cost.py            # quickstart, 100 and 1,000 clients
+    .venv/bin/python benchmarks/round_cost.py --rounds 10 --settings 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from raycache.config import load_config  # noqa: E402
+from raycache.data.features import load_or_encode  # noqa: E402
+from raycache.data.partition import partition  # noqa: E402
+from raycache.data.sources import open_source  # noqa: E402
+from raycache.data.split import stratified_split  # noqa: E402
+from raycache.experiment import _text_task, run_experiment  # noqa: E402
+from raycache.federation.aggregate import WeightedSum  # noqa: E402
+from raycache.federation.evaluate import predict  # noqa: E402
+from raycache.federation.sampling import client_seed, sample_clients  # noqa: E402
+from raycache.methods import method_class  # noqa: E402
+from raycache.models.clip import ModelSpec  # noqa: E402
+
+SETTINGS = {
+    "quickstart": [],
+    "100": ["data.clients=100", "data.alpha=0.1"],
+    "1000": ["data.clients=1000", "data.alpha=0.1"],
+}
+
+
+def floor_round_seconds(cfg, rounds: int) -> list[float]:
+    """The yardstick: one process, one thread, a plain loop over clients doing what the runtime does."""
+    torch.set_num_threads(1)
+    spec = ModelSpec.from_config(cfg.model)
+    source = open_source(cfg.data)
+    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction,
+                              cfg.data.server_per_class, cfg.seed)
+    feats = load_or_encode(source, spec, cfg.runtime).features
+    y = source.labels
+    train_f, train_y = feats[splits.train], y[splits.train]
+    parts = partition(train_y, cfg.data, cfg.seed)
+    task, _ = _text_task(spec, source.class_names, cfg.model.templates)
+    method = method_class(cfg.method.name)(cfg.method, task)
+    state = method.init_state(feats[splits.server], y[splits.server])
+    times = []
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        total = WeightedSum()
+        for c in sample_clients(len(parts), cfg.federation.fraction, cfg.seed, r):
+            idx = parts[c]
+            update, _ = method.local_train(state, torch.from_numpy(train_f[idx]), torch.from_numpy(train_y[idx]),
+                                           client_seed(cfg.seed, r, int(c)))
+            total.add(update, float(len(idx)))
+        state = total.mean()
+        predict(lambda f: method.logits(state, f), feats[splits.test])  # the runtime evaluates every round too
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = ap.parse_args()
+    store = tempfile.mkdtemp(prefix="raycache-bench-")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    rows = []
+    for name in args.settings:
+        cfg = load_config("experiments/quickstart.yaml", SETTINGS[name] + [
+            f"federation.rounds={args.rounds}", f"runtime.cache_dir={store}/{name}", "tracking.experiment=benchmark"])
+        s = run_experiment(cfg)  # an empty feature store each: every setting pays its own encode and Ray start
+        ray.shutdown()
+        rt = [m["round_seconds"] for m in s.history]
+        fl = floor_round_seconds(cfg, args.rounds)
+        # Round 1 pays one-off warm-up (first torch calls in each actor); medians skip nothing but are robust.
+        rt_med, fl_med = statistics.median(rt), statistics.median(fl)
+        clients = int(s.history[0]["clients_sampled"])
+        rows.append((name, clients, s.encoded, s.distinct_images, s.timings["time_ray_start_s"],
+                     s.timings["time_encode_s"], s.timings["time_rounds_s"], rt_med, 1000 * rt_med / clients,
+                     fl_med, rt_med / fl_med, s.final["accuracy"]))
+        print(f"[{name}] rounds (s): runtime {[round(x, 3) for x in rt]}  floor {[round(x, 3) for x in fl]}",
+              file=sys.stderr)
+    head = ("setting", "clients", "encoded", "distinct", "ray_s", "encode_s", "rounds_s", "round_s",
+            "ms/client", "floor_s", "ratio", "acc")
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join(str(x) if isinstance(x, (int, str)) else f"{x:.3f}" for x in r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
