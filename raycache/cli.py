@@ -67,8 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         summary = run_experiment(cfg, on_round=on_round, on_stage=on_stage)
 
-    table = Table(title=f"raycache: {summary.method} on {cfg.data.dataset}, {cfg.data.clients} clients "
-                        f"({cfg.data.partition}, alpha={cfg.data.alpha})")
+    split = f"Dirichlet alpha={cfg.data.alpha}" if cfg.data.partition == "dirichlet" else cfg.data.partition
+    table = Table(title=f"raycache: {summary.method} on {cfg.data.dataset}, {cfg.data.clients} clients ({split})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("zero-shot accuracy", f"{summary.zeroshot_accuracy:.4f}")

@@ -93,7 +93,7 @@ def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str]):
 def _run(cfg, spec, source, splits, parts, counts, task, run, on_round, stage, timings) -> Summary:
     from raycache.data.features import load_or_encode
     from raycache.federation.evaluate import predict
-    from raycache.federation.runtime import Federation, ensure_ray
+    from raycache.federation.runtime import Federation, check_fits, ensure_ray
     from raycache.methods.zeroshot import ZeroShot
 
     run.log_params(cfg.flat())
@@ -103,6 +103,9 @@ def _run(cfg, spec, source, splits, parts, counts, task, run, on_round, stage, t
     stage("starting Ray")
     t = time.perf_counter()
     ensure_ray(cfg.runtime)
+    if cfg.runtime.address is None:  # a local Ray never grows; a cluster's autoscaler may add nodes to fit
+        check_fits(min(cfg.runtime.client_actors, cfg.data.clients), cfg.runtime.client_cpus,
+                   cfg.runtime.client_gpus)
     timings["time_ray_start_s"] = time.perf_counter() - t
 
     stage("encoding images (once per model and dataset)")

@@ -30,12 +30,6 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def feature_cache(tmp_path_factory) -> str:
-    """One feature store for the session: digits are encoded once and reused by every run test."""
-    return str(tmp_path_factory.mktemp("features"))
-
-
 def write_png(path: Path, rng: np.random.Generator, size: int = 12, value: int | None = None) -> None:
     from PIL import Image
 

@@ -68,3 +68,14 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert lines[-1].startswith("error: ") and expect in lines[-1], proc.stderr
+
+
+def test_actors_that_cannot_fit_fail_instead_of_hanging(capsys, ray_session, mlflow_uri, tmp_path):
+    code, err = run_cli(capsys, "--set", "runtime.client_actors=3", "--set", "runtime.client_cpus=1",
+                        "--set", f"runtime.cache_dir={tmp_path}", "--set", "tracking.experiment=toobig")
+    assert code == 2 and len(err) == 1
+    assert "runtime.client_cpus: 3 client actors x 1 CPU = 3 CPU, but the Ray cluster has 2" in err[0]
+    assert not list(tmp_path.rglob("*.safetensors"))  # failed before any encoding
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("toobig").experiment_id])
+    assert run.info.status == "FAILED" and "runtime.client_cpus" in run.data.tags["failure_reason"]

@@ -11,10 +11,11 @@ N_CLASSES, SHOTS, DIM = 10, 16, 64
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, mlflow_uri, feature_cache):
+def finished(ray_session, mlflow_uri, tmp_path_factory):
+    store = tmp_path_factory.mktemp("e2e-features")  # its own store: this run must encode
     cfg = load_config("experiments/quickstart.yaml", [
         "federation.rounds=2", f"method.shots={SHOTS}", "data.clients=6", "runtime.client_actors=2",
-        "tracking.experiment=e2e", f"runtime.cache_dir={feature_cache}"])
+        "tracking.experiment=e2e", f"runtime.cache_dir={store}"])
     rounds = []
     summary = run_experiment(cfg, on_round=lambda r, m: rounds.append(r))
     return cfg, summary, rounds, MlflowClient(mlflow_uri)
@@ -51,7 +52,7 @@ def test_mlflow_holds_the_run(finished):
     assert rows.shape == (6, N_CLASSES + 2) and rows[:, -1].sum() == run.data.metrics["train_samples"]
 
 
-def test_second_run_reuses_features(finished, feature_cache):
+def test_second_run_reuses_features(finished):
     cfg, first, _, _ = finished
     again = run_experiment(cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})}))
     assert again.encoded == 0

@@ -19,9 +19,9 @@ class Federation:
         from raycache.federation.server import Server
 
         rt = cfg.runtime
+        n_hosts = min(rt.client_actors, len(parts))
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
-        n_hosts = min(rt.client_actors, len(parts))
         host_cls = ray.remote(ClientHost).options(num_cpus=rt.client_cpus, num_gpus=rt.client_gpus)
         self.hosts = [
             host_cls.remote(cfg.method.name, cfg.method, task_ref, train_ref,
@@ -65,6 +65,21 @@ class Federation:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_fits(actors: int, cpus: float, gpus: float) -> None:
+    """Fail now, rather than wait forever, when the client actors can never all be placed on this Ray."""
+    import ray
+
+    from raycache.errors import UserError
+
+    have = ray.cluster_resources()
+    for what, each, key in (("CPU", cpus, "client_cpus"), ("GPU", gpus, "client_gpus")):
+        need = actors * each
+        if need > have.get(what, 0.0) + 1e-9:
+            raise UserError(f"runtime.{key}: {actors} client actors x {each:g} {what} = {need:g} {what}, but the "
+                            f"Ray cluster has {have.get(what, 0.0):g}; lower runtime.client_actors or "
+                            f"runtime.{key}")
 
 
 def ensure_ray(runtime) -> bool:
