@@ -16,6 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="experiment YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a dotted config key, e.g. --set data.alpha=0.1 (repeatable)")
+    synth = sub.add_parser("synth", help="generate a class-balanced synthetic image set (synth.*)")
+    synth.add_argument("config", help="experiment YAML file (its synth section and dataset classes)")
+    synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a dotted config key, e.g. --set synth.per_class=4 (repeatable)")
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -75,6 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     table.add_row("final federated accuracy", f"{summary.final['accuracy']:.4f}")
     table.add_row("client accuracy (mean ± std)",
                   f"{summary.final['client_accuracy_mean']:.4f} ± {summary.final['client_accuracy_std']:.4f}")
+    cache = cfg.method.cache_init + (f" ({cfg.synth.generator})" if cfg.method.cache_init == "synthetic" else "")
+    table.add_row("cache keys from", cache)
     table.add_row("rounds", str(summary.rounds))
     table.add_row("bytes sent (up + down)", f"{_fmt_bytes(summary.comm_bytes)} "
                                              f"({_fmt_bytes(summary.comm_bytes_up)} up)")
@@ -85,6 +91,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     Console().print(table)
     print(f"MLflow run {summary.run_id} in experiment '{cfg.tracking.experiment}'. To open it:\n  "
           f"{summary.ui_hint}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from raycache.config import flatten, load_config
+    from raycache.federation.runtime import ensure_ray
+    from raycache.synth.contact import contact_sheet
+    from raycache.synth.generate import fill, prepare, resolve_classes
+    from raycache.tracking import Run
+
+    cfg = load_config(args.config, args.overrides)
+    quiet_libraries()
+    dataset_classes = None
+    if cfg.synth.classes is None:
+        from raycache.data.sources import open_source
+
+        dataset_classes = open_source(cfg.data).class_names
+    classes = resolve_classes(cfg.synth, dataset_classes)
+    store = prepare(cfg.synth, classes, cfg.runtime.cache_dir)  # every input check, before any compute
+    ensure_ray(cfg.runtime)
+    run = Run(cfg.tracking.experiment, cfg.tracking.run_name, tags={"raycache.kind": "synth"})
+    try:
+        run.log_params({**flatten({"synth": store.settings}), "synth.out": str(store.out),
+                        "synth.actors": cfg.synth.actors, "synth.num_gpus": cfg.synth.num_gpus})
+        total = len(classes) * cfg.synth.per_class
+        console = Console(stderr=True)
+        with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("synth", total=total)
+            result = fill(store, cfg.synth, on_images=lambda n: progress.advance(task, n))
+        run.log_metrics({"images": result.images, "images_generated": result.generated,
+                         "seconds": result.seconds, "images_per_s": result.images_per_s})
+        run.log_image(contact_sheet(result.out, classes), "contact_sheet.png")
+    except BaseException as err:
+        run.finish(err)
+        raise
+    run.finish()
+    print(f"synthetic set: {result.out}  ({len(classes)} classes x {cfg.synth.per_class} images; "
+          f"{result.generated} generated now in {result.seconds:.1f}s, {result.images_per_s:.2f} images/s)")
+    print(f"MLflow run {run.run_id}: {run.ui_hint()}")
     return 0
 
 
@@ -99,7 +148,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "ui": cmd_ui}[args.command](args)
+        return {"run": cmd_run, "synth": cmd_synth, "ui": cmd_ui}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

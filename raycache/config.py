@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from raycache.errors import UserError
 
@@ -58,8 +58,10 @@ class DataConfig(_Section):
 class MethodConfig(_Section):
     name: str = Field("cachefl", description="federated method; see `raycache methods`")
     shots: int = Field(16, ge=1, description="cache size K per class")
-    cache_init: Literal["real"] = Field("real", description="where cache keys come from: 'real' = the server's "
-                                                            "held-out labelled images")
+    cache_init: Literal["synthetic", "real", "random"] = Field(
+        "synthetic", description="where the cache keys come from: 'synthetic' = class-balanced images from a "
+                                 "text-to-image model (see synth.*; CacheFL's choice), 'real' = the server's "
+                                 "held-out labelled images, 'random' = random unit vectors")
     alpha: float = Field(1.0, ge=0, description="Tip-Adapter residual ratio (weight of the cache logits)")
     beta: float = Field(1.0, gt=0, description="Tip-Adapter sharpness of the affinity exp(-beta(1-f.k))")
     lr: float = Field(1e-3, gt=0, description="local AdamW learning rate")
@@ -77,6 +79,48 @@ class MethodConfig(_Section):
 
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
+        return v
+
+
+class SynthConfig(_Section):
+    generator: str = Field("stabilityai/stable-diffusion-2-1-base",
+                           description="diffusers text-to-image pipeline: a hub id or local folder for "
+                                       "from_pretrained, or 'tiny' (built in code, random weights, offline)")
+    classes: list[str] | None = Field(None, description="class names to generate (null = the dataset's classes)")
+    per_class: int = Field(16, ge=1, description="images per class (K)")
+    prompts: list[str] = Field(["a photo of a {}."], min_length=1,
+                               description="prompt templates with {} for the class name; image i uses template "
+                                           "i mod len(prompts)")
+    out: str | None = Field(None, description="output folder of Parquet shards (null = under runtime.cache_dir, "
+                                              "keyed by these settings)")
+    seed: int = Field(0, description="base seed; image i of class c uses a seed derived from (seed, c, i)")
+    steps: int = Field(25, ge=1, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    size: int | None = Field(None, ge=8, description="image height and width in pixels (null = the model's)")
+    batch_size: int = Field(4, ge=1, description="images per pipeline call")
+    half: bool = Field(False, description="float16 weights (GPU only)")
+    actors: int = Field(1, ge=1, description="generator actors in the Ray Data pool")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per generator actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (fractions share one GPU)")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("the class list is empty")
+        dupes = sorted({c for c in v if v.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate class name {dupes[0]!r}")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _has_slot(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if "{}" not in t:
+                raise ValueError(f"prompt {t!r} has no '{{}}' slot for the class name")
         return v
 
 
@@ -109,21 +153,25 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     method: MethodConfig = MethodConfig()
+    synth: SynthConfig = SynthConfig()
     federation: FederationConfig = FederationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "ExperimentConfig":
-        if self.method.cache_init == "real" and self.method.shots > self.data.server_per_class:
-            raise ValueError(
-                f"method.shots={self.method.shots} needs data.server_per_class >= {self.method.shots} "
-                f"(the real-image cache draws K per class from the server's held-out split)")
-        return self
-
     def flat(self) -> dict[str, Any]:
         """Every field as a dotted key, for MLflow params and tables."""
         return flatten(self.model_dump())
+
+
+def check_cache_size(cfg: ExperimentConfig) -> None:
+    """K images per class must exist where the cache draws them from (for methods that build a cache)."""
+    m = cfg.method
+    if m.cache_init == "real" and m.shots > cfg.data.server_per_class:
+        raise UserError(f"config error: method.shots={m.shots} needs data.server_per_class >= {m.shots} "
+                        f"(the real-image cache draws K per class from the server's held-out split)")
+    if m.cache_init == "synthetic" and m.shots > cfg.synth.per_class:
+        raise UserError(f"config error: method.shots={m.shots} needs synth.per_class >= {m.shots} "
+                        f"(the synthetic cache takes K images per class)")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,10 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from raycache.config import ExperimentConfig, dump_config
+from raycache.config import ExperimentConfig, check_cache_size, dump_config
+from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import stratified_split
+from raycache.methods import method_class
 from raycache.models.clip import ModelSpec, check_spec
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -64,13 +66,18 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     train_labels = source.labels[splits.train]
     parts = partition(train_labels, cfg.data, cfg.seed)
     counts = class_counts(parts, train_labels, len(source.class_names))
+    synth_store = None
+    if method_class(cfg.method.name).uses_cache_init:
+        check_cache_size(cfg)
+        if cfg.method.cache_init == "synthetic":
+            synth_store = prepare_synthetic(cfg, source.class_names)
     task, text_seconds = _text_task(spec, source.class_names, cfg.model.templates)  # loads the weights: fails early
 
     from raycache.tracking import Run
 
     run = Run(cfg.tracking.experiment, cfg.tracking.run_name, tags={"raycache.method": cfg.method.name})
     try:
-        summary = _run(cfg, spec, source, splits, parts, counts, task, run, on_round, stage,
+        summary = _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_round, stage,
                        {"time_text_s": text_seconds})
     except BaseException as err:
         run.finish(err)
@@ -90,7 +97,7 @@ def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str]):
     return task, time.perf_counter() - t
 
 
-def _run(cfg, spec, source, splits, parts, counts, task, run, on_round, stage, timings) -> Summary:
+def _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_round, stage, timings) -> Summary:
     from raycache.data.features import load_or_encode
     from raycache.federation.evaluate import predict
     from raycache.federation.runtime import Federation, check_fits, ensure_ray
@@ -121,11 +128,17 @@ def _run(cfg, spec, source, splits, parts, counts, task, run, on_round, stage, t
                      "distinct_images": len(y), "num_classes": len(source.class_names),
                      "train_samples": len(splits.train), "test_samples": len(splits.test)})
 
+    stage(f"building the cache source ({cfg.method.cache_init})")
+    t = time.perf_counter()
+    cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, synth_store)
+    run.log_metrics(cache_metrics)
+    timings["time_cache_source_s"] = time.perf_counter() - t
+
     stage("starting client actors")
     t = time.perf_counter()
     train = (np.ascontiguousarray(f[splits.train]), np.ascontiguousarray(y[splits.train]))
     history: list[dict[str, float]] = []
-    with Federation(cfg, task, train, parts, test, (f[splits.server], y[splits.server]), counts) as fed:
+    with Federation(cfg, task, train, parts, test, (cache_f, cache_y), counts) as fed:
         run.log_metrics(fed.info())
         initial = fed.evaluate()
         run.log_metrics(initial, step=0)

@@ -44,6 +44,9 @@ class Run:
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
+    def log_image(self, image, name: str) -> None:
+        self.client.log_image(self.run_id, image, name)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v)[:5000])

@@ -35,6 +35,7 @@ class Task:
 
 class Method(ABC):
     name: ClassVar[str]
+    uses_cache_init: ClassVar[bool] = False  # builds its state from K labelled examples per class
 
     def __init__(self, cfg, task: Task) -> None:
         self.cfg = cfg  # the `method` config section

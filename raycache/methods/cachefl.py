@@ -18,6 +18,7 @@ from raycache.methods.cache_model import cache_logits, cache_residual, class_bal
 
 class CacheFL(Method):
     name = "cachefl"
+    uses_cache_init = True
 
     def __init__(self, cfg, task) -> None:
         super().__init__(cfg, task)

@@ -16,6 +16,9 @@ from raycache.errors import UserError
 
 
 def _files(root: Path) -> list[str]:
+    if root.is_dir() and (root / "_PLAN.json").is_file() and not (root / "_COMPLETE.json").is_file():
+        raise UserError(f"data.dataset: {root} is an unfinished synthetic set; rerun `raycache synth` to "
+                        f"complete it")
     files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
     if not files:
         raise UserError(f"data.dataset: {root} holds no .parquet files")

@@ -1,0 +1,121 @@
+"""`raycache synth` with the offline tiny pipeline: balance, determinism, resume, MLflow, bad input."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raycache.cli import main
+from raycache.config import SynthConfig
+from raycache.errors import UserError
+from raycache.synth.generate import ensure_set, fill, prepare
+from raycache.synth.store import COMPLETE, PLAN
+
+CLASSES = ["cat", "dog", "owl"]
+K = 3
+
+
+def synth_cfg(out, **kw) -> SynthConfig:
+    return SynthConfig(generator="tiny", classes=CLASSES, per_class=K, steps=2, batch_size=2, out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "ref"
+    return ensure_set(synth_cfg(out), CLASSES, str(out.parent)), out
+
+
+def test_set_is_balanced_and_complete(reference):
+    result, out = reference
+    assert result.images == result.generated == len(CLASSES) * K and (out / COMPLETE).is_file()
+    table = pq.read_table(sorted(out.glob("*.parquet")))
+    assert set(table.column_names) >= {"image", "label", "class_name", "prompt", "seed", "generator"}
+    rows = table.to_pylist()
+    for label, name in enumerate(CLASSES):
+        mine = [r for r in rows if r["label"] == label]
+        assert len(mine) == K and {r["class_name"] for r in mine} == {name}
+        assert all(r["prompt"] == f"a photo of a {name}." and r["generator"] == "tiny" for r in mine)
+        assert len({r["seed"] for r in mine}) == K  # every image its own seed
+    assert all(r["image"].startswith(b"\x89PNG") for r in rows)
+
+
+def test_same_config_gives_byte_identical_parquet(reference, tmp_path):
+    _, ref = reference
+    ensure_set(synth_cfg(tmp_path / "again"), CLASSES, str(tmp_path))
+    for shard in sorted(ref.glob("*.parquet")):
+        assert (tmp_path / "again" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_resume_skips_finished_shards_and_redoes_broken_ones(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "resumed"
+    out.mkdir()
+    # The state a killed run leaves: its plan, one finished shard, one short shard, a temp file mid-write.
+    shutil.copy(ref / PLAN, out / PLAN)
+    shutil.copy(ref / "class-00000.parquet", out / "class-00000.parquet")
+    short = pq.read_table(ref / "class-00001.parquet").slice(0, 1)
+    pq.write_table(short, out / "class-00001.parquet")
+    (out / ".class-00002.parquet.tmp123").write_bytes(b"partial")
+    store = prepare(synth_cfg(out), CLASSES, str(tmp_path))
+    assert store.done_classes() == {0} and not store.complete()
+    with pytest.raises(UserError, match="unfinished synthetic set"):
+        from types import SimpleNamespace
+
+        from raycache.data.sources import open_source
+        open_source(SimpleNamespace(dataset=str(out), image_column="image", label_column="label"))
+    result = fill(store, synth_cfg(out))
+    assert result.generated == 2 * K  # only the two unfinished classes
+    for shard in sorted(ref.glob("*.parquet")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    assert fill(store, synth_cfg(out)).generated == 0  # complete: nothing more to do
+
+
+def test_synth_command_logs_to_mlflow(capsys, ray_session, mlflow_uri, tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(json.dumps({"synth": {"generator": "tiny", "classes": ["a", "b"], "per_class": 2, "steps": 2,
+                                         "out": str(tmp_path / "set")},
+                               "tracking": {"experiment": "synth-cli"}}))
+    assert main(["synth", str(cfg)]) == 0
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("synth-cli").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["images"] == 4 and run.data.metrics["images_per_s"] > 0
+    assert run.data.params["synth.generator"] == "tiny" and run.data.params["synth.per_class"] == "2"
+    assert "contact_sheet.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    from PIL import Image
+
+    sheet = Image.open(client.download_artifacts(run.info.run_id, "contact_sheet.png"))
+    assert sheet.size[1] == 2 * 64  # one row per class
+
+
+def test_pipeline_from_a_local_folder(ray_session, tmp_path):
+    from raycache.synth.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    cfg = SynthConfig(generator=str(tmp_path / "pipe"), classes=["x"], per_class=1, steps=2,
+                      out=str(tmp_path / "set"))
+    result = ensure_set(cfg, ["x"], str(tmp_path))
+    assert result.images == 1 and pq.read_table(tmp_path / "set" / "class-00000.parquet").num_rows == 1
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("synth.generator=acme/no-such-model", "synth.generator: weights for 'acme/no-such-model' are not available"),
+    ("synth.generator=/no/such/folder", "synth.generator: /no/such/folder is not a diffusers pipeline folder"),
+    ("synth.per_class=0", "synth.per_class: Input should be greater than or equal to 1"),
+    ("synth.classes=[]", "synth.classes: Value error, the class list is empty"),
+    ("synth.classes=[a,b,a]", "synth.classes: Value error, duplicate class name 'a'"),
+    ("synth.out=/proc/raycache-cannot-write", "synth.out: cannot write to /proc/raycache-cannot-write"),
+])
+def test_bad_synth_input_is_one_line_exit_2(capsys, mlflow_uri, override, expect):
+    code = main(["synth", "experiments/quickstart.yaml", "--set", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expect.replace("Value error, ", "") in err[0], err
+
+
+def test_cachefl_refuses_synthetic_classes_that_differ(capsys, mlflow_uri):
+    code = main(["run", "experiments/quickstart.yaml", "--set", "method.cache_init=synthetic",
+                 "--set", "synth.classes=[a,b]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "synth.classes" in err[-1] and "differ from the dataset's classes" in err[-1]
