@@ -11,8 +11,12 @@ N_CLASSES, SHOTS, DIM = 10, 16, 64
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, mlflow_uri, tmp_path_factory):
-    store = tmp_path_factory.mktemp("e2e-features")  # its own store: this run must encode
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e-features")  # this module's own store: its first run must encode
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, mlflow_uri, store):
     cfg = load_config("experiments/quickstart.yaml", [
         "federation.rounds=2", f"method.shots={SHOTS}", "data.clients=6", "runtime.client_actors=2",
         "tracking.experiment=e2e", f"runtime.cache_dir={store}"])
@@ -57,3 +61,30 @@ def test_second_run_reuses_features(finished):
     again = run_experiment(cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})}))
     assert again.encoded == 0
     assert again.history[0]["accuracy"] == pytest.approx(first.history[0]["accuracy"])  # same seed, same round 1
+
+
+def test_cachefl_with_a_synthetic_cache(finished, store, mlflow_uri):
+    cfg, _, _, client = finished
+    syn = cfg.model_copy(update={
+        "method": cfg.method.model_copy(update={"cache_init": "synthetic", "shots": 2}),
+        "synth": cfg.synth.model_copy(update={"generator": "tiny", "per_class": 2, "steps": 2}),
+        "federation": cfg.federation.model_copy(update={"rounds": 1})})
+    summary = run_experiment(syn)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["synth_images"] == 20 and run.data.metrics["synth_features_encoded"] == 20
+    assert run.data.params["synth.generator"] == "tiny" and run.data.params["method.cache_init"] == "synthetic"
+    assert 0 <= run.data.metrics["accuracy"] <= 1 and run.data.metrics["comm_bytes_up"] == 6 * 10 * 2 * DIM * 4
+    assert (store / "synth").is_dir()  # the set lives in the feature store, keyed by its settings
+
+
+def test_random_cache_is_balanced_unit_keys():
+    from types import SimpleNamespace
+
+    from raycache.data.cache_source import cache_examples
+
+    cfg = load_config("experiments/quickstart.yaml", ["method.cache_init=random", "method.shots=3"])
+    source = SimpleNamespace(class_names=list("abcd"))
+    f, y, _ = cache_examples(cfg, None, source, None, np.zeros((5, 8), np.float32))
+    assert f.shape == (12, 8) and np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-6)
+    assert list(np.bincount(y)) == [3, 3, 3, 3]
