@@ -29,6 +29,7 @@ def run_cli(capsys, *args):
     ("model.pretrained=local-dir:/no/such/dir", "model.pretrained: /no/such/dir is not a model folder"),
     ("data.dataset=/no/such/data", "data.dataset: '/no/such/data' not found"),
     ("data.clients=5000", "data.clients: 5000 clients but only"),
+    ("method.shots=32", "method.shots=32 needs data.server_per_class >= 32"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, mlflow_uri, override, expect):
     code, err = run_cli(capsys, "--set", override)

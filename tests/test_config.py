@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from raycache.config import ExperimentConfig, load_config
+from raycache.config import ExperimentConfig, check_cache_size, load_config
 from raycache.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,6 @@ def test_flat_has_every_dotted_key():
     ("data.partition=random", "data.partition"),
     ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: cachefl, zeroshot"),
     ("seed.x=1", "seed: Input should be a valid integer"),
-    ("method.shots=32", "method.shots=32 needs data.server_per_class >= 32"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(UserError) as info:
@@ -69,3 +68,12 @@ def test_bad_files(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_cache_size_must_fit_its_source():
+    check_cache_size(load_config(None))  # defaults fit: 16 shots, 16 held out, 16 synthetic
+    with pytest.raises(UserError, match="method.shots=32 needs data.server_per_class >= 32"):
+        check_cache_size(load_config(None, ["method.shots=32", "method.cache_init=real"]))
+    with pytest.raises(UserError, match="method.shots=32 needs synth.per_class >= 32"):
+        check_cache_size(load_config(None, ["method.shots=32"]))
+    check_cache_size(load_config(None, ["method.shots=32", "method.cache_init=random"]))
