@@ -99,7 +99,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from raycache.config import flatten, load_config
-    from raycache.federation.runtime import ensure_ray
+    from raycache.federation.runtime import check_fits, ensure_ray
     from raycache.synth.contact import contact_sheet
     from raycache.synth.generate import fill, prepare, resolve_classes
     from raycache.tracking import Run
@@ -114,6 +114,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     classes = resolve_classes(cfg.synth, dataset_classes)
     store = prepare(cfg.synth, classes, cfg.runtime.cache_dir)  # every input check, before any compute
     ensure_ray(cfg.runtime)
+    if cfg.runtime.address is None:
+        check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
     run = Run(cfg.tracking.experiment, cfg.tracking.run_name, tags={"raycache.kind": "synth"})
     try:
         run.log_params({**flatten({"synth": store.settings}), "synth.out": str(store.out),

@@ -8,6 +8,7 @@ config never imports torch or Ray.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,8 @@ from raycache.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: `data.clients=true` or `seed="5"` is a wrong type, not a silent 1 or 5 (ints still fill floats)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 class ModelConfig(_Section):
@@ -99,6 +101,8 @@ class SynthConfig(_Section):
     size: int | None = Field(None, ge=8, description="image height and width in pixels (null = the model's)")
     batch_size: int = Field(4, ge=1, description="images per pipeline call")
     half: bool = Field(False, description="float16 weights (GPU only)")
+    allow_download: bool = Field(False, description="let a hub id download its weights; false = it must already "
+                                                    "be in the local Hugging Face cache")
     actors: int = Field(1, ge=1, description="generator actors in the Ray Data pool")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per generator actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (fractions share one GPU)")
@@ -185,6 +189,20 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; read it as the float every user means (as YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", YAML-parsed value). Numbers, null, booleans and lists parse as YAML does."""
     key, sep, raw = item.partition("=")
@@ -192,7 +210,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise UserError(f"--set {item!r}: expected key=value, e.g. --set data.alpha=0.1")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -250,7 +268,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml(p.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -61,13 +61,14 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     spec = ModelSpec.from_config(cfg.model)
     check_spec(spec)
     source = open_source(cfg.data)
-    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction,
-                              cfg.data.server_per_class, cfg.seed)
+    uses_cache = method_class(cfg.method.name).uses_cache_init
+    held_out = cfg.data.server_per_class if uses_cache and cfg.method.cache_init == "real" else 0
+    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction, held_out, cfg.seed)
     train_labels = source.labels[splits.train]
     parts = partition(train_labels, cfg.data, cfg.seed)
     counts = class_counts(parts, train_labels, len(source.class_names))
     synth_store = None
-    if method_class(cfg.method.name).uses_cache_init:
+    if uses_cache:
         check_cache_size(cfg)
         if cfg.method.cache_init == "synthetic":
             synth_store = prepare_synthetic(cfg, source.class_names)
@@ -111,8 +112,11 @@ def _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_ro
     t = time.perf_counter()
     ensure_ray(cfg.runtime)
     if cfg.runtime.address is None:  # a local Ray never grows; a cluster's autoscaler may add nodes to fit
-        check_fits(min(cfg.runtime.client_actors, cfg.data.clients), cfg.runtime.client_cpus,
-                   cfg.runtime.client_gpus)
+        rt = cfg.runtime
+        check_fits("runtime.client", min(rt.client_actors, cfg.data.clients), rt.client_cpus, rt.client_gpus)
+        check_fits("runtime.encoder", rt.encoder_actors, rt.encoder_cpus, rt.encoder_gpus)
+        if synth_store is not None:
+            check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
     timings["time_ray_start_s"] = time.perf_counter() - t
 
     stage("encoding images (once per model and dataset)")
@@ -128,11 +132,13 @@ def _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_ro
                      "distinct_images": len(y), "num_classes": len(source.class_names),
                      "train_samples": len(splits.train), "test_samples": len(splits.test)})
 
-    stage(f"building the cache source ({cfg.method.cache_init})")
-    t = time.perf_counter()
-    cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, synth_store)
-    run.log_metrics(cache_metrics)
-    timings["time_cache_source_s"] = time.perf_counter() - t
+    cache_f, cache_y = f[splits.server], y[splits.server]  # empty unless the method builds a real cache
+    if method_class(cfg.method.name).uses_cache_init:
+        stage(f"building the cache source ({cfg.method.cache_init})")
+        t = time.perf_counter()
+        cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, synth_store)
+        run.log_metrics(cache_metrics)
+        timings["time_cache_source_s"] = time.perf_counter() - t
 
     stage("starting client actors")
     t = time.perf_counter()

@@ -75,7 +75,7 @@ def test_actors_that_cannot_fit_fail_instead_of_hanging(capsys, ray_session, mlf
     code, err = run_cli(capsys, "--set", "runtime.client_actors=3", "--set", "runtime.client_cpus=1",
                         "--set", f"runtime.cache_dir={tmp_path}", "--set", "tracking.experiment=toobig")
     assert code == 2 and len(err) == 1
-    assert "runtime.client_cpus: 3 client actors x 1 CPU = 3 CPU, but the Ray cluster has 2" in err[0]
+    assert "runtime.client_cpus: 3 actors x 1 CPU = 3 CPU, but the Ray cluster has 2" in err[0]
     assert not list(tmp_path.rglob("*.safetensors"))  # failed before any encoding
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("toobig").experiment_id])

@@ -76,6 +76,20 @@ def test_cachefl_with_a_synthetic_cache(finished, store, mlflow_uri):
     assert run.data.params["synth.generator"] == "tiny" and run.data.params["method.cache_init"] == "synthetic"
     assert 0 <= run.data.metrics["accuracy"] <= 1 and run.data.metrics["comm_bytes_up"] == 6 * 10 * 2 * DIM * 4
     assert (store / "synth").is_dir()  # the set lives in the feature store, keyed by its settings
+    # The keys' source is the synthetic set itself, in class order, with its labels.
+    from raycache.data.cache_source import cache_examples
+    from raycache.data.features import load_or_encode
+    from raycache.data.sources import open_source
+    from raycache.models.clip import ModelSpec
+
+    source = open_source(syn.data)
+    f, y, metrics = cache_examples(syn, ModelSpec.from_config(syn.model), source, None, np.zeros((1, DIM)))
+    assert metrics["synth_images_generated"] == 0  # complete: reused, not regenerated
+    (synth_dir,) = list((store / "synth").iterdir())
+    encoded = load_or_encode(open_source(syn.data.model_copy(update={"dataset": str(synth_dir)})),
+                             ModelSpec.from_config(syn.model), syn.runtime)
+    np.testing.assert_array_equal(f, encoded.features)
+    assert list(y) == [c for c in range(N_CLASSES) for _ in range(2)]
 
 
 def test_random_cache_is_balanced_unit_keys():
@@ -88,3 +102,15 @@ def test_random_cache_is_balanced_unit_keys():
     f, y, _ = cache_examples(cfg, None, source, None, np.zeros((5, 8), np.float32))
     assert f.shape == (12, 8) and np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-6)
     assert list(np.bincount(y)) == [3, 3, 3, 3]
+
+
+def test_zeroshot_needs_no_cache_source(finished):
+    cfg, _, _, client = finished
+    zs = cfg.model_copy(update={
+        "method": cfg.method.model_copy(update={"name": "zeroshot", "cache_init": "synthetic"}),
+        "synth": cfg.synth.model_copy(update={"generator": "acme/not-on-this-machine"}),
+        "federation": cfg.federation.model_copy(update={"rounds": 1})})
+    summary = run_experiment(zs)  # nothing is generated, so the missing generator does not matter
+    assert summary.final["accuracy"] == pytest.approx(summary.zeroshot_accuracy)
+    assert summary.comm_bytes == 0
+    assert client.get_run(summary.run_id).data.metrics["train_samples"] > 1797 * 0.75  # no server hold-out

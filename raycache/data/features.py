@@ -38,13 +38,17 @@ class ImageEncoder:
                               for img, key in zip(batch["image"], batch["key"])])  # (B, 3, H, W)
         with torch.no_grad():
             feats = F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)  # (B, D)
-        return {"features": feats.cpu().numpy()}
+        # The encoder's own count of images it pushed through the model, on the batch's first row: the
+        # driver's sum is the number of encoder calls, checked against the number of distinct images.
+        calls = np.zeros(len(feats), dtype=np.int64)
+        calls[0] = pixels.shape[0]
+        return {"features": feats.cpu().numpy(), "encoder_images": calls}
 
 
 @dataclass(frozen=True)
 class Features:
     features: np.ndarray  # (n, D) float32, unit rows, in the source's order
-    encoded: int  # images pushed through the encoder in this call (0 when read from the store)
+    encoded: int  # images the encoder actors pushed through the model in this call (0 when read from the store)
     path: Path
 
 
@@ -62,7 +66,7 @@ def load_or_encode(source: Source, spec: ModelSpec, runtime) -> Features:
         feats = load_file(str(path))["features"]
         if feats.shape[0] == len(source.labels) and np.isfinite(feats).all():
             return Features(feats, 0, path)
-    feats = _encode(source, spec, runtime)
+    feats, encoded = _encode(source, spec, runtime)
     try:
         store.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -71,10 +75,10 @@ def load_or_encode(source: Source, spec: ModelSpec, runtime) -> Features:
         os.replace(tmp, path)  # atomic: a reader sees the whole file or none
     except OSError as err:
         raise UserError(f"runtime.cache_dir: cannot write features to {store} ({err.strerror})") from None
-    return Features(feats, len(feats), path)
+    return Features(feats, encoded, path)
 
 
-def _encode(source: Source, spec: ModelSpec, runtime) -> np.ndarray:
+def _encode(source: Source, spec: ModelSpec, runtime) -> tuple[np.ndarray, int]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -90,7 +94,10 @@ def _encode(source: Source, spec: ModelSpec, runtime) -> np.ndarray:
         max_restarts=0,  # a failed encoder fails the encode (nothing half-written); no restart warning
     )
     try:
-        chunks = [b["features"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        chunks, calls = [], 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            chunks.append(batch["features"])
+            calls += int(batch["encoder_images"].sum())
     except Exception as err:  # Ray wraps the actor's exception; surface a user's mistake as one line
         from raycache.errors import find_user_error
 
@@ -104,4 +111,4 @@ def _encode(source: Source, spec: ModelSpec, runtime) -> np.ndarray:
     if not np.isfinite(feats).all():
         bad = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
         raise UserError(f"data.dataset: image {bad} of {source.name} encodes to NaN/inf features")
-    return feats
+    return feats, calls

@@ -25,7 +25,7 @@ def stratified_split(labels: np.ndarray, class_names: list[str], test_fraction: 
     for c, name in enumerate(class_names):
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_test = max(1, int(round(test_fraction * len(idx))))
-        need = n_test + server_per_class + 1
+        need = n_test + server_per_class + 1  # at least one image per class left for the clients
         if len(idx) < need:
             raise UserError(f"data.dataset: class {name!r} has {len(idx)} images; needs at least {need} "
                             f"(test {n_test} + data.server_per_class {server_per_class} + 1 for training)")

@@ -30,7 +30,7 @@ class HostReport:
 
 class ClientHost:
     def __init__(self, method_name: str, method_cfg, task, train, clients: dict[int, np.ndarray], seed: int,
-                 threads: int = 1) -> None:
+                 threads: int = 1, use_gpu: bool = False) -> None:
         import torch
 
         from raycache.methods import method_class
@@ -41,7 +41,8 @@ class ClientHost:
         param = torch.zeros(1, requires_grad=True)
         param.sum().backward()
         torch.optim.AdamW([param], fused=True).step()
-        self.method = method_class(method_name)(method_cfg, task)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.method = method_class(method_name)(method_cfg, task).to(self.device)
         self.features, self.labels = train  # read-only, zero-copy views of the shared object
         self.clients = clients
         self.seed = seed
@@ -58,8 +59,8 @@ class ClientHost:
         for i, cid in enumerate(client_ids):
             t0 = time.perf_counter()
             idx = self.clients[cid]
-            feats = torch.from_numpy(self.features[idx])  # fancy indexing copies: (n_c, D)
-            labels = torch.from_numpy(self.labels[idx])
+            feats = torch.from_numpy(self.features[idx]).to(self.device)  # fancy indexing copies: (n_c, D)
+            labels = torch.from_numpy(self.labels[idx]).to(self.device)
             update, loss = self.method.local_train(state, feats, labels, client_seed(self.seed, round_idx, cid))
             partial.add(update, float(len(idx)))
             bytes_up += state_nbytes(update)

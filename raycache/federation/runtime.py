@@ -13,6 +13,15 @@ class Federation:
     def __init__(self, cfg, task: Task, train: tuple[np.ndarray, np.ndarray], parts: list[np.ndarray],
                  test: tuple[np.ndarray, np.ndarray], server_data: tuple[np.ndarray, np.ndarray],
                  class_counts: np.ndarray) -> None:
+        self.hosts: list = []
+        self.server = None
+        try:
+            self._start(cfg, task, train, parts, test, server_data, class_counts)
+        except BaseException:
+            self.close()  # never leave actors holding a shared cluster's CPUs
+            raise
+
+    def _start(self, cfg, task, train, parts, test, server_data, class_counts) -> None:
         import ray
 
         from raycache.federation.host import ClientHost
@@ -23,12 +32,11 @@ class Federation:
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
         host_cls = ray.remote(ClientHost).options(num_cpus=rt.client_cpus, num_gpus=rt.client_gpus)
-        self.hosts = [
-            host_cls.remote(cfg.method.name, cfg.method, task_ref, train_ref,
-                            {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed,
-                            threads=max(1, int(rt.client_cpus)))
-            for h in range(n_hosts)
-        ]
+        for h in range(n_hosts):  # appended one by one so that a failure part-way still cleans up
+            self.hosts.append(host_cls.remote(
+                cfg.method.name, cfg.method, task_ref, train_ref,
+                {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed,
+                threads=max(1, int(rt.client_cpus)), use_gpu=rt.client_gpus > 0))
         server_cls = ray.remote(Server).options(num_cpus=0)
         self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, test, server_data, class_counts,
                                         self.hosts, cfg.federation.fraction, cfg.seed)
@@ -58,7 +66,8 @@ class Federation:
         import ray
 
         for actor in [self.server, *self.hosts]:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
 
     def __enter__(self) -> "Federation":
         return self
@@ -67,19 +76,19 @@ class Federation:
         self.close()
 
 
-def check_fits(actors: int, cpus: float, gpus: float) -> None:
-    """Fail now, rather than wait forever, when the client actors can never all be placed on this Ray."""
+def check_fits(prefix: str, actors: int, cpus: float, gpus: float) -> None:
+    """Fail now, rather than wait forever, when a pool of actors can never all be placed on this Ray.
+    `prefix` names the config keys: `runtime.client` -> runtime.client_cpus / runtime.client_gpus."""
     import ray
 
     from raycache.errors import UserError
 
     have = ray.cluster_resources()
-    for what, each, key in (("CPU", cpus, "client_cpus"), ("GPU", gpus, "client_gpus")):
+    for what, each in (("CPU", cpus), ("GPU", gpus)):
         need = actors * each
         if need > have.get(what, 0.0) + 1e-9:
-            raise UserError(f"runtime.{key}: {actors} client actors x {each:g} {what} = {need:g} {what}, but the "
-                            f"Ray cluster has {have.get(what, 0.0):g}; lower runtime.client_actors or "
-                            f"runtime.{key}")
+            raise UserError(f"{prefix}_{what.lower()}s: {actors} actors x {each:g} {what} = {need:g} {what}, but "
+                            f"the Ray cluster has {have.get(what, 0.0):g}; use fewer actors or less per actor")
 
 
 def ensure_ray(runtime) -> bool:

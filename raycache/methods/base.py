@@ -41,6 +41,13 @@ class Method(ABC):
         self.cfg = cfg  # the `method` config section
         self.task = task
         self.text_weights = torch.from_numpy(np.ascontiguousarray(task.text_weights, dtype=np.float32))
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "Method":
+        """Where local training runs (a client actor's GPU, if it has one). States stay numpy on the host."""
+        self.device = torch.device(device)
+        self.text_weights = self.text_weights.to(self.device)
+        return self
 
     @abstractmethod
     def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:

@@ -24,18 +24,23 @@ class CacheFL(Method):
         super().__init__(cfg, task)
         self.values = one_hot_values(task.n_classes, cfg.shots)  # (NK, N)
 
+    def to(self, device) -> "CacheFL":
+        super().to(device)
+        self.values = self.values.to(self.device)
+        return self
+
     def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
         return {"cache_keys": class_balanced_keys(server_features, server_labels, self.task.n_classes,
                                                   self.cfg.shots)}
 
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
-        keys = torch.as_tensor(state["cache_keys"])
+        keys = torch.as_tensor(state["cache_keys"], device=self.device)
         return cache_logits(features, self.text_weights, keys, self.values, self.cfg.alpha, self.cfg.beta)
 
     def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
                     seed: int) -> tuple[State, float]:
         cfg = self.cfg
-        keys = torch.tensor(state["cache_keys"], requires_grad=True)  # a private copy: (NK, D)
+        keys = torch.tensor(state["cache_keys"], device=self.device, requires_grad=True)  # a private copy: (NK, D)
         # fused: one kernel per step; the per-op overhead of the unfused step dominates at this size
         opt = torch.optim.AdamW([keys], lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
         zero_shot = 100.0 * features @ self.text_weights.T  # (n, N), constant while the keys train
@@ -61,4 +66,4 @@ class CacheFL(Method):
                 opt.step()
                 loss_sum += loss.item() * len(y)
                 step += 1
-        return {"cache_keys": keys.detach().numpy()}, loss_sum / (n * cfg.local_epochs)
+        return {"cache_keys": keys.detach().cpu().numpy()}, loss_sum / (n * cfg.local_epochs)

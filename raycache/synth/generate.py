@@ -34,7 +34,7 @@ def resolve_classes(synth, dataset_classes: list[str] | None) -> list[str]:
 
 def prepare(synth, classes: list[str], cache_dir: str) -> SynthStore:
     """All the checks that need no compute: generator source, output folder, settings match."""
-    check_generator(synth.generator)
+    check_generator(synth.generator, synth.allow_download)
     settings = settings_of(synth, classes)
     out = Path(synth.out) if synth.out else Path(cache_dir) / "synth" / fingerprint(settings)
     store = SynthStore(out, settings)

@@ -17,7 +17,7 @@ def _looks_like_path(generator: str) -> bool:
     return generator.startswith((os.sep, ".", "~")) or os.path.exists(generator)
 
 
-def check_generator(generator: str) -> None:
+def check_generator(generator: str, allow_download: bool = False) -> None:
     """Fail before any compute on a generator that cannot be loaded here."""
     if generator == TINY:
         return
@@ -35,11 +35,12 @@ def check_generator(generator: str) -> None:
     except HFValidationError:
         raise UserError(f"synth.generator: {generator!r} is neither 'tiny', a local folder nor a hub id") from None
     except Exception:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        if offline or not allow_download:
             raise UserError(f"synth.generator: weights for {generator!r} are not available offline (not in the "
-                            f"Hugging Face cache; download them elsewhere and point synth.generator at the "
-                            f"folder)") from None
-        # Online: from_pretrained downloads it in the generator actor, and reports a failure there.
+                            f"Hugging Face cache); download them, point synth.generator at a local folder, or "
+                            f"set synth.allow_download=true") from None
+        # Downloads allowed: from_pretrained fetches it in the generator actor and reports a failure there.
 
 
 def load_pipeline(generator: str, device: str, half: bool, seed: int = 0):

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-# Settings that change the images; actors, CPUs and GPUs only change how fast they come.
+# Settings that change the images; actors, CPUs, GPUs and download permission only change how they come.
 IMAGE_SETTINGS = ("generator", "per_class", "prompts", "seed", "steps", "guidance_scale", "size", "batch_size",
                   "half")
 

@@ -38,9 +38,16 @@ class SynthStore:
             probe.unlink()
         except OSError as err:
             raise UserError(f"synth.out: cannot write to {self.out} ({err.strerror or err})") from None
+        for stale in self.out.glob(".class-*.tmp*"):  # a killed run's half-written shard
+            stale.unlink(missing_ok=True)
         plan = self.out / PLAN
         if plan.is_file():
-            if json.loads(plan.read_text()) != self.settings:
+            try:
+                recorded = json.loads(plan.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise UserError(f"synth.out: {plan} is corrupt; delete {self.out} or choose another synth.out") \
+                    from None
+            if recorded != self.settings:
                 raise UserError(f"synth.out: {self.out} holds a set made with other settings; choose another "
                                 f"synth.out or delete that folder")
         else:

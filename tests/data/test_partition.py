@@ -44,11 +44,17 @@ def test_dirichlet_skew_grows_as_alpha_shrinks():
     assert ent[0] < 0.5 * np.log(10)  # alpha 0.05 is strongly skewed
 
 
-def test_iid_is_balanced_and_shards_hold_k_classes():
+def test_iid_is_balanced():
     sizes = [len(p) for p in partition(LABELS, cfg(partition="iid", clients=8), 0)]
     assert max(sizes) - min(sizes) <= 1
-    parts = partition(LABELS, cfg(partition="shards", clients=10, shards_per_client=2), 0)
-    assert all(len(np.unique(LABELS[p])) <= 2 for p in parts)
+
+
+@pytest.mark.parametrize("clients, k", [(10, 2), (7, 3), (30, 1)])
+def test_shards_hold_at_most_k_classes_even_with_unequal_classes(clients, k):
+    labels = np.repeat(np.arange(10), [30, 170, 55, 80, 101, 99, 140, 60, 45, 120])
+    parts = partition(labels, cfg(partition="shards", clients=clients, shards_per_client=k), 3)
+    assert all(1 <= len(np.unique(labels[p])) <= k for p in parts)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
 
 
 def test_more_clients_than_samples_is_a_user_error():

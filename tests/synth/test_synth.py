@@ -72,6 +72,38 @@ def test_resume_skips_finished_shards_and_redoes_broken_ones(reference, tmp_path
     assert fill(store, synth_cfg(out)).generated == 0  # complete: nothing more to do
 
 
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "killed"
+    calls = []
+
+    def stop_after_first_shard(n):
+        calls.append(n)
+        if sum(calls) >= K + 1:  # class 0's shard is on disk, class 1 is half made
+            raise Interrupted
+
+    store = prepare(synth_cfg(out), CLASSES, str(tmp_path))
+    with pytest.raises(Interrupted):
+        fill(store, synth_cfg(out), on_images=stop_after_first_shard)
+    assert not store.complete() and not (out / COMPLETE).exists()
+    assert store.done_classes() == {0}
+    assert [p.name for p in sorted(out.glob("*.parquet"))] == ["class-00000.parquet"]  # no half shard
+    result = fill(prepare(synth_cfg(out), CLASSES, str(tmp_path)), synth_cfg(out))
+    assert result.generated == 2 * K and (out / COMPLETE).is_file()
+    for shard in sorted(ref.glob("*.parquet")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_missing_hub_weights_fail_even_when_online(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UserError, match="'acme/no-such-model' are not available offline"):
+        prepare(SynthConfig(generator="acme/no-such-model", classes=["a"]), ["a"], "/tmp")
+
+
 def test_synth_command_logs_to_mlflow(capsys, ray_session, mlflow_uri, tmp_path):
     cfg = tmp_path / "s.yaml"
     cfg.write_text(json.dumps({"synth": {"generator": "tiny", "classes": ["a", "b"], "per_class": 2, "steps": 2,

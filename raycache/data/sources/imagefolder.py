@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ def load(cfg) -> Source:
         if not files:
             raise UserError(f"data.dataset: class {name!r} in {root} has no images (.png/.jpg)")
         for p in files:
+            if not os.access(p, os.R_OK):
+                raise UserError(f"data.dataset: image {p} is not readable")
             st = p.stat()
             h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
             paths.append(str(p.resolve()))
