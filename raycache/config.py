@@ -18,6 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raycache.errors import UserError
 
 
+def _with_slot(templates: list[str], what: str) -> list[str]:
+    for t in templates:
+        if "{}" not in t:
+            raise ValueError(f"{what} {t!r} has no '{{}}' slot for the class name")
+    return templates
+
+
 class _Section(BaseModel):
     # strict: `data.clients=true` or `seed="5"` is a wrong type, not a silent 1 or 5 (ints still fill floats)
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
@@ -33,13 +40,7 @@ class ModelConfig(_Section):
     templates: list[str] = Field(["a photo of a {}."], min_length=1,
                                  description="prompt templates; text embeddings are averaged over them")
 
-    @field_validator("templates")
-    @classmethod
-    def _has_slot(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
-        return v
+    _slots = field_validator("templates")(lambda v: _with_slot(v, "template"))
 
 
 class DataConfig(_Section):
@@ -119,13 +120,7 @@ class SynthConfig(_Section):
             raise ValueError(f"duplicate class name {dupes[0]!r}")
         return v
 
-    @field_validator("prompts")
-    @classmethod
-    def _has_slot(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if "{}" not in t:
-                raise ValueError(f"prompt {t!r} has no '{{}}' slot for the class name")
-        return v
+    _slots = field_validator("prompts")(lambda v: _with_slot(v, "prompt"))
 
 
 class FederationConfig(_Section):

@@ -37,6 +37,8 @@ def test_flat_has_every_dotted_key():
     ("data.clients=true", "data.clients: Input should be a valid integer (got True)"),
     ("seed='5'", "seed: Input should be a valid integer (got '5')"),
     ("model.templates=photo", "model.templates: Input should be a valid list"),
+    ("model.templates=[photo]", "model.templates: template 'photo' has no '{}' slot"),
+    ("synth.prompts=[photo]", "synth.prompts: prompt 'photo' has no '{}' slot"),
     ("data.clients=0", "data.clients"),
     ("data.alpha=0", "data.alpha"),
     ("data.alpha=-1", "data.alpha"),
