@@ -75,7 +75,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = Table(title=f"raycache: {summary.method} on {cfg.data.dataset}, {cfg.data.clients} clients ({split})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("zero-shot accuracy", f"{summary.zeroshot_accuracy:.4f}")
+    from raycache.models.clip import PRESETS
+
+    preset = PRESETS.get(cfg.model.name)
+    chance = " (chance: untrained text tower)" if preset is not None and not preset.text_trained else ""
+    table.add_row("zero-shot accuracy", f"{summary.zeroshot_accuracy:.4f}{chance}")
     table.add_row("final federated accuracy", f"{summary.final['accuracy']:.4f}")
     table.add_row("client accuracy (mean ± std)",
                   f"{summary.final['client_accuracy_mean']:.4f} ± {summary.final['client_accuracy_std']:.4f}")

