@@ -67,13 +67,19 @@ class MethodConfig(_Section):
                                  "held-out labelled images, 'random' = random unit vectors")
     alpha: float = Field(1.0, ge=0, description="Tip-Adapter residual ratio (weight of the cache logits)")
     beta: float = Field(1.0, gt=0, description="Tip-Adapter sharpness of the affinity exp(-beta(1-f.k))")
-    lr: float = Field(1e-3, gt=0, description="local AdamW learning rate")
-    eps: float = Field(1e-4, gt=0, description="AdamW epsilon (Tip-Adapter-F uses 1e-4)")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
-    local_epochs: int = Field(1, ge=1, description="local epochs per round")
-    batch_size: int = Field(256, ge=1, description="local minibatch size")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="local learning-rate schedule over "
-                                                                          "a client's steps in a round")
+    # null = the method's reference setting (its `defaults`), filled in before the run is logged
+    lr: float | None = Field(None, gt=0, description="local learning rate (null: the method's reference)")
+    betas: tuple[float, float] | None = Field(None, description="Adam(W) betas (null: the method's reference)")
+    eps: float | None = Field(None, gt=0, description="Adam(W) epsilon (null: the method's reference)")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay (null: the method's reference)")
+    local_epochs: int | None = Field(None, ge=1, description="local epochs per round (null: the method's "
+                                                             "reference)")
+    batch_size: int | None = Field(None, ge=1, description="local minibatch size (null: the method's reference)")
+    schedule: Literal["cosine", "constant"] | None = Field(None, description="local learning-rate schedule over "
+                                                                             "a client's steps in a round")
+    loss: Literal["ce", "contrastive"] | None = Field(None, description="adapter loss: cross-entropy over class "
+                                                                       "logits, or the symmetric CLIP "
+                                                                       "contrastive loss (FedCLIP's reference)")
 
     @field_validator("name")
     @classmethod

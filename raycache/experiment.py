@@ -18,7 +18,7 @@ from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import stratified_split
-from raycache.methods import method_class
+from raycache.methods import method_class, with_defaults
 from raycache.models.clip import ModelSpec, check_spec
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -57,6 +57,7 @@ def partition_table(counts: np.ndarray, class_names: list[str]) -> str:
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    on_stage: Callable[[str], None] | None = None) -> Summary:
     stage = on_stage or (lambda s: None)
+    cfg = cfg.model_copy(update={"method": with_defaults(cfg.method)})  # the run logs concrete settings
     # Cheap checks first: a user's mistake must not cost a Ray start or leave a run behind.
     spec = ModelSpec.from_config(cfg.model)
     check_spec(spec)

@@ -23,7 +23,7 @@ def run_cli(capsys, *args):
     ("data.alpha=0", "data.alpha: Input should be greater than 0"),
     ("method.shots=0", "method.shots: Input should be greater than or equal to 1"),
     ("federation.fraction=2", "federation.fraction: Input should be less than or equal to 1"),
-    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: cachefl, zeroshot"),
+    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: cachefl, fedclip, zeroshot"),
     ("model.name=ViT-Q-99", "model.name: unknown model 'ViT-Q-99'"),
     ("model.pretrained=/no/such/weights.safetensors", "model.pretrained: weights file /no/such/weights.safetensors"),
     ("model.pretrained=local-dir:/no/such/dir", "model.pretrained: /no/such/dir is not a model folder"),

@@ -46,7 +46,7 @@ def test_flat_has_every_dotted_key():
     ("federation.fraction=0", "federation.fraction"),
     ("federation.fraction=1.5", "federation.fraction"),
     ("data.partition=random", "data.partition"),
-    ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: cachefl, zeroshot"),
+    ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: cachefl, fedclip, zeroshot"),
     ("seed.x=1", "seed: Input should be a valid integer"),
 ])
 def test_bad_values_name_the_key(override, names):

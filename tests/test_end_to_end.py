@@ -39,7 +39,7 @@ def test_mlflow_holds_the_run(finished):
     assert run.data.params["data.alpha"] == "0.5" and run.data.params["method.shots"] == str(SHOTS)
     assert run.data.params["model.pretrained"] == "None"
     for key in ["accuracy", "client_accuracy_mean", "client_accuracy_std", "loss", "comm_bytes_up",
-                "comm_bytes_down", "round_seconds"]:
+                "comm_bytes_down", "round_seconds", "client_seconds", "peak_memory_mb", "trainable_params"]:
         steps = [m.step for m in client.get_metric_history(summary.run_id, key)]
         assert set(steps) >= {1, 2}, key
     assert run.data.metrics["zeroshot_accuracy"] == pytest.approx(summary.zeroshot_accuracy)
@@ -114,3 +114,17 @@ def test_zeroshot_needs_no_cache_source(finished):
     assert summary.final["accuracy"] == pytest.approx(summary.zeroshot_accuracy)
     assert summary.comm_bytes == 0
     assert client.get_run(summary.run_id).data.metrics["train_samples"] > 1797 * 0.75  # no server hold-out
+
+
+def test_fedclip_runs_on_ray_with_its_reference_settings(finished):
+    cfg, _, _, client = finished
+    fc = cfg.model_copy(update={
+        "method": cfg.method.model_copy(update={"name": "fedclip", "lr": None, "local_epochs": None}),
+        "federation": cfg.federation.model_copy(update={"rounds": 1})})
+    summary = run_experiment(fc)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.lr"] == "5e-05" and run.data.params["method.loss"] == "contrastive"
+    assert run.data.metrics["comm_bytes_up"] == 6 * 2 * (DIM * DIM + DIM) * 4
+    assert run.data.metrics["trainable_params"] == 2 * (DIM * DIM + DIM)
+    assert np.isfinite(run.data.metrics["loss"])

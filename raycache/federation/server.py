@@ -65,6 +65,7 @@ class Server:
             "train_seconds": train_seconds,
             "round_seconds": time.perf_counter() - t0,
             "peak_memory_mb": float(max(r.peak_rss_mb for r in reports)),
+            "trainable_params": float(state_params(self.state)),
         })
         return metrics
 

@@ -11,9 +11,17 @@ if TYPE_CHECKING:
 METHODS: dict[str, str] = {
     "zeroshot": "raycache.methods.zeroshot:ZeroShot",
     "cachefl": "raycache.methods.cachefl:CacheFL",
+    "fedclip": "raycache.methods.fedclip:FedCLIP",
 }
 
 
 def method_class(name: str) -> type["Method"]:
     module, _, attr = METHODS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def with_defaults(method_cfg):
+    """The `method` section with every null filled from the method's reference `defaults`."""
+    defaults = method_class(method_cfg.name).defaults
+    fill = {k: v for k, v in defaults.items() if getattr(method_cfg, k) is None}
+    return method_cfg.model_copy(update=fill) if fill else method_cfg

@@ -36,9 +36,12 @@ class Task:
 class Method(ABC):
     name: ClassVar[str]
     uses_cache_init: ClassVar[bool] = False  # builds its state from K labelled examples per class
+    defaults: ClassVar[dict] = {}  # reference settings for `method.*` keys left null
 
     def __init__(self, cfg, task: Task) -> None:
-        self.cfg = cfg  # the `method` config section
+        from raycache.methods import with_defaults
+
+        self.cfg = with_defaults(cfg)  # the `method` config section, nulls resolved
         self.task = task
         self.text_weights = torch.from_numpy(np.ascontiguousarray(task.text_weights, dtype=np.float32))
         self.device = torch.device("cpu")

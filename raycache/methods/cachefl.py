@@ -19,6 +19,9 @@ from raycache.methods.cache_model import cache_logits, cache_residual, class_bal
 class CacheFL(Method):
     name = "cachefl"
     uses_cache_init = True
+    # Tip-Adapter-F's optimiser; batch 256 covers a typical client's data in one step.
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-4, "weight_decay": 0.01, "local_epochs": 1,
+                "batch_size": 256, "schedule": "cosine", "loss": "ce"}
 
     def __init__(self, cfg, task) -> None:
         super().__init__(cfg, task)
@@ -42,7 +45,8 @@ class CacheFL(Method):
         cfg = self.cfg
         keys = torch.tensor(state["cache_keys"], device=self.device, requires_grad=True)  # a private copy: (NK, D)
         # fused: one kernel per step; the per-op overhead of the unfused step dominates at this size
-        opt = torch.optim.AdamW([keys], lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
+        opt = torch.optim.AdamW([keys], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                fused=True)
         zero_shot = 100.0 * features @ self.text_weights.T  # (n, N), constant while the keys train
         gen = torch.Generator().manual_seed(seed)
         n = len(labels)
