@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("config", help="experiment YAML file (its synth section and dataset classes)")
     synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a dotted config key, e.g. --set synth.per_class=4 (repeatable)")
+    cmp = sub.add_parser("compare", help="compare the methods of one MLflow experiment (table + plots)")
+    cmp.add_argument("experiment", help="MLflow experiment name (tracking.experiment)")
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -143,6 +145,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from raycache.compare import HEADER, compare
+
+    quiet_libraries()
+    rows, run = compare(args.experiment)
+    table = Table(title=f"raycache compare: {args.experiment}")
+    for i, h in enumerate(HEADER):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row.cells())
+    Console().print(table)
+    print(f"plots and table logged to MLflow run {run.run_id}: {run.ui_hint()}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from raycache.tracking import tracking_uri
 
@@ -154,7 +174,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "synth": cmd_synth, "ui": cmd_ui}[args.command](args)
+        commands = {"run": cmd_run, "synth": cmd_synth, "compare": cmd_compare, "ui": cmd_ui}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

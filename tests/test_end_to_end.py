@@ -128,3 +128,32 @@ def test_fedclip_runs_on_ray_with_its_reference_settings(finished):
     assert run.data.metrics["comm_bytes_up"] == 6 * 2 * (DIM * DIM + DIM) * 4
     assert run.data.metrics["trainable_params"] == 2 * (DIM * DIM + DIM)
     assert np.isfinite(run.data.metrics["loss"])
+
+
+def test_compare_tabulates_and_plots_the_experiment(finished, capsys):
+    """Runs last in this module: the e2e experiment then holds cachefl, zeroshot and fedclip runs."""
+    from raycache.cli import main
+    from raycache.compare import compare
+
+    cfg, summary, _, client = finished
+    assert main(["compare", "e2e"]) == 0
+    out = capsys.readouterr().out
+    assert "cachefl" in out and "fedclip" in out and "zeroshot" in out
+    rows, run = compare("e2e")
+    by = {r.method: r for r in rows}
+    exp = client.get_experiment_by_name("e2e").experiment_id
+    finished_runs = [r for r in client.search_runs([exp], "attributes.status = 'FINISHED'")
+                     if "raycache.method" in r.data.tags]
+    for method in {r.data.tags["raycache.method"] for r in finished_runs}:
+        mine = [r for r in finished_runs if r.data.tags["raycache.method"] == method]
+        assert by[method].runs == len(mine)
+        assert by[method].accuracy == pytest.approx(np.mean([r.data.metrics["accuracy"] for r in mine]))
+    assert by["zeroshot"].bytes_total == 0 and by["fedclip"].trainable_params == 2 * (DIM * DIM + DIM)
+    first = client.get_run(summary.run_id).data.metrics
+    assert by["cachefl"].bytes_total > 0 and first["comm_bytes_up_total"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"comparison.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png"} <= artifacts
+    from PIL import Image
+
+    assert Image.open(client.download_artifacts(run.run_id, "accuracy_vs_bytes.png")).size[0] >= 500
+    assert main(["compare", "no-such-experiment"]) == 2

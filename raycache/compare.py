@@ -1,0 +1,137 @@
+"""Compare the methods in one MLflow experiment: a table per method and two plots, logged to a summary run.
+
+Reads the experiment's finished experiment runs (those tagged `raycache.method`); several runs of one method
+(seeds, say) are averaged. The plots are accuracy against round, and accuracy against cumulative bytes sent
+(log x; methods that send nothing are drawn as a dashed line).
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from dataclasses import dataclass
+
+from raycache.errors import UserError
+
+
+@dataclass
+class MethodRow:
+    method: str
+    runs: int
+    accuracy: float
+    client_accuracy_mean: float
+    client_accuracy_std: float
+    bytes_total: float
+    trainable_params: float
+    wall_seconds: float
+
+    def cells(self) -> list[str]:
+        return [self.method, str(self.runs), f"{self.accuracy:.4f}", f"{self.client_accuracy_mean:.4f}",
+                f"{self.client_accuracy_std:.4f}", f"{self.bytes_total:.0f}", f"{self.trainable_params:.0f}",
+                f"{self.wall_seconds:.1f}"]
+
+
+HEADER = ["method", "runs", "accuracy", "client_acc_mean", "client_acc_std", "bytes_total", "trainable_params",
+          "wall_s"]
+
+
+def _runs(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"compare: no MLflow experiment named {experiment!r} (tracking.experiment)")
+    runs = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                          max_results=10_000)
+            if "raycache.method" in r.data.tags]
+    if not runs:
+        raise UserError(f"compare: experiment {experiment!r} has no finished raycache runs")
+    return exp, runs
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def table(client, runs) -> list[MethodRow]:
+    by_method: dict[str, list] = {}
+    for r in runs:
+        by_method.setdefault(r.data.tags["raycache.method"], []).append(r)
+    rows = []
+    for method, group in sorted(by_method.items()):
+        def mean(key: str) -> float:
+            return statistics.fmean(r.data.metrics.get(key, float("nan")) for r in group)
+
+        rows.append(MethodRow(
+            method, len(group), mean("accuracy"), mean("client_accuracy_mean"), mean("client_accuracy_std"),
+            statistics.fmean(r.data.metrics.get("comm_bytes_up_total", 0) + r.data.metrics.get(
+                "comm_bytes_down_total", 0) for r in group),
+            mean("trainable_params"),
+            statistics.fmean((r.info.end_time - r.info.start_time) / 1000 for r in group)))
+    return rows
+
+
+def plots(client, runs):
+    """(accuracy vs round, accuracy vs cumulative bytes) matplotlib figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_round, ax_r = plt.subplots(figsize=(7, 4.5))
+    by_bytes, ax_b = plt.subplots(figsize=(7, 4.5))
+    colours = {}
+    for r in sorted(runs, key=lambda r: r.data.tags["raycache.method"]):
+        method = r.data.tags["raycache.method"]
+        colour = colours.setdefault(method, f"C{len(colours)}")
+        label = method if method not in {line.get_label() for line in ax_r.lines} else None
+        acc = _history(client, r.info.run_id, "accuracy")
+        ax_r.plot([s for s, _ in acc], [a for _, a in acc], marker="o", color=colour, label=label)
+        sent = dict(_history(client, r.info.run_id, "comm_bytes_up"))
+        down = dict(_history(client, r.info.run_id, "comm_bytes_down"))
+        total, xs, ys = 0.0, [], []
+        for step, a in acc:
+            total += sent.get(step, 0.0) + down.get(step, 0.0)
+            if total > 0:
+                xs.append(total)
+                ys.append(a)
+        if xs:
+            ax_b.plot(xs, ys, marker="o", color=colour, label=label)
+        elif acc:
+            ax_b.axhline(acc[-1][1], linestyle="--", color=colour, label=f"{method} (sends nothing)" if label else None)
+    ax_r.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
+    ax_b.set(xscale="log", xlabel="cumulative bytes sent (up + down)", ylabel="test accuracy",
+             title="Accuracy against communication")
+    for ax in (ax_r, ax_b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    by_round.tight_layout()
+    by_bytes.tight_layout()
+    return by_round, by_bytes
+
+
+def compare(experiment: str):
+    """Build the table and plots for `experiment` and log them to a new summary run; returns (rows, run)."""
+    from mlflow.tracking import MlflowClient
+
+    from raycache.tracking import Run, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    _, runs = _runs(client, experiment)
+    rows = table(client, runs)
+    by_round, by_bytes = plots(client, runs)
+    summary = Run(experiment, "compare", tags={"raycache.kind": "compare"})
+    try:
+        csv = io.StringIO()
+        csv.write(",".join(HEADER) + "\n")
+        for row in rows:
+            csv.write(",".join(row.cells()) + "\n")
+        summary.log_text(csv.getvalue(), "comparison.csv")
+        summary.client.log_figure(summary.run_id, by_round, "accuracy_vs_round.png")
+        summary.client.log_figure(summary.run_id, by_bytes, "accuracy_vs_bytes.png")
+        best = max(rows, key=lambda r: r.accuracy)
+        summary.set_tags({"best_method": best.method})
+        summary.log_metrics({"best_accuracy": best.accuracy, "runs_compared": len(runs)})
+    except BaseException as err:
+        summary.finish(err)
+        raise
+    summary.finish()
+    return rows, summary
