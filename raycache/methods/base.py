@@ -7,6 +7,7 @@ payload sizes are the arrays' bytes.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -64,6 +65,21 @@ class Method(ABC):
     def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
                     seed: int) -> tuple[State, float]:
         """One client's local update from the broadcast `state`; returns (new state, mean training loss)."""
+
+
+def local_steps(n: int, batch_size: int, epochs: int, seed: int, lr: float, schedule: str):
+    """A client's local schedule: yields (minibatch indices, or None for one full batch; learning rate).
+    Seeded shuffling each epoch; `cosine` anneals the rate over all of the client's steps in the round."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = min(batch_size, n)
+    total = epochs * math.ceil(n / bs)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen) if bs < n else None  # one full batch: order is moot
+        for start in range(0, n, bs):
+            rate = 0.5 * lr * (1 + math.cos(math.pi * step / total)) if schedule == "cosine" else lr
+            yield (None if order is None else order[start:start + bs]), rate
+            step += 1
 
 
 def state_nbytes(state: State) -> int:

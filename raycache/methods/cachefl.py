@@ -6,13 +6,12 @@ one-hot labels, so only the keys (N*K x D floats) ever travel.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State
+from raycache.methods.base import Method, State, local_steps
 from raycache.methods.cache_model import cache_logits, cache_residual, class_balanced_keys, one_hot_values
 
 
@@ -48,26 +47,16 @@ class CacheFL(Method):
         opt = torch.optim.AdamW([keys], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                 fused=True)
         zero_shot = 100.0 * features @ self.text_weights.T  # (n, N), constant while the keys train
-        gen = torch.Generator().manual_seed(seed)
-        n = len(labels)
-        bs = min(cfg.batch_size, n)
-        total = cfg.local_epochs * math.ceil(n / bs)
-        loss_sum, step = 0.0, 0
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(n, generator=gen) if bs < n else None  # one full batch: order is moot
-            for start in range(0, n, bs):
-                if cfg.schedule == "cosine":
-                    opt.param_groups[0]["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
-                if order is None:
-                    f, zs, y = features, zero_shot, labels
-                else:
-                    batch = order[start:start + bs]
-                    f, zs, y = features[batch], zero_shot[batch], labels[batch]
-                logits = zs + cache_residual(f, keys, self.values, cfg.alpha, cfg.beta)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(y)
-                step += 1
-        return {"cache_keys": keys.detach().cpu().numpy()}, loss_sum / (n * cfg.local_epochs)
+        loss_sum = 0.0
+        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule):
+            opt.param_groups[0]["lr"] = rate
+            if batch is None:
+                f, zs, y = features, zero_shot, labels
+            else:
+                f, zs, y = features[batch], zero_shot[batch], labels[batch]
+            loss = F.cross_entropy(zs + cache_residual(f, keys, self.values, cfg.alpha, cfg.beta), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(y)
+        return {"cache_keys": keys.detach().cpu().numpy()}, loss_sum / (len(labels) * cfg.local_epochs)

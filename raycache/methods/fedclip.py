@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State
+from raycache.methods.base import Method, State, local_steps
 
 
 def adapt(features: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,25 +60,17 @@ class FedCLIP(Method):
         params = self._params(state, True)
         opt = torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                weight_decay=cfg.weight_decay)
-        gen = torch.Generator().manual_seed(seed)
-        n = len(labels)
-        bs = min(cfg.batch_size, n)
-        total = cfg.local_epochs * math.ceil(n / bs)
-        loss_sum, step = 0.0, 0
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, bs):
-                batch = order[start:start + bs]
-                if cfg.schedule == "cosine":
-                    opt.param_groups[0]["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
-                image = adapt(features[batch], params)  # (b, D)
-                if cfg.loss == "contrastive":
-                    loss = contrastive_loss(image, self.text_weights[labels[batch]])
-                else:
-                    loss = F.cross_entropy(100.0 * image @ self.text_weights.T, labels[batch])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(batch)
-                step += 1
-        return {k: v.detach().cpu().numpy() for k, v in params.items()}, loss_sum / (n * cfg.local_epochs)
+        loss_sum = 0.0
+        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule):
+            opt.param_groups[0]["lr"] = rate
+            f, y = (features, labels) if batch is None else (features[batch], labels[batch])
+            image = adapt(f, params)  # (b, D)
+            if cfg.loss == "contrastive":
+                loss = contrastive_loss(image, self.text_weights[y])
+            else:
+                loss = F.cross_entropy(100.0 * image @ self.text_weights.T, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(y)
+        return {k: v.detach().cpu().numpy() for k, v in params.items()}, loss_sum / (len(labels) * cfg.local_epochs)

@@ -48,3 +48,15 @@ def test_method_contract(name):
         assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
     logits = method.logits(state, torch.from_numpy(feats))
     assert logits.shape == (len(labels), N) and torch.isfinite(logits).all()
+
+
+def test_local_steps_cover_each_sample_once_per_epoch_and_anneal():
+    from raycache.methods.base import local_steps
+
+    steps = list(local_steps(10, 4, 2, seed=0, lr=1.0, schedule="cosine"))
+    assert len(steps) == 6 and steps[0][1] == 1.0 and steps[-1][1] < steps[1][1] < 1.0
+    for epoch in (steps[:3], steps[3:]):
+        assert sorted(torch.cat([b for b, _ in epoch]).tolist()) == list(range(10))
+    assert [b for b, _ in local_steps(3, 8, 2, 0, 0.1, "constant")] == [None, None]  # full batch, no shuffle
+    again = list(local_steps(10, 4, 2, seed=0, lr=1.0, schedule="cosine"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(steps, again))
