@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from raycache.errors import UserError, find_user_error
+from raycache.errors import find_user_error
 
 
 def _parser() -> argparse.ArgumentParser:

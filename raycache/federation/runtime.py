@@ -57,11 +57,6 @@ class Federation:
 
         return ray.get(self.server.run_round.remote(round_idx))
 
-    def state(self):
-        import ray
-
-        return ray.get(self.server.get_state.remote())
-
     def close(self) -> None:
         import ray
 

@@ -68,6 +68,3 @@ class Server:
             "trainable_params": float(state_params(self.state)),
         })
         return metrics
-
-    def get_state(self):
-        return self.state
