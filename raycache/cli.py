@@ -82,11 +82,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset = PRESETS.get(cfg.model.name)
     chance = " (chance: untrained text tower)" if preset is not None and not preset.text_trained else ""
     table.add_row("zero-shot accuracy", f"{summary.zeroshot_accuracy:.4f}{chance}")
-    table.add_row("final federated accuracy", f"{summary.final['accuracy']:.4f}")
+    from raycache.methods import method_class
+
+    method = method_class(cfg.method.name)
+    label = {"federated": "final federated accuracy", "local": "final accuracy (mean over clients' own models)",
+             "centralised": "final centralised accuracy"}[method.role]
+    table.add_row(label, f"{summary.final['accuracy']:.4f}")
     table.add_row("client accuracy (mean ± std)",
                   f"{summary.final['client_accuracy_mean']:.4f} ± {summary.final['client_accuracy_std']:.4f}")
-    cache = cfg.method.cache_init + (f" ({cfg.synth.generator})" if cfg.method.cache_init == "synthetic" else "")
-    table.add_row("cache keys from", cache)
+    if method.uses_cache(cfg.method):
+        cache = cfg.method.cache_init + (f" ({cfg.synth.generator})" if cfg.method.cache_init == "synthetic" else "")
+        table.add_row("cache keys from", cache)
+    table.add_row("trainable params", f"{summary.final.get('trainable_params', 0):,.0f}")
     table.add_row("rounds", str(summary.rounds))
     table.add_row("bytes sent (up + down)", f"{_fmt_bytes(summary.comm_bytes)} "
                                              f"({_fmt_bytes(summary.comm_bytes_up)} up)")

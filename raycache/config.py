@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raycache.errors import UserError
 
@@ -52,10 +52,15 @@ class DataConfig(_Section):
     server_per_class: int = Field(16, ge=0, description="labelled samples per class the server holds out "
                                                         "(the real-image cache init draws from them)")
     clients: int = Field(10, ge=1, description="number of (virtual) clients")
-    partition: Literal["dirichlet", "iid", "shards"] = Field("dirichlet", description="how training samples "
-                                                                                      "are split over clients")
+    partition: Literal["dirichlet", "iid", "shards", "domain"] = Field(
+        "dirichlet", description="how training samples are split over clients; 'domain' = one client per "
+                                 "domain (feature shift): ImageFolder root/<domain>/<class>/... or a Parquet "
+                                 "domain column")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more label skew)")
     shards_per_client: int = Field(2, ge=1, description="classes' shards per client for partition: shards")
+    domain_column: str = Field("domain", description="Parquet column naming each image's domain")
+    test_domain: str | None = Field(None, description="leave-one-domain-out: this domain is the test set and "
+                                                      "no client holds it (needs a source with domains)")
 
 
 class MethodConfig(_Section):
@@ -80,6 +85,19 @@ class MethodConfig(_Section):
     loss: Literal["ce", "contrastive"] | None = Field(None, description="adapter loss: cross-entropy over class "
                                                                        "logits, or the symmetric CLIP "
                                                                        "contrastive loss (FedCLIP's reference)")
+    local_model: Literal["cache", "adapter"] = Field("cache", description="local_only: what each client trains "
+                                                                          "alone: a CacheFL cache or a FedCLIP "
+                                                                          "adapter")
+    training_free: bool = Field(False, description="tip_adapter: keep the cache keys fixed (Tip-Adapter); "
+                                                   "false = fine-tune them (Tip-Adapter-F)")
+    lora_rank: int = Field(2, ge=1, description="flora: LoRA rank r")
+    lora_alpha: float = Field(64.0, gt=0, description="flora: PEFT lora_alpha; the update is scaled by "
+                                                      "lora_alpha / lora_rank (64 / 2 = FLoRA's scale 32)")
+    lora_targets: list[str] = Field(["text.attn.out_proj"], min_length=1,
+                                    description="flora: modules to adapt, as <tower>.<module> with tower text or "
+                                                "vision, in every layer (e.g. text.attn.out_proj, "
+                                                "vision.attn.q_proj, text.mlp.c_fc); an unknown one lists the "
+                                                "model's choices")
 
     @field_validator("name")
     @classmethod
@@ -89,6 +107,13 @@ class MethodConfig(_Section):
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
         return v
+
+    @model_validator(mode="after")
+    def _variant_fits_method(self) -> "MethodConfig":
+        if self.training_free and self.name != "tip_adapter":
+            raise ValueError(f"method.training_free: only tip_adapter has a training-free variant, not "
+                             f"{self.name!r}")
+        return self
 
 
 class SynthConfig(_Section):
@@ -249,6 +274,8 @@ def _one_line(err: ValidationError) -> str:
         hint = f" (did you mean {close[0]}?)" if close else ""
         return f"{loc}: unknown config key{hint}"
     msg = e["msg"].removeprefix("Value error, ")
+    if msg.startswith(f"{loc}."):  # a section's cross-field check names its own key
+        return msg
     if e["type"].startswith("value_error") or "input" not in e:
         return f"{loc}: {msg}"
     return f"{loc}: {msg} (got {e['input']!r})"

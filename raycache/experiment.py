@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from raycache.config import ExperimentConfig, check_cache_size, dump_config
+from raycache.errors import UserError
 from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
@@ -54,33 +55,69 @@ def partition_table(counts: np.ndarray, class_names: list[str]) -> str:
     return buf.getvalue()
 
 
-def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
-                   on_stage: Callable[[str], None] | None = None) -> Summary:
-    stage = on_stage or (lambda s: None)
+@dataclass
+class Prepared:
+    """Everything checked and derived before any compute: what `_run` needs to train and log."""
+
+    cfg: ExperimentConfig
+    spec: ModelSpec
+    source: object  # raycache.data.sources.Source
+    splits: object  # raycache.data.split.Splits
+    parts: list[np.ndarray]  # each client's positions in splits.train
+    counts: np.ndarray  # (clients, classes)
+    task: object  # raycache.methods.base.Task
+    transform: object  # the model's eval image transform (for methods that train on pixels)
+    synth_store: object | None
+    uses_cache: bool
+    uses_pixels: bool
+    timings: dict[str, float]
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here."""
     cfg = cfg.model_copy(update={"method": with_defaults(cfg.method)})  # the run logs concrete settings
-    # Cheap checks first: a user's mistake must not cost a Ray start or leave a run behind.
     spec = ModelSpec.from_config(cfg.model)
     check_spec(spec)
     source = open_source(cfg.data)
-    uses_cache = method_class(cfg.method.name).uses_cache_init
-    held_out = cfg.data.server_per_class if uses_cache and cfg.method.cache_init == "real" else 0
-    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction, held_out, cfg.seed)
+    test_mask = None
+    if cfg.data.test_domain is not None:
+        names = source.domain_names or []
+        if cfg.data.test_domain not in names:
+            raise UserError(f"data.test_domain: {cfg.data.test_domain!r} is not a domain of {source.name} "
+                            f"(domains: {', '.join(names) or 'none'})")
+        test_mask = source.domains == names.index(cfg.data.test_domain)
+    # The split depends on data.* and the seed only, never on the method: every method sees the same clients.
+    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction, cfg.data.server_per_class,
+                              cfg.seed, test_mask)
     train_labels = source.labels[splits.train]
-    parts = partition(train_labels, cfg.data, cfg.seed)
+    train_domains = None if source.domains is None else source.domains[splits.train]
+    parts = partition(train_labels, cfg.data, cfg.seed, train_domains)
     counts = class_counts(parts, train_labels, len(source.class_names))
+    method = method_class(cfg.method.name)
+    uses_cache = method.uses_cache(cfg.method)
     synth_store = None
     if uses_cache:
         check_cache_size(cfg)
         if cfg.method.cache_init == "synthetic":
             synth_store = prepare_synthetic(cfg, source.class_names)
-    task, text_seconds = _text_task(spec, source.class_names, cfg.model.templates)  # loads the weights: fails early
+    t = time.perf_counter()
+    task, model, transform = _text_task(spec, source.class_names, cfg.model.templates)  # loads the weights
+    method.check(cfg.method, model, spec)  # what the method needs from the model, before any compute
+    return Prepared(cfg, spec, source, splits, parts, counts, task, transform, synth_store, uses_cache,
+                    method.uses_pixels(cfg.method), {"time_text_s": time.perf_counter() - t})
+
+
+def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
+                   on_stage: Callable[[str], None] | None = None) -> Summary:
+    stage = on_stage or (lambda s: None)
+    prep = prepare(cfg)  # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
 
     from raycache.tracking import Run
 
-    run = Run(cfg.tracking.experiment, cfg.tracking.run_name, tags={"raycache.method": cfg.method.name})
+    run = Run(prep.cfg.tracking.experiment, prep.cfg.tracking.run_name,
+              tags={"raycache.method": prep.cfg.method.name})
     try:
-        summary = _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_round, stage,
-                       {"time_text_s": text_seconds})
+        summary = _run(prep, run, on_round, stage)
     except BaseException as err:
         run.finish(err)
         raise
@@ -93,21 +130,21 @@ def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str]):
     from raycache.models.clip import load_clip
     from raycache.models.text import text_classifier
 
-    t = time.perf_counter()
-    model, _, tokenizer = load_clip(spec)
-    task = Task(class_names, text_classifier(model, tokenizer, class_names, templates))
-    return task, time.perf_counter() - t
+    model, transform, tokenizer = load_clip(spec)
+    task = Task(class_names, text_classifier(model, tokenizer, class_names, templates), spec, tuple(templates))
+    return task, model, transform
 
 
-def _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_round, stage, timings) -> Summary:
+def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[str], None]) -> Summary:
     from raycache.data.features import load_or_encode
     from raycache.federation.evaluate import predict
     from raycache.federation.runtime import Federation, check_fits, ensure_ray
     from raycache.methods.zeroshot import ZeroShot
 
+    cfg, spec, source, splits, task, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.task, prep.timings
     run.log_params(cfg.flat())
     run.log_text(dump_config(cfg), "config.yaml")
-    run.log_text(partition_table(counts, source.class_names), "partition.csv")
+    run.log_text(partition_table(prep.counts, source.class_names), "partition.csv")
 
     stage("starting Ray")
     t = time.perf_counter()
@@ -116,7 +153,7 @@ def _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_ro
         rt = cfg.runtime
         check_fits("runtime.client", min(rt.client_actors, cfg.data.clients), rt.client_cpus, rt.client_gpus)
         check_fits("runtime.encoder", rt.encoder_actors, rt.encoder_cpus, rt.encoder_gpus)
-        if synth_store is not None:
+        if prep.synth_store is not None:
             check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
     timings["time_ray_start_s"] = time.perf_counter() - t
 
@@ -134,18 +171,31 @@ def _run(cfg, spec, source, splits, parts, counts, task, synth_store, run, on_ro
                      "train_samples": len(splits.train), "test_samples": len(splits.test)})
 
     cache_f, cache_y = f[splits.server], y[splits.server]  # empty unless the method builds a real cache
-    if method_class(cfg.method.name).uses_cache_init:
+    if prep.uses_cache:
         stage(f"building the cache source ({cfg.method.cache_init})")
         t = time.perf_counter()
-        cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, synth_store)
+        cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store)
         run.log_metrics(cache_metrics)
         timings["time_cache_source_s"] = time.perf_counter() - t
 
+    inputs = f
+    if prep.uses_pixels:  # the method trains through the image encoder: clients get images, not features
+        from raycache.data.pixels import load_pixels
+
+        stage("preprocessing images for in-actor encoding")
+        t = time.perf_counter()
+        inputs = load_pixels(source, prep.transform)
+        timings["time_pixels_s"] = time.perf_counter() - t
+        test = (inputs[splits.test], test[1])
+
     stage("starting client actors")
     t = time.perf_counter()
-    train = (np.ascontiguousarray(f[splits.train]), np.ascontiguousarray(y[splits.train]))
+    train = (np.ascontiguousarray(inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
+    parts = prep.parts
+    if method_class(cfg.method.name).role == "centralised":  # one trainer on the union of the clients' data
+        parts = [np.sort(np.concatenate(parts))]
     history: list[dict[str, float]] = []
-    with Federation(cfg, task, train, parts, test, (cache_f, cache_y), counts) as fed:
+    with Federation(cfg, task, train, parts, test, (cache_f, cache_y), prep.counts) as fed:
         run.log_metrics(fed.info())
         initial = fed.evaluate()
         run.log_metrics(initial, step=0)

@@ -23,7 +23,11 @@ def run_cli(capsys, *args):
     ("data.alpha=0", "data.alpha: Input should be greater than 0"),
     ("method.shots=0", "method.shots: Input should be greater than or equal to 1"),
     ("federation.fraction=2", "federation.fraction: Input should be less than or equal to 1"),
-    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: cachefl, fedclip, zeroshot"),
+    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: cachefl, fedavg_full, fedclip, "
+                         "flora, local_only, tip_adapter, zeroshot"),
+    ("method.training_free=true", "method.training_free: only tip_adapter has a training-free variant"),
+    ("data.partition=domain", "data.partition: domain needs a source with domains"),
+    ("data.test_domain=sketch", "data.test_domain: 'sketch' is not a domain of digits (domains: none)"),
     ("model.name=ViT-Q-99", "model.name: unknown model 'ViT-Q-99'"),
     ("model.pretrained=/no/such/weights.safetensors", "model.pretrained: weights file /no/such/weights.safetensors"),
     ("model.pretrained=local-dir:/no/such/dir", "model.pretrained: /no/such/dir is not a model folder"),
@@ -35,6 +39,22 @@ def test_bad_input_is_one_line_exit_2(capsys, mlflow_uri, override, expect):
     code, err = run_cli(capsys, "--set", override)
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+def test_unknown_lora_target_lists_the_choices_before_any_run(capsys, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+
+    def runs():
+        return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+    before = runs()
+    capsys.readouterr()  # the store's own set-up log lines are not the CLI's output
+    code, err = run_cli(capsys, "--set", "method.name=flora", "--set", "method.lora_targets=[text.attn.out_proj, "
+                                                                       "vision.attn.qkv]")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: method.lora_targets: tiny has no module 'vision.attn.qkv'; choose from: ")
+    assert "text.attn.out_proj" in err[0] and "vision.attn.q_proj" in err[0] and "vision.mlp.c_fc" in err[0]
+    assert runs() == before  # failed before any run was created
 
 
 def test_class_with_no_images(capsys, mlflow_uri, image_folder):

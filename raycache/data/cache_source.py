@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from raycache.errors import UserError
@@ -36,12 +34,13 @@ def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None) -> 
         rng = np.random.default_rng([cfg.seed, 0xCA])
         f = rng.normal(size=(n_classes * k, feats.shape[1])).astype(np.float32)
         return f / np.linalg.norm(f, axis=1, keepdims=True), np.repeat(np.arange(n_classes), k), {}
+    from raycache.config import DataConfig
     from raycache.data.features import load_or_encode
     from raycache.data.sources import open_source
     from raycache.synth.generate import fill
 
     result = fill(store or prepare_synthetic(cfg, source.class_names), cfg.synth)
-    synthetic = open_source(SimpleNamespace(dataset=str(result.out), image_column="image", label_column="label"))
+    synthetic = open_source(DataConfig(dataset=str(result.out)))
     encoded = load_or_encode(synthetic, spec, cfg.runtime)
     return encoded.features, synthetic.labels, {"synth_images": result.images,
                                                 "synth_images_generated": result.generated,

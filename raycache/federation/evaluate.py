@@ -10,11 +10,12 @@ import torch
 
 
 @torch.no_grad()
-def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], features: np.ndarray,
-            chunk: int = 4096) -> np.ndarray:
-    feats = torch.from_numpy(np.ascontiguousarray(features))
-    return np.concatenate([logits_fn(feats[i:i + chunk]).argmax(dim=1).numpy()
-                           for i in range(0, len(feats), chunk)])
+def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, chunk: int = 4096,
+            device: str | torch.device = "cpu") -> np.ndarray:
+    """Predicted classes for `inputs` (features or images), `chunk` at a time."""
+    x = torch.from_numpy(np.ascontiguousarray(inputs))
+    return np.concatenate([logits_fn(x[i:i + chunk].to(device)).argmax(dim=1).cpu().numpy()
+                           for i in range(0, len(x), chunk)])
 
 
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """A client host: one Ray actor that serves many virtual clients.
 
-It holds a read-only view of the shared training features (one object-store copy for every host) and each
-of its clients' sample indices. Per round it trains each requested client from the broadcast state and folds
-the results into one partial FedAvg sum, so what returns to the server is one message per host.
+It holds a read-only view of the shared training inputs (features, or images for a method that trains
+through the encoder: one object-store copy for every host) and each of its clients' sample indices. Per
+round it trains each requested client from the broadcast state and folds the results into one partial
+FedAvg sum, so what returns to the server is one message per host. For a `local` method it instead keeps
+each client's own state and evaluates it; nothing is uploaded.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class HostReport:
 
 class ClientHost:
     def __init__(self, method_name: str, method_cfg, task, train, clients: dict[int, np.ndarray], seed: int,
-                 threads: int = 1, use_gpu: bool = False) -> None:
+                 threads: int = 1, use_gpu: bool = False, test=None) -> None:
         import torch
 
         from raycache.methods import method_class
@@ -46,6 +48,9 @@ class ClientHost:
         self.features, self.labels = train  # read-only, zero-copy views of the shared object
         self.clients = clients
         self.seed = seed
+        self.test = test  # (inputs, labels), for evaluating local states
+        self.local = self.method.role == "local"
+        self.states: dict[int, State] = {}  # a local method's per-client states (clients trained so far)
 
     def train(self, state: State, client_ids: list[int], round_idx: int) -> HostReport:
         import resource
@@ -61,12 +66,35 @@ class ClientHost:
             idx = self.clients[cid]
             feats = torch.from_numpy(self.features[idx]).to(self.device)  # fancy indexing copies: (n_c, D)
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
-            update, loss = self.method.local_train(state, feats, labels, client_seed(self.seed, round_idx, cid))
-            partial.add(update, float(len(idx)))
-            bytes_up += state_nbytes(update)
+            start = self.states.get(cid, state) if self.local else state
+            update, loss = self.method.local_train(start, feats, labels, client_seed(self.seed, round_idx, cid))
+            if self.local:
+                self.states[cid] = update  # kept on the client; nothing leaves it
+            else:
+                partial.add(update, float(len(idx)))
+                bytes_up += state_nbytes(update)
             samples[i], losses[i], seconds[i] = len(idx), loss, time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         return HostReport(partial, np.asarray(client_ids), samples, losses, seconds, bytes_up, peak)
+
+    def evaluate(self, state: State) -> dict[int, np.ndarray]:
+        """A local method's per-client test predictions, each client under its own state (or the initial
+        `state` if it has not trained yet); clients still on the initial state share one prediction."""
+        from raycache.federation.evaluate import predict
+
+        inputs, _ = self.test
+        shared = None
+        out = {}
+        for cid in self.clients:
+            if cid in self.states:
+                out[cid] = predict(lambda x, s=self.states[cid]: self.method.logits(s, x), inputs,
+                                   self.method.eval_batch, self.device)
+            else:
+                if shared is None:
+                    shared = predict(lambda x: self.method.logits(state, x), inputs, self.method.eval_batch,
+                                     self.device)
+                out[cid] = shared
+        return out
 
     def ping(self) -> bool:
         return True

@@ -13,6 +13,8 @@ class Federation:
     def __init__(self, cfg, task: Task, train: tuple[np.ndarray, np.ndarray], parts: list[np.ndarray],
                  test: tuple[np.ndarray, np.ndarray], server_data: tuple[np.ndarray, np.ndarray],
                  class_counts: np.ndarray) -> None:
+        """`train` holds the inputs the method trains on (features, or images), `parts` each trainer's rows
+        of it (one pooled trainer for a centralised method), `class_counts` the clients' label mixes."""
         self.hosts: list = []
         self.server = None
         try:
@@ -31,21 +33,27 @@ class Federation:
         n_hosts = min(rt.client_actors, len(parts))
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
+        test_ref = ray.put(test)
         host_cls = ray.remote(ClientHost).options(num_cpus=rt.client_cpus, num_gpus=rt.client_gpus)
         for h in range(n_hosts):  # appended one by one so that a failure part-way still cleans up
             self.hosts.append(host_cls.remote(
                 cfg.method.name, cfg.method, task_ref, train_ref,
                 {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed,
-                threads=max(1, int(rt.client_cpus)), use_gpu=rt.client_gpus > 0))
+                threads=max(1, int(rt.client_cpus)), use_gpu=rt.client_gpus > 0, test=test_ref))
         server_cls = ray.remote(Server).options(num_cpus=0)
-        self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, test, server_data, class_counts,
-                                        self.hosts, cfg.federation.fraction, cfg.seed)
+        self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, test_ref, server_data,
+                                        class_counts, self.hosts, len(parts), cfg.federation.fraction, cfg.seed)
         ray.get([h.ping.remote() for h in self.hosts])
 
     def info(self) -> dict[str, int]:
         import ray
 
         return ray.get(self.server.info.remote())
+
+    def state(self):
+        import ray
+
+        return ray.get(self.server.get_state.remote())
 
     def evaluate(self) -> dict[str, float]:
         import ray

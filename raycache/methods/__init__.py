@@ -12,6 +12,10 @@ METHODS: dict[str, str] = {
     "zeroshot": "raycache.methods.zeroshot:ZeroShot",
     "cachefl": "raycache.methods.cachefl:CacheFL",
     "fedclip": "raycache.methods.fedclip:FedCLIP",
+    "local_only": "raycache.methods.local_only:LocalOnly",
+    "tip_adapter": "raycache.methods.tip_adapter:TipAdapter",
+    "flora": "raycache.methods.flora:FLoRA",
+    "fedavg_full": "raycache.methods.fedavg_full:FedAvgFull",
 }
 
 
@@ -22,6 +26,6 @@ def method_class(name: str) -> type["Method"]:
 
 def with_defaults(method_cfg):
     """The `method` section with every null filled from the method's reference `defaults`."""
-    defaults = method_class(method_cfg.name).defaults
+    defaults = method_class(method_cfg.name).reference(method_cfg)
     fill = {k: v for k, v in defaults.items() if getattr(method_cfg, k) is None}
     return method_cfg.model_copy(update=fill) if fill else method_cfg

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -20,10 +20,13 @@ State = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class Task:
-    """What every party knows about the task: the class names and their zero-shot text weights."""
+    """What every party knows about the task: the class names, their zero-shot text weights, and the model
+    (enough to rebuild the encoder in any process, for methods that train through it)."""
 
     class_names: list[str]
     text_weights: np.ndarray  # (N, D) unit rows
+    spec: Any = None  # raycache.models.clip.ModelSpec
+    templates: tuple[str, ...] = ("a photo of a {}.",)
 
     @property
     def n_classes(self) -> int:
@@ -35,9 +38,38 @@ class Task:
 
 
 class Method(ABC):
+    """A federated method. The runtime reads its declared traits, never its name:
+
+    - `role`: `federated` (clients train from the broadcast state, the server averages), `local` (each
+      client keeps and trains its own state; nothing is aggregated or uploaded) or `centralised` (one party
+      trains on the union of the clients' data; an upper bound, nothing travels);
+    - `uses_cache(cfg)`: builds its initial state from K labelled examples per class (`method.cache_init`);
+    - `uses_pixels(cfg)`: trains through the image encoder, so it needs images, not stored features;
+    - `reference(cfg)`: its reference settings for `method.*` keys left null;
+    - `check(cfg, model, spec)`: what it needs from the model, checked before any compute.
+    """
+
     name: ClassVar[str]
+    role: ClassVar[Literal["federated", "local", "centralised"]] = "federated"
     uses_cache_init: ClassVar[bool] = False  # builds its state from K labelled examples per class
     defaults: ClassVar[dict] = {}  # reference settings for `method.*` keys left null
+    eval_batch: ClassVar[int] = 4096  # inputs per forward pass when evaluating
+
+    @classmethod
+    def uses_cache(cls, cfg) -> bool:
+        return cls.uses_cache_init
+
+    @classmethod
+    def uses_pixels(cls, cfg) -> bool:
+        return False
+
+    @classmethod
+    def reference(cls, cfg) -> dict:
+        return cls.defaults
+
+    @classmethod
+    def check(cls, cfg, model, spec) -> None:
+        """Raise UserError when `model` (the open_clip model `spec` builds) lacks what this method needs."""
 
     def __init__(self, cfg, task: Task) -> None:
         from raycache.methods import with_defaults
@@ -58,13 +90,14 @@ class Method(ABC):
         """The initial global state, built on the server from its own labelled hold-out."""
 
     @abstractmethod
-    def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
-        """(B, D) unit features -> (B, N) class logits under `state`."""
+    def logits(self, state: State, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, D) unit features, or (B, 3, H, W) images for a pixel method -> (B, N) class logits."""
 
     @abstractmethod
-    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
+    def local_train(self, state: State, inputs: torch.Tensor, labels: torch.Tensor,
                     seed: int) -> tuple[State, float]:
-        """One client's local update from the broadcast `state`; returns (new state, mean training loss)."""
+        """One client's local update from `state` (the broadcast one, or its own for a `local` method);
+        returns (new state, mean training loss)."""
 
 
 def local_steps(n: int, batch_size: int, epochs: int, seed: int, lr: float, schedule: str):

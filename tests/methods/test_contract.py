@@ -1,53 +1,92 @@
-"""Every registered method through the same contract: 2 clients, 2 rounds of local training and FedAvg,
-offline. State keys and shapes stay stable, metrics stay finite, payloads match the published formulas."""
+"""Every registered method through the same contract, on the real runtime (Ray actors, FedAvg, offline):
+2 clients, 2 rounds. State keys and shapes stay stable, metrics stay finite, the trainable state matches
+each paper's formula, and what travels is exactly that state (or nothing, for local and centralised)."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from raycache.config import MethodConfig
-from raycache.federation.aggregate import fedavg
+from raycache.config import load_config
+from raycache.federation.runtime import Federation
 from raycache.methods import METHODS, method_class
-from raycache.methods.base import Task, state_nbytes
+from raycache.methods.base import Task
+from raycache.models.clip import PRESETS_DIR, ModelSpec, load_clip
+from raycache.models.text import text_classifier
 
-N, D, K = 3, 8, 2
-PAYLOAD_FLOATS = {  # what one client sends per round, from each paper
-    "zeroshot": 0,
-    "cachefl": N * K * D,  # the cache keys: N*K x D
-    "fedclip": 2 * (D * D + D),  # the attention adapter: two D x D layers with biases
+N, K, CLIENTS = 3, 2, 2
+TINY = json.loads((PRESETS_DIR / "raycache-tiny.json").read_text())
+D = TINY["embed_dim"]
+TEXT_LAYERS, TEXT_WIDTH = TINY["text_cfg"]["layers"], TINY["text_cfg"]["width"]
+R = 2  # the default method.lora_rank
+
+
+def image_encoder_params() -> int:
+    model, _, _ = load_clip(ModelSpec("tiny"))
+    return sum(p.numel() for p in model.visual.parameters())
+
+
+STATE_FLOATS = {  # the state each client trains, from each paper; federated methods send exactly this
+    "zeroshot": lambda: 0,
+    "cachefl": lambda: N * K * D,  # the cache keys: N*K x D
+    "tip_adapter": lambda: N * K * D,
+    "local_only": lambda: N * K * D,  # a cache of its own (method.local_model: cache)
+    "fedclip": lambda: 2 * (D * D + D),  # the attention adapter: two D x D layers with biases
+    # LoRA on the text attention output projection of every layer: r (d_in + d_out) per adapted matrix
+    "flora": lambda: TEXT_LAYERS * R * (TEXT_WIDTH + TEXT_WIDTH),
+    "fedavg_full": image_encoder_params,  # every image-encoder parameter
 }
 
 
-def test_every_method_has_a_payload_formula():
-    assert set(PAYLOAD_FLOATS) == set(METHODS)
+def test_every_method_has_a_state_formula():
+    assert set(STATE_FLOATS) == set(METHODS)
+
+
+def _data(pixels: bool, n: int, rng):
+    labels = np.repeat(np.arange(N), n // N)
+    if pixels:
+        x = (rng.normal(size=(len(labels), 3, 32, 32)) + labels[:, None, None, None]).astype(np.float32)
+    else:
+        x = rng.normal(size=(len(labels), D)).astype(np.float32) + 2 * np.eye(N, D, dtype=np.float32)[labels]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_contract(name):
+def test_method_contract(name, ray_session):
+    cfg = load_config(None, [f"method.name={name}", f"method.shots={K}", f"data.clients={CLIENTS}",
+                             "runtime.client_actors=1", "method.cache_init=real"])
+    method = method_class(name)
+    model, _, tokenizer = load_clip(ModelSpec("tiny"))
+    names = list("abc")
+    task = Task(names, text_classifier(model, tokenizer, names, ["a photo of a {}."]), ModelSpec("tiny"))
     rng = np.random.default_rng(0)
-    W = rng.normal(size=(N, D)).astype(np.float32)
-    W /= np.linalg.norm(W, axis=1, keepdims=True)
-    labels = np.repeat(np.arange(N), 10)
-    feats = (W[labels] + 0.5 * rng.normal(size=(len(labels), D))).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    method = method_class(name)(MethodConfig(name=name, shots=K), Task(list("abc"), W))
-    state = method.init_state(feats, labels)
-    shapes = {k: v.shape for k, v in state.items()}
-    clients = [np.arange(0, 30, 2), np.arange(1, 30, 2)]
-    for r in range(2):
-        updates = []
-        for c, idx in enumerate(clients):
-            update, loss = method.local_train(state, torch.from_numpy(feats[idx]), torch.from_numpy(labels[idx]),
-                                              seed=10 * r + c)
-            assert np.isfinite(loss)
-            assert {k: v.shape for k, v in update.items()} == shapes
-            assert state_nbytes(update) == 4 * PAYLOAD_FLOATS[name]
-            updates.append(update)
-        state = fedavg(updates, [len(i) for i in clients])
-        assert {k: v.shape for k, v in state.items()} == shapes
-        assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
-    logits = method.logits(state, torch.from_numpy(feats))
-    assert logits.shape == (len(labels), N) and torch.isfinite(logits).all()
+    pixels = method.uses_pixels(cfg.method)
+    train, test = _data(pixels, 30, rng), _data(pixels, 12, rng)
+    server = _data(False, N * K, rng)
+    parts = [np.arange(0, 30, 2), np.arange(1, 30, 2)]
+    counts = np.stack([np.bincount(train[1][p], minlength=N) for p in parts])
+    if method.role == "centralised":
+        parts = [np.arange(30)]
+    with Federation(cfg, task, train, parts, test, server, counts) as fed:
+        state0 = fed.state()
+        shapes = {k: v.shape for k, v in state0.items()}
+        floats = STATE_FLOATS[name]()
+        assert sum(v.size for v in state0.values()) == floats
+        for r in (1, 2):
+            m = fed.run_round(r)
+            assert all(np.isfinite(v) for v in m.values()), m
+            assert m["trainable_params"] == floats
+            sent = {"federated": CLIENTS * 4 * floats}.get(method.role, 0)
+            assert m["comm_bytes_up"] == sent
+            assert m["comm_bytes_down"] == {"federated": sent, "local": CLIENTS * 4 * floats if r == 1 else 0
+                                            }.get(method.role, 0)
+            assert m["client_seconds"] > 0 and m["peak_memory_mb"] > 0
+            state = fed.state()
+            assert {k: v.shape for k, v in state.items()} == shapes
+            assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["client_accuracy_mean"] <= 1
 
 
 def test_local_steps_cover_each_sample_once_per_epoch_and_anneal():

@@ -61,10 +61,10 @@ def test_resume_skips_finished_shards_and_redoes_broken_ones(reference, tmp_path
     store = prepare(synth_cfg(out), CLASSES, str(tmp_path))
     assert store.done_classes() == {0} and not store.complete()
     with pytest.raises(UserError, match="unfinished synthetic set"):
-        from types import SimpleNamespace
+        from raycache.config import DataConfig
 
         from raycache.data.sources import open_source
-        open_source(SimpleNamespace(dataset=str(out), image_column="image", label_column="label"))
+        open_source(DataConfig(dataset=str(out)))
     result = fill(store, synth_cfg(out))
     assert result.generated == 2 * K  # only the two unfinished classes
     for shard in sorted(ref.glob("*.parquet")):

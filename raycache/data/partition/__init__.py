@@ -1,26 +1,29 @@
-"""Partitioners: `fn(labels, cfg, rng) -> list of index arrays`, one per client. One line registers one."""
+"""Partitioners: `fn(labels, cfg, rng, domains) -> list of index arrays`, one per client. One line registers
+one."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from raycache.data.partition import dirichlet, iid, shards
+from raycache.data.partition import dirichlet, domain, iid, shards
 from raycache.errors import UserError
 
 PARTITIONERS = {
     "dirichlet": dirichlet.partition,
     "iid": iid.partition,
     "shards": shards.partition,
+    "domain": domain.partition,
 }
 
 
-def partition(labels: np.ndarray, cfg, seed: int) -> list[np.ndarray]:
+def partition(labels: np.ndarray, cfg, seed: int, domains: np.ndarray | None = None) -> list[np.ndarray]:
     """Split positions 0..len(labels)-1 over `cfg.clients` clients; every position lands on exactly one,
-    and every client gets at least one. `cfg` is the `data` config section."""
+    and every client gets at least one. `cfg` is the `data` config section; `domains` the samples'
+    domains, for sources that have them."""
     if cfg.clients > len(labels):
         raise UserError(f"data.clients: {cfg.clients} clients but only {len(labels)} training samples")
     rng = np.random.default_rng([seed, 0xC1])
-    parts = PARTITIONERS[cfg.partition](labels, cfg, rng)
+    parts = PARTITIONERS[cfg.partition](labels, cfg, rng, domains)
     return [np.sort(p).astype(np.int64) for p in parts]
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def partition(labels: np.ndarray, cfg, rng: np.random.Generator) -> list[np.ndarray]:
+def partition(labels: np.ndarray, cfg, rng: np.random.Generator,
+              domains: np.ndarray | None = None) -> list[np.ndarray]:
     from raycache.data.partition import fill_empty
 
     parts: list[list[int]] = [[] for _ in range(cfg.clients)]

@@ -23,7 +23,8 @@ def _shards_per_class(sizes: np.ndarray, total: int) -> np.ndarray:
     return n
 
 
-def partition(labels: np.ndarray, cfg, rng: np.random.Generator) -> list[np.ndarray]:
+def partition(labels: np.ndarray, cfg, rng: np.random.Generator,
+              domains: np.ndarray | None = None) -> list[np.ndarray]:
     from raycache.data.partition import fill_empty
 
     classes = np.unique(labels)

@@ -25,7 +25,8 @@ class Source:
     class_names: list[str]
     fingerprint: str  # changes whenever any image or label changes
     to_ray: Callable[[], Any] = field(repr=False)
-    domains: np.ndarray | None = None  # (n,) int64, for sources that carry a domain per image
+    domains: np.ndarray | None = None  # (n,) int64 into domain_names, for sources with a domain per image
+    domain_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.labels) == 0:

@@ -41,7 +41,12 @@ def load(cfg) -> Source:
             if col not in schema.names:
                 raise UserError(f"data.dataset: {f} has no column {col!r} (columns: {', '.join(schema.names)}); "
                                 f"set data.image_column / data.label_column")
+        with_domains = cfg.partition == "domain" or cfg.test_domain is not None
+        if with_domains and cfg.domain_column not in schema.names:
+            raise UserError(f"data.dataset: {f} has no column {cfg.domain_column!r} for data.partition: domain "
+                            f"(columns: {', '.join(schema.names)}); set data.domain_column")
         cols = [cfg.label_column] + (["class_name"] if "class_name" in schema.names else [])
+        cols += [cfg.domain_column] if with_domains else []
         try:
             tables.append(pq.read_table(f, columns=cols))
         except (pa.ArrowInvalid, OSError) as err:
@@ -65,6 +70,11 @@ def load(cfg) -> Source:
     else:
         raise UserError(f"data.dataset: column {cfg.label_column!r} must hold ints or class names, "
                         f"not {raw.dtype}")
+    domains = domain_names = None
+    if cfg.partition == "domain" or cfg.test_domain is not None:
+        names_, inverse = np.unique(np.asarray(table.column(cfg.domain_column).to_pylist(), dtype=str),
+                                    return_inverse=True)
+        domain_names, domains = [str(x) for x in names_], inverse.astype(np.int64)
     image_column = cfg.image_column
 
     def to_ray():
@@ -73,4 +83,4 @@ def load(cfg) -> Source:
         ds = ray.data.read_parquet(files, columns=[image_column], include_paths=True)
         return ds.rename_columns({image_column: "image", "path": "key"})
 
-    return Source(str(cfg.dataset), labels, names, f"parquet-{h.hexdigest()[:16]}", to_ray)
+    return Source(str(cfg.dataset), labels, names, f"parquet-{h.hexdigest()[:16]}", to_ray, domains, domain_names)
