@@ -46,7 +46,10 @@ def test_flat_has_every_dotted_key():
     ("federation.fraction=0", "federation.fraction"),
     ("federation.fraction=1.5", "federation.fraction"),
     ("data.partition=random", "data.partition"),
-    ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: cachefl, fedclip, zeroshot"),
+    ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: cachefl, fedavg_full, "
+                             "fedclip, flora, local_only, tip_adapter, zeroshot"),
+    ("method.lora_rank=0", "method.lora_rank: Input should be greater than or equal to 1"),
+    ("method.local_model=both", "method.local_model: Input should be 'cache' or 'adapter'"),
     ("seed.x=1", "seed: Input should be a valid integer"),
 ])
 def test_bad_values_name_the_key(override, names):
