@@ -163,9 +163,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = Table(title=f"raycache compare: {args.experiment}")
     for i, h in enumerate(HEADER):
         table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row.cells())
-    Console().print(table)
+    for row in rows:  # exact numbers are in the logged comparison.csv; here, readable ones
+        cells = row.cells()
+        cells[5], cells[6] = _fmt_bytes(row.bytes_total), f"{row.trainable_params:,.0f}"
+        table.add_row(*cells)
+    console = Console()
+    Console(width=max(console.width, 120)).print(table)  # never truncate a method name in a pipe or log
     print(f"plots and table logged to MLflow run {run.run_id}: {run.ui_hint()}")
     return 0
 
