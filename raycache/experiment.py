@@ -14,11 +14,11 @@ from typing import Callable
 import numpy as np
 
 from raycache.config import ExperimentConfig, check_cache_size, dump_config
-from raycache.errors import UserError
 from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import stratified_split
+from raycache.errors import UserError
 from raycache.methods import method_class, with_defaults
 from raycache.models.clip import ModelSpec, check_spec
 
@@ -170,7 +170,7 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
                      "distinct_images": len(y), "num_classes": len(source.class_names),
                      "train_samples": len(splits.train), "test_samples": len(splits.test)})
 
-    cache_f, cache_y = f[splits.server], y[splits.server]  # empty unless the method builds a real cache
+    cache_f, cache_y = f[splits.server], y[splits.server]  # the server's labelled hold-out
     if prep.uses_cache:
         stage(f"building the cache source ({cfg.method.cache_init})")
         t = time.perf_counter()
