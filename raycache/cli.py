@@ -1,4 +1,4 @@
-"""`raycache run CONFIG [--set key=value ...]` and `raycache ui`. A user's mistake exits 2 with one line."""
+"""`raycache run | synth | sweep | compare | ui`. A user's mistake exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("config", help="experiment YAML file (its synth section and dataset classes)")
     synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a dotted config key, e.g. --set synth.per_class=4 (repeatable)")
+    sweep = sub.add_parser("sweep", help="a Ray Tune sweep: one experiment per trial, nested MLflow runs")
+    sweep.add_argument("config", help="sweep YAML file (name, base experiment, space)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the base experiment, e.g. --set federation.rounds=1 (repeatable)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    sweep.add_argument("--address", default=None, help="Ray address to join (e.g. auto); default: local Ray")
     cmp = sub.add_parser("compare", help="compare the methods of one MLflow experiment (table + plots)")
     cmp.add_argument("experiment", help="MLflow experiment name (tracking.experiment)")
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
@@ -173,6 +179,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from raycache.sweep.runner import run_sweep
+    from raycache.sweep.space import load_sweep
+
+    sweep, base = load_sweep(args.config, args.overrides)
+    quiet_libraries()
+    print(f"sweep {sweep.name}: {len(sweep.space)} keys, scheduler {sweep.scheduler}, up to {sweep.max_concurrent} "
+          f"trials at once", file=sys.stderr)
+    result = run_sweep(sweep, base, resume=args.resume, address=args.address)
+    table = Table(title=f"raycache sweep: {sweep.name}")
+    for h in ["trial", *sweep.space, sweep.metric, "status"]:
+        table.add_column(h)
+    for t in result.trials:
+        table.add_row(t["trial"], *(str(t["params"].get(k, "")) for k in sweep.space),
+                      "" if t["metric"] is None else f"{t['metric']:.4f}", t["status"])
+    console = Console()
+    Console(width=max(console.width, 120)).print(table)
+    if result.best is not None:
+        print(f"best: {result.best['trial']} {sweep.metric}={result.best['metric']:.4f} {result.best['params']}")
+    failed = [t for t in result.trials if t["status"] == "FAILED"]
+    for t in failed:
+        print(f"failed: {t['trial']}: {t['failure_reason']}", file=sys.stderr)
+    print(f"parent MLflow run {result.parent_run_id} (children nested under it)")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from raycache.tracking import tracking_uri
 
@@ -184,7 +219,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "synth": cmd_synth, "compare": cmd_compare, "ui": cmd_ui}
+        commands = {"run": cmd_run, "synth": cmd_synth, "sweep": cmd_sweep, "compare": cmd_compare, "ui": cmd_ui}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -225,7 +225,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _yaml(text: str) -> Any:
+def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -236,7 +236,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise UserError(f"--set {item!r}: expected key=value, e.g. --set data.alpha=0.1")
     try:
-        value = _yaml(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -253,12 +253,12 @@ def apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _known_keys(ann, f"{prefix}{name}.")
+            keys += known_keys(ann, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
     return keys
@@ -270,7 +270,7 @@ def _one_line(err: ValidationError) -> str:
     if not loc:  # a cross-field check: its message names the keys
         return e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, _known_keys(ExperimentConfig), n=1)
+        close = difflib.get_close_matches(loc, known_keys(ExperimentConfig), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         return f"{loc}: unknown config key{hint}"
     msg = e["msg"].removeprefix("Value error, ")
@@ -296,7 +296,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            loaded = _yaml(p.read_text())
+            loaded = read_yaml(p.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

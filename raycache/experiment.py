@@ -108,14 +108,15 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 
 
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
-                   on_stage: Callable[[str], None] | None = None) -> Summary:
+                   on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None) -> Summary:
+    """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id)."""
     stage = on_stage or (lambda s: None)
     prep = prepare(cfg)  # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
 
     from raycache.tracking import Run
 
     run = Run(prep.cfg.tracking.experiment, prep.cfg.tracking.run_name,
-              tags={"raycache.method": prep.cfg.method.name})
+              tags={"raycache.method": prep.cfg.method.name, **(tags or {})})
     try:
         summary = _run(prep, run, on_round, stage)
     except BaseException as err:

@@ -27,6 +27,19 @@ class Run:
         self.run_id = run.info.run_id
         self.run_name = run.info.run_name
 
+    @classmethod
+    def reopen(cls, run_id: str) -> "Run":
+        """An existing run, set RUNNING again (a resumed sweep's parent)."""
+        from mlflow.tracking import MlflowClient
+
+        self = cls.__new__(cls)
+        self.uri = tracking_uri()
+        self.client = MlflowClient(self.uri)
+        run = self.client.get_run(run_id)
+        self.run_id, self.run_name, self.experiment_id = run_id, run.info.run_name, run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        return self
+
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 

@@ -12,7 +12,8 @@ from raycache.experiment import prepare
 from raycache.methods import method_class
 from raycache.models.clip import ModelSpec, check_spec
 
-CONFIGS = sorted(Path("experiments").rglob("*.yaml"))
+CONFIGS = sorted(p for p in Path("experiments").rglob("*.yaml") if "sweeps" not in p.parts)
+SWEEPS = sorted(Path("experiments/sweeps").glob("*.yaml"))
 PAPER = [p for p in CONFIGS if "paper" in p.parts]
 
 
@@ -30,6 +31,24 @@ def test_config_validates(path):
     assert cfg.method.name in {"zeroshot", "cachefl", "fedclip", "flora", "local_only", "tip_adapter",
                                "fedavg_full"}
     method_class(cfg.method.name)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=str)
+def test_sweep_file_validates(path):
+    from raycache.sweep.space import load_sweep
+
+    sweep, base = load_sweep(path)
+    assert sweep.space and base
+
+
+def test_the_mission_sweep_is_the_mission():
+    from raycache.sweep.space import grid_points, load_sweep
+
+    sweep, _ = load_sweep("experiments/sweeps/mission.yaml")
+    points = grid_points(sweep.space)
+    assert len(points) == 27
+    assert {p["data.clients"] for p in points} == {10, 50, 100} and {p["method.shots"] for p in points} == {1, 4, 16}
+    assert {p["data.alpha"] for p in points} == {0.1, 0.5, 1.0}
 
 
 def test_paper_settings_are_the_published_ones():

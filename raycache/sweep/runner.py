@@ -1,0 +1,217 @@
+"""Run a sweep on Ray Tune: one full federated experiment per trial, a nested MLflow run per trial under
+one parent run per sweep, and resume of an interrupted sweep.
+
+- Shared inputs are made once, before any trial: the driver encodes the features every trial will read
+  (the feature store is keyed by model and dataset), so no trial re-encodes.
+- Each trial reserves its client actors with a placement group (Tune captures the actors a trial starts
+  into its group), so concurrent trials never oversubscribe the cluster.
+- Each trial reports every round through `tune.report`, so ASHA can stop weak trials by round.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raycache.config import ExperimentConfig, apply_override, build_config
+from raycache.errors import UserError
+from raycache.sweep.space import SweepConfig, grid_points, tune_space
+
+PARENT_FILE = "raycache_sweep.json"
+
+
+def _absolute_paths(tree: dict) -> dict:
+    """Trials run with their own working directory: make the base's relative paths absolute."""
+    tree = copy.deepcopy(tree)
+    runtime = tree.setdefault("runtime", {})
+    runtime["cache_dir"] = str(Path(runtime.get("cache_dir", ".raycache")).resolve())
+    data = tree.setdefault("data", {})
+    if "dataset" in data and Path(str(data["dataset"])).exists():
+        data["dataset"] = str(Path(data["dataset"]).resolve())
+    return tree
+
+
+def trial_config(base: dict, params: dict[str, Any], run_name: str) -> ExperimentConfig:
+    tree = copy.deepcopy(base)
+    for key, value in params.items():
+        apply_override(tree, key, value)
+    apply_override(tree, "tracking.run_name", run_name)
+    return build_config(tree)
+
+
+def trial_resources(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """Placement-group bundles of one trial: its driver, then one bundle per client actor."""
+    rt = cfg.runtime
+    host = {"CPU": rt.client_cpus, **({"GPU": rt.client_gpus} if rt.client_gpus else {})}
+    return [{"CPU": 0.01}] + [dict(host) for _ in range(min(rt.client_actors, cfg.data.clients))]
+
+
+def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, metric: str) -> None:
+    from ray import tune
+
+    from raycache.experiment import run_experiment
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    name = tune.get_context().get_trial_name()
+    tags = {"mlflow.parentRunId": parent_run_id, "raycache.trial": name, "raycache.sweep_params": json.dumps(params)}
+
+    def report(round_idx: int, metrics: dict[str, float]) -> None:
+        tune.report({**metrics, "round": round_idx})
+
+    try:
+        run_experiment(trial_config(base, params, name), on_round=report, tags=tags)
+    except Exception as err:
+        _record_early_failure(err, name, base, tags)
+        raise
+
+
+def _record_early_failure(err: Exception, name: str, base: dict, tags: dict[str, str]) -> None:
+    """A trial that failed before its experiment opened an MLflow run (e.g. 5,000 clients for 1,400
+    samples) still gets a FAILED child run with the reason, so the parent shows every trial."""
+    from mlflow.tracking import MlflowClient
+
+    from raycache.tracking import Run
+
+    experiment = base.get("tracking", {}).get("experiment", "raycache")
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None and client.search_runs([exp.experiment_id], f"tags.`raycache.trial` = '{name}' and "
+                                              f"tags.`mlflow.parentRunId` = '{tags['mlflow.parentRunId']}'"):
+        return  # the experiment's own run already records the failure
+    run = Run(experiment, name, tags=tags)
+    run.finish(err)
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    trials: list[dict[str, Any]]  # params, status, final metric, run id
+    best: dict[str, Any] | None
+
+
+def _encode_shared_inputs(base: dict, sweep: SweepConfig) -> None:
+    """Encode, in the driver, the features of every model/dataset the trials can use."""
+    from raycache.data.features import load_or_encode
+    from raycache.experiment import prepare
+    from raycache.federation.runtime import ensure_ray
+
+    keys = [k for k in sweep.space if k.startswith("model.") or k.split(".")[-1] in ("dataset", "image_column",
+                                                                                     "label_column")]
+    combos = grid_points({k: {"grid": next(iter(sweep.space[k].values()))} for k in keys}) if keys else [{}]
+    for combo in combos:
+        cfg = trial_config(base, combo, "encode")
+        prep = prepare(cfg)
+        ensure_ray(cfg.runtime)
+        load_or_encode(prep.source, prep.spec, cfg.runtime)
+
+
+def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str | None = None) -> SweepResult:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's verbose=0 then prints nothing: the CLI reports
+    import ray
+    from ray import tune
+
+    from raycache.tracking import Run, tracking_uri
+
+    base = _absolute_paths(base)
+    if address is not None:
+        apply_override(base, "runtime.address", address)
+    cfg = build_config(base)
+    storage = Path(cfg.runtime.cache_dir) / "sweeps"
+    folder = storage / sweep.name
+    state_file = folder / PARENT_FILE
+    if resume and not state_file.is_file():
+        raise UserError(f"--resume: no sweep {sweep.name!r} to resume under {storage}")
+    if not resume and folder.exists():
+        raise UserError(f"name: sweep {sweep.name!r} already exists under {storage}; pass --resume to continue it "
+                        f"or choose another name")
+    from raycache.experiment import prepare
+    from raycache.federation.runtime import ensure_ray
+
+    prepare(cfg)  # the base's own mistakes fail before Ray starts
+    ensure_ray(cfg.runtime)
+    bundles = trial_resources(cfg)
+    need = sum(b.get("CPU", 0) for b in bundles)
+    have = ray.cluster_resources().get("CPU", 0)
+    if cfg.runtime.address is None and need > have + 1e-9:
+        raise UserError(f"runtime.client_actors: one trial needs {need:g} CPUs (its driver plus "
+                        f"{len(bundles) - 1} client actors x {cfg.runtime.client_cpus:g}), the cluster has {have:g}")
+    _encode_shared_inputs(base, sweep)
+
+    uri = tracking_uri()
+    if resume:
+        parent = Run.reopen(json.loads(state_file.read_text())["parent_run_id"])
+    else:
+        parent = Run(cfg.tracking.experiment, sweep.name, tags={"raycache.kind": "sweep"})
+        parent.log_params({"sweep." + k: json.dumps(v) for k, v in sweep.space.items()})
+        parent.log_params({"sweep.scheduler": sweep.scheduler, "sweep.metric": sweep.metric,
+                           "sweep.num_samples": sweep.num_samples})
+        folder.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"parent_run_id": parent.run_id}))
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=base, parent_run_id=parent.run_id, uri=uri, metric=sweep.metric),
+            tune.PlacementGroupFactory(bundles))
+        if resume and tune.Tuner.can_restore(str(folder)):
+            tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=False,
+                                       restart_errored=False, resume_unfinished=True)
+        else:
+            scheduler = None
+            if sweep.scheduler == "asha":
+                scheduler = tune.schedulers.ASHAScheduler(time_attr="round", max_t=cfg.federation.rounds,
+                                                          grace_period=min(sweep.grace_rounds, cfg.federation.rounds))
+            tuner = tune.Tuner(
+                trainable, param_space=tune_space(sweep.space),
+                tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                                            num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
+                                            trial_name_creator=lambda t: f"{sweep.name}-{t.trial_id}",
+                                            trial_dirname_creator=lambda t: f"{sweep.name}-{t.trial_id}"),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+        tuner.fit()
+        result = summarise(parent, sweep)
+    except BaseException as err:
+        parent.finish(err)
+        raise
+    parent.finish()
+    return result
+
+
+def summarise(parent, sweep: SweepConfig) -> SweepResult:
+    """The parent's record of its children: a table, the best trial, a heatmap over the two most-swept keys."""
+    from raycache.sweep.summary import heatmap, trial_table
+
+    children = parent.client.search_runs([parent.experiment_id],
+                                         f"tags.`mlflow.parentRunId` = '{parent.run_id}'", max_results=10000)
+    trials = []
+    for run in children:
+        if run.info.status == "RUNNING":  # its trial was stopped (e.g. by ASHA): it ended, not failed
+            parent.client.set_tag(run.info.run_id, "stopped_by", "scheduler")
+            parent.client.set_terminated(run.info.run_id, "KILLED")
+            run = parent.client.get_run(run.info.run_id)
+        params = json.loads(run.data.tags.get("raycache.sweep_params", "{}"))
+        trials.append({"trial": run.data.tags.get("raycache.trial", run.info.run_name), "run_id": run.info.run_id,
+                       "status": run.info.status, "params": params,
+                       "metric": run.data.metrics.get(sweep.metric),
+                       "failure_reason": run.data.tags.get("failure_reason", ""), "start": run.info.start_time})
+    # A trial interrupted and resumed has an earlier, unfinished run: keep its finished (or latest) one.
+    latest: dict[str, dict[str, Any]] = {}
+    for t in sorted(trials, key=lambda t: (t["status"] == "FINISHED", t["start"])):
+        latest[t["trial"]] = t
+    trials = sorted(latest.values(), key=lambda t: t["trial"])
+    done = [t for t in trials if t["metric"] is not None and t["status"] == "FINISHED"]
+    best = (max if sweep.mode == "max" else min)(done, key=lambda t: t["metric"]) if done else None
+    parent.log_text(trial_table(trials, list(sweep.space), sweep.metric), "trials.csv")
+    fig = heatmap(trials, sweep.space, sweep.metric)
+    if fig is not None:
+        parent.client.log_figure(parent.run_id, fig, "heatmap.png")
+    parent.log_metrics({"trials": len(trials), "trials_failed": sum(t["status"] == "FAILED" for t in trials),
+                        "trials_finished": len(done)})
+    if best is not None:
+        parent.log_metrics({f"best_{sweep.metric}": best["metric"]})
+        parent.set_tags({"best_run_id": best["run_id"], "best_trial": best["trial"],
+                         "best_params": json.dumps(best["params"])})
+    return SweepResult(parent.run_id, trials, best)

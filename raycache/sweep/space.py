@@ -1,0 +1,147 @@
+"""A sweep file: a base experiment, overrides, and a search space over dotted config keys.
+
+    name: cachefl-quick             # the parent MLflow run and the Tune experiment folder
+    base: ../quickstart.yaml        # an experiment config, relative to this file
+    set: [federation.rounds=2]      # overrides on the base
+    metric: accuracy                # reported every round; the best trial maximises (mode: max) it
+    scheduler: fifo                 # or asha: stop weak trials by round
+    max_concurrent: 2
+    space:
+      data.alpha: {grid: [0.1, 0.5, 1.0]}
+      method.lr: {loguniform: [1.0e-4, 1.0e-2]}
+
+Every value a search type can produce is checked against the experiment config's types before anything
+runs: an unknown key, an empty grid, or a type that cannot fit the key exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from raycache.config import ExperimentConfig, apply_override, build_config, known_keys, parse_override, read_yaml
+from raycache.errors import UserError
+
+SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="sweep name (folder-safe)")
+    base: str = Field(description="base experiment YAML, relative to the sweep file")
+    set: list[str] = Field([], description="key=value overrides on the base experiment")
+    metric: str = Field("accuracy", description="per-round metric the scheduler and the best trial use")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_rounds: int = Field(1, ge=1, description="asha: rounds every trial runs before it can be stopped")
+    num_samples: int = Field(1, ge=1, description="repeats of the grid; random types draw anew each time")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once (each reserves its actors)")
+    space: dict[str, dict[str, list[Any]]] = Field(min_length=1, description="dotted key -> {type: values}")
+
+    @field_validator("space")
+    @classmethod
+    def _one_type_each(cls, v: dict) -> dict:
+        for key, spec in v.items():
+            if len(spec) != 1 or next(iter(spec)) not in SEARCH_TYPES:
+                raise ValueError(f"space.{key}: give exactly one search type of {', '.join(SEARCH_TYPES)}")
+        return v
+
+
+def _check_key(key: str) -> None:
+    known = known_keys(ExperimentConfig)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        raise UserError(f"space.{key}: unknown config key{f' (did you mean {close[0]}?)' if close else ''}")
+
+
+def _fits(base: dict, key: str, value: Any) -> None:
+    tree = copy.deepcopy(base)
+    apply_override(tree, key, value)
+    try:
+        build_config(tree)
+    except UserError as err:
+        raise UserError(f"space.{key}: {value!r} does not fit ({str(err).removeprefix('config error: ')})") from None
+
+
+def check_space(space: dict[str, dict[str, list]], base: dict) -> None:
+    """Every key exists and every value its search type can produce validates as that key."""
+    for key, spec in space.items():
+        _check_key(key)
+        kind, values = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            if not values:
+                raise UserError(f"space.{key}: empty {kind}")
+            for v in values:
+                _fits(base, key, v)
+            continue
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise UserError(f"space.{key}: {kind} takes [low, high] numbers, got {values!r}")
+        low, high = values
+        if not low < high:
+            raise UserError(f"space.{key}: {kind} needs low < high, got [{low}, {high}]")
+        if kind == "loguniform" and low <= 0:
+            raise UserError(f"space.{key}: loguniform needs low > 0, got {low}")
+        samples = [int(low), int(high) - 1] if kind == "randint" else [float(low), float(high)]
+        for v in samples:
+            try:
+                _fits(base, key, v)
+            except UserError:
+                what = "integers" if kind == "randint" else "floats"
+                raise UserError(f"space.{key}: {kind} draws {what}, which {key} does not take "
+                                f"(use {'grid or choice' if kind == 'randint' else 'randint, grid or choice'})"
+                                ) from None
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, dict]:
+    """(sweep config, base experiment tree with the sweep's and the command line's overrides applied)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"sweep file not found: {p}")
+    try:
+        raw = read_yaml(p.read_text())
+    except Exception:  # noqa: BLE001 (yaml errors of every kind are the user's file)
+        raise UserError(f"{p}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: expected a mapping with name, base and space")
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        raise UserError(f"sweep error: {msg}" if msg.startswith("space.") else f"sweep error: {loc}: {msg}") from None
+    base_path = (p.parent / sweep.base).resolve()
+    if not base_path.is_file():
+        raise UserError(f"base: experiment file {base_path} not found")
+    tree = read_yaml(base_path.read_text()) or {}
+    for item in [*sweep.set, *overrides]:
+        apply_override(tree, *parse_override(item))
+    build_config(tree)  # the base itself must be valid
+    check_space(sweep.space, tree)
+    return sweep, tree
+
+
+def grid_points(space: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
+    """The grid keys' cartesian product (one empty point if there is no grid)."""
+    grid = {k: v["grid"] for k, v in space.items() if "grid" in v}
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def tune_space(space: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """The space as Ray Tune search objects, keyed by the dotted config key."""
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+def most_swept(space: dict[str, dict[str, list]], trials: list[dict[str, Any]]) -> list[str]:
+    """Keys ordered by how many distinct values the trials took (for the heatmap's axes)."""
+    return sorted(space, key=lambda k: -len({repr(t.get(k)) for t in trials}))

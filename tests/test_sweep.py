@@ -1,0 +1,131 @@
+"""Sweeps: the space is checked before anything runs, and a real Ray Tune sweep nests one MLflow run per
+trial under one parent, records a failing trial as FAILED and goes on."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from raycache.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_file(tmp_path: Path, space: dict, **extra) -> Path:
+    body = {"name": extra.pop("name", "s"), "base": str(ROOT / "experiments/quickstart.yaml"),
+            "set": ["federation.rounds=1", "data.clients=4", "runtime.client_actors=1", "runtime.client_cpus=0.95",
+                    "tracking.experiment=sweep-test", f"runtime.cache_dir={tmp_path / 'store'}"],
+            "space": space, **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize("space, expect", [
+    ({"data.clinets": {"grid": [2]}}, "space.data.clinets: unknown config key (did you mean data.clients?)"),
+    ({"data.alpha": {"grid": []}}, "space.data.alpha: empty grid"),
+    ({"data.clients": {"uniform": [2, 5]}}, "space.data.clients: uniform draws floats, which data.clients does "
+                                             "not take"),
+    ({"method.name": {"choice": ["cachefl", "nope"]}}, "space.method.name: 'nope' does not fit (method.name: "
+                                                        "unknown method 'nope'"),
+    ({"method.lr": {"loguniform": [0, 1]}}, "space.method.lr: loguniform needs low > 0"),
+    ({"data.alpha": {"grid": [0.1], "choice": [1]}}, "space.data.alpha: give exactly one search type"),
+])
+def test_bad_space_is_one_line_exit_2(tmp_path, capsys, space, expect):
+    code = main(["sweep", str(sweep_file(tmp_path, space))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+def test_a_trial_larger_than_the_cluster_is_refused(tmp_path, capsys, ray_session, mlflow_uri):
+    path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.5]}})
+    code = main(["sweep", str(path), "--set", "runtime.client_actors=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: runtime.client_actors: one trial needs 2.86 CPUs"), err
+
+
+def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path, capsys, ray_session, mlflow_uri):
+    # data.clients=5000 passes the type check but cannot be partitioned: that trial fails, the others run
+    path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.1, 1.0]}, "data.clients": {"grid": [4, 5000]}},
+                      name="nested", max_concurrent=2)
+    assert main(["sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    parent = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
+              if r.info.run_name == "nested"][0]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    by_params = {tuple(sorted(json.loads(c.data.tags["raycache.sweep_params"]).items())): c for c in children}
+    for alpha in (0.1, 1.0):
+        ok = by_params[(("data.alpha", alpha), ("data.clients", 4))]
+        assert ok.info.status == "FINISHED" and ok.data.params["data.alpha"] == str(alpha)
+        assert [m.step for m in client.get_metric_history(ok.info.run_id, "accuracy")] == [0, 1]
+        bad = by_params[(("data.alpha", alpha), ("data.clients", 5000))]
+        assert bad.info.status == "FAILED" and "5000 clients but only" in bad.data.tags["failure_reason"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == 4 and parent.data.metrics["trials_failed"] == 2
+    best = max((c for c in children if c.info.status == "FINISHED"), key=lambda c: c.data.metrics["accuracy"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "heatmap.png"} <= artifacts
+    assert "best:" in out
+    # the features were encoded once, by the driver: no trial encoded
+    assert all(c.data.metrics.get("features_encoded", 0) == 0 for c in children if c.info.status == "FINISHED")
+    # running the same sweep again without --resume would mix two sweeps: refused
+    assert main(["sweep", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, mlflow_uri):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.1, 0.5, 1.0]}}, name="resumable", max_concurrent=1)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    cmd = [sys.executable, "-m", "raycache", "sweep", str(path)]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = MlflowClient(mlflow_uri)
+
+    def children(status=None):
+        exp = client.get_experiment_by_name("sweep-test")
+        if exp is None:
+            return []
+        parents = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
+                   if r.info.run_name == "resumable"]
+        if not parents:
+            return []
+        runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        return [r for r in runs if status is None or r.info.status == status]
+
+    try:
+        deadline = time.time() + 300
+        while not children("FINISHED") and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+        assert children("FINISHED"), proc.stdout.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        proc.send_signal(signal.SIGINT)  # the user presses Ctrl-C mid-sweep
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done_before = {r.data.tags["raycache.trial"]: r.info.run_id for r in children("FINISHED")}
+    assert 1 <= len(done_before) < 3
+    resumed = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finished = children("FINISHED")
+    trials = {r.data.tags["raycache.trial"] for r in finished}
+    assert len(trials) == 3  # every grid point finished once in the end
+    for trial, run_id in done_before.items():  # finished trials were not run again
+        assert [r.info.run_id for r in finished if r.data.tags["raycache.trial"] == trial] == [run_id]
+    exp = client.get_experiment_by_name("sweep-test")
+    parent = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
+              if r.info.run_name == "resumable"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"  # the same parent, finished on resume
+    assert parent[0].data.metrics["trials"] == 3 and parent[0].data.metrics["trials_finished"] == 3
