@@ -197,7 +197,7 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
         parts = [np.sort(np.concatenate(parts))]
     history: list[dict[str, float]] = []
     with Federation(cfg, task, train, parts, test, (cache_f, cache_y), prep.counts) as fed:
-        run.log_metrics(fed.info())
+        run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes))})  # nodes the client actors span
         initial = fed.evaluate()
         run.log_metrics(initial, step=0)
         timings["time_actors_s"] = time.perf_counter() - t

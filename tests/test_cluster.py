@@ -39,3 +39,71 @@ def test_the_schema_check_catches_a_bad_key():
     bad["available_node_types"]["gpu_worker"]["min_wokers"] = 1
     with pytest.raises(jsonschema.ValidationError, match="min_wokers"):
         validated(bad)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_nodes(tmp_path_factory):
+    """A real two-node Ray cluster on this machine: a head and a worker, each with 2 CPUs and its own
+    temp dir. Everything it starts is stopped at the end (only its own processes, found by temp dir)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root = tmp_path_factory.mktemp("cluster", numbered=True)
+    head_dir, worker_dir = root / "h", root / "w"
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = str(Path(__import__("sys").executable).with_name("ray"))
+    started = []
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                        f"--temp-dir={head_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=120)
+        started.append(head_dir)
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--num-gpus=0",
+                        f"--temp-dir={worker_dir}", "--resources={\"worker_node\": 1}", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=120)
+        started.append(worker_dir)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for _ in range(2):  # SIGTERM, then SIGKILL what is left: only processes of this cluster's temp dirs
+            out = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+            for pid in out:
+                try:
+                    os.kill(int(pid), signal.SIGTERM if _ == 0 else signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3)
+        assert not subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+
+
+def test_an_experiment_spreads_its_client_actors_over_two_nodes(two_nodes, tmp_path, mlflow_uri):
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    # 2 client actors of 2 CPUs each on two 2-CPU nodes: one lands on each node
+    cmd = [sys.executable, "-m", "raycache", "run", str(Path(__file__).resolve().parents[1] / "experiments/quickstart.yaml"),
+           "--set", f"runtime.address={two_nodes}", "--set", "runtime.client_actors=2", "--set", "runtime.client_cpus=2",
+           "--set", "runtime.encoder_cpus=1", "--set", "federation.rounds=1", "--set", "data.clients=4",
+           "--set", "tracking.experiment=two-nodes", "--set", f"runtime.cache_dir={tmp_path / 'store'}"]
+    done = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("two-nodes")
+    run = client.search_runs([exp.experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["client_nodes"] == 2  # the hosts ran on both nodes
+    assert run.data.params["runtime.address"] == two_nodes

@@ -96,5 +96,8 @@ class ClientHost:
                 out[cid] = shared
         return out
 
-    def ping(self) -> bool:
-        return True
+    def node(self) -> str:
+        """The Ray node this host runs on (answers once the host has started)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

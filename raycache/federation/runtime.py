@@ -16,6 +16,7 @@ class Federation:
         """`train` holds the inputs the method trains on (features, or images), `parts` each trainer's rows
         of it (one pooled trainer for a centralised method), `class_counts` the clients' label mixes."""
         self.hosts: list = []
+        self.nodes: list[str] = []
         self.server = None
         try:
             self._start(cfg, task, train, parts, test, server_data, class_counts)
@@ -43,7 +44,7 @@ class Federation:
         server_cls = ray.remote(Server).options(num_cpus=0)
         self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, test_ref, server_data,
                                         class_counts, self.hosts, len(parts), cfg.federation.fraction, cfg.seed)
-        ray.get([h.ping.remote() for h in self.hosts])
+        self.nodes: list[str] = ray.get([h.node.remote() for h in self.hosts])  # waits until all have started
 
     def info(self) -> dict[str, int]:
         import ray
