@@ -56,34 +56,50 @@ def two_nodes(tmp_path_factory):
     import os
     import signal
     import subprocess
+    import sys
     import time
 
     root = tmp_path_factory.mktemp("cluster", numbered=True)
     head_dir, worker_dir = root / "h", root / "w"
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_bin = str(Path(__import__("sys").executable).with_name("ray"))
-    started = []
+    # Teardown finds exactly this cluster's processes (Ray renames them, so their command lines do not
+    # name the temp dir), never the test session's own Ray: `ray stop` would stop that one too.
+    marker = f"RAYCACHE_TEST_CLUSTER={root}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAYCACHE_TEST_CLUSTER": str(root)}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+
+    def ours() -> list[int]:
+        """Processes with the marker in their environment, or a file open under the cluster's temp dirs
+        (Ray's agents get a fresh environment, but they log there)."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if marker.encode() in (proc / "environ").read_bytes().split(b"\0") or any(
+                        os.readlink(fd).startswith(str(root)) for fd in (proc / "fd").iterdir()):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+        return pids
+
     try:
         subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
                         f"--temp-dir={head_dir}", "--include-dashboard=false", "--disable-usage-stats"],
                        check=True, env=env, capture_output=True, timeout=120)
-        started.append(head_dir)
         subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--num-gpus=0",
                         f"--temp-dir={worker_dir}", "--resources={\"worker_node\": 1}", "--disable-usage-stats"],
                        check=True, env=env, capture_output=True, timeout=120)
-        started.append(worker_dir)
         yield f"127.0.0.1:{port}"
     finally:
-        for _ in range(2):  # SIGTERM, then SIGKILL what is left: only processes of this cluster's temp dirs
-            out = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
-            for pid in out:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in ours():
                 try:
-                    os.kill(int(pid), signal.SIGTERM if _ == 0 else signal.SIGKILL)
+                    os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             time.sleep(3)
-        assert not subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+        assert not ours(), "processes of the test cluster survived"
 
 
 def test_an_experiment_spreads_its_client_actors_over_two_nodes(two_nodes, tmp_path, mlflow_uri):
