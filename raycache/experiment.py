@@ -103,6 +103,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     t = time.perf_counter()
     task, model, transform = _text_task(spec, source.class_names, cfg.model.templates)  # loads the weights
     method.check(cfg.method, model, spec)  # what the method needs from the model, before any compute
+    if cfg.runtime.address:  # an unreachable cluster is the user's to fix, before a run is opened
+        from raycache.federation.runtime import check_reachable
+
+        check_reachable(cfg.runtime.address)
     return Prepared(cfg, spec, source, splits, parts, counts, task, transform, synth_store, uses_cache,
                     method.uses_pixels(cfg.method), {"time_text_s": time.perf_counter() - t})
 

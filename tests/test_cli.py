@@ -100,3 +100,29 @@ def test_actors_that_cannot_fit_fail_instead_of_hanging(capsys, ray_session, mlf
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("toobig").experiment_id])
     assert run.info.status == "FAILED" and "runtime.client_cpus" in run.data.tags["failure_reason"]
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_an_unreachable_ray_address_is_one_line_exit_2(command, tmp_path):
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [QUICK, "--set", f"runtime.address=127.0.0.1:{port}"] if command == "run" else \
+        ["experiments/sweeps/quick.yaml", "--address", f"127.0.0.1:{port}",
+         "--set", f"runtime.cache_dir={tmp_path / 'store'}"]
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "raycache", command, *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 2, done.stderr[-1500:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [f"error: runtime.address: cannot reach Ray at '127.0.0.1:{port}' (Connection refused)"]
+    assert time.perf_counter() - t < 120  # not Ray's minutes of retries
+    if command == "run":  # refused before any MLflow run was opened
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

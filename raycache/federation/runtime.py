@@ -95,6 +95,23 @@ def check_fits(prefix: str, actors: int, cpus: float, gpus: float) -> None:
                             f"the Ray cluster has {have.get(what, 0.0):g}; use fewer actors or less per actor")
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A `host:port` (or `ray://host:port`) address must accept a TCP connection: Ray itself retries an
+    unreachable one for minutes before it gives up."""
+    import socket
+
+    from raycache.errors import UserError
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # `auto` and the like: Ray resolves them and fails fast itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"runtime.address: cannot reach Ray at {address!r} ({err.strerror or err})") from None
+
+
 def ensure_ray(runtime) -> bool:
     """Join `runtime.address`, or start a local Ray; returns True if this call started it."""
     import logging
@@ -109,6 +126,8 @@ def ensure_ray(runtime) -> bool:
     ctx.enable_progress_bars = sys.stderr.isatty()
     if ray.is_initialized():
         return False
+    if runtime.address:
+        check_reachable(runtime.address)
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         if runtime.address:
