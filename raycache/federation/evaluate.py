@@ -25,6 +25,7 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> 
 
 
 def client_accuracy(class_counts: np.ndarray, per_class_acc: np.ndarray) -> np.ndarray:
-    """(clients, classes) counts, (classes,) accuracy -> (clients,) expected accuracy on each client's mix."""
+    """(clients, classes) counts and per-class accuracy -> (clients,) expected accuracy on each client's mix.
+    `per_class_acc` is (classes,) for one shared model, or (clients, classes) when each client has its own."""
     share = class_counts / np.maximum(class_counts.sum(axis=1, keepdims=True), 1)
-    return share @ per_class_acc
+    return (share * per_class_acc).sum(axis=1)

@@ -43,8 +43,7 @@ class Server:
                 preds.update(part)
             per_class = np.stack([per_class_accuracy(preds[c], self.test_labels, n_classes)
                                   for c in range(len(self.class_counts))])  # (clients, classes)
-            share = self.class_counts / np.maximum(self.class_counts.sum(axis=1, keepdims=True), 1)
-            client_acc = (share * per_class).sum(axis=1)
+            client_acc = client_accuracy(self.class_counts, per_class)
             accuracy = float(np.mean([(preds[c] == self.test_labels).mean() for c in range(len(per_class))]))
         else:
             pred = predict(lambda x: self.method.logits(self.state, x), self.test_inputs, self.method.eval_batch)

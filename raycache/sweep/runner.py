@@ -93,8 +93,9 @@ class SweepResult:
     best: dict[str, Any] | None
 
 
-def _encode_shared_inputs(base: dict, sweep: SweepConfig) -> None:
-    """Encode, in the driver, the features of every model/dataset the trials can use."""
+def _encode_shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> None:
+    """Encode, in the driver, the features of every model/dataset the trials can use (`base_prep`: the
+    base config, already prepared)."""
     from raycache.data.features import load_or_encode
     from raycache.experiment import prepare
     from raycache.federation.runtime import ensure_ray
@@ -104,7 +105,7 @@ def _encode_shared_inputs(base: dict, sweep: SweepConfig) -> None:
     combos = grid_points({k: {"grid": next(iter(sweep.space[k].values()))} for k in keys}) if keys else [{}]
     for combo in combos:
         cfg = trial_config(base, combo, "encode")
-        prep = prepare(cfg)
+        prep = prepare(cfg) if combo else base_prep
         ensure_ray(cfg.runtime)
         load_or_encode(prep.source, prep.spec, cfg.runtime)
 
@@ -131,7 +132,7 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
     from raycache.experiment import prepare
     from raycache.federation.runtime import ensure_ray
 
-    prepare(cfg)  # the base's own mistakes fail before Ray starts
+    base_prep = prepare(cfg)  # the base's own mistakes fail before Ray starts
     ensure_ray(cfg.runtime)
     bundles = trial_resources(cfg)
     need = sum(b.get("CPU", 0) for b in bundles)
@@ -139,7 +140,7 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
     if cfg.runtime.address is None and need > have + 1e-9:
         raise UserError(f"runtime.client_actors: one trial needs {need:g} CPUs (its driver plus "
                         f"{len(bundles) - 1} client actors x {cfg.runtime.client_cpus:g}), the cluster has {have:g}")
-    _encode_shared_inputs(base, sweep)
+    _encode_shared_inputs(base, sweep, base_prep)
 
     uri = tracking_uri()
     if resume:
