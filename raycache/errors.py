@@ -10,6 +10,15 @@ class UserError(Exception):
         super().__init__(message.replace("\n", " ").strip())
 
 
+class StopRun(Exception):
+    """Raised by a per-round callback to end a run early, cleanly (e.g. a sweep's scheduler stopped its
+    trial): the rounds done so far stay logged, and the run ends KILLED with `stopped_by` = reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def find_user_error(exc: BaseException) -> UserError | None:
     """Return the UserError behind `exc`, looking through Ray's wrappers and exception chains.
 

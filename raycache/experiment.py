@@ -18,7 +18,7 @@ from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import stratified_split
-from raycache.errors import UserError
+from raycache.errors import StopRun, UserError
 from raycache.methods import method_class, with_defaults
 from raycache.models.clip import ModelSpec, check_spec
 
@@ -40,6 +40,7 @@ class Summary:
     encoded: int
     distinct_images: int
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_by: str | None = None  # the reason a callback ended the run before its last round
 
     @property
     def comm_bytes(self) -> float:
@@ -112,8 +113,12 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 
 
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
-                   on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None) -> Summary:
-    """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id)."""
+                   on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
+                   shared: dict[str, np.ndarray] | None = None) -> Summary:
+    """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id).
+
+    `shared`: inputs another process already made, keyed by `shared_key` (a sweep's driver puts its
+    features and preprocessed images in the object store once; every trial reads them from there)."""
     stage = on_stage or (lambda s: None)
     prep = prepare(cfg)  # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
 
@@ -122,11 +127,14 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     run = Run(prep.cfg.tracking.experiment, prep.cfg.tracking.run_name,
               tags={"raycache.method": prep.cfg.method.name, **(tags or {})})
     try:
-        summary = _run(prep, run, on_round, stage)
+        summary = _run(prep, run, on_round, stage, shared or {})
     except BaseException as err:
         run.finish(err)
         raise
-    run.finish()
+    if summary.stopped_by is not None:
+        run.stop(summary.stopped_by)
+    else:
+        run.finish()
     return summary
 
 
@@ -140,8 +148,16 @@ def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str]):
     return task, model, transform
 
 
-def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[str], None]) -> Summary:
-    from raycache.data.features import load_or_encode
+def shared_key(kind: str, prep: Prepared) -> str:
+    """The key of a shared input: its kind ("features" or "pixels") and what it is made from."""
+    from raycache.data.features import feature_key
+
+    return f"{kind}/{feature_key(prep.spec, prep.source)}"
+
+
+def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[str], None],
+         shared: dict[str, np.ndarray]) -> Summary:
+    from raycache.data.features import Features, load_or_encode
     from raycache.federation.evaluate import predict
     from raycache.federation.runtime import Federation, check_fits, ensure_ray
     from raycache.methods.zeroshot import ZeroShot
@@ -164,7 +180,11 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
 
     stage("encoding images (once per model and dataset)")
     t = time.perf_counter()
-    feats = load_or_encode(source, spec, cfg.runtime)
+    features_shared = shared_key("features", prep) in shared
+    if features_shared:
+        feats = Features(shared[shared_key("features", prep)], 0, None)
+    else:
+        feats = load_or_encode(source, spec, cfg.runtime)
     timings["time_encode_s"] = time.perf_counter() - t
 
     f, y = feats.features, source.labels
@@ -173,7 +193,8 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     zeroshot_accuracy = float((zs_pred == test[1]).mean())
     run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
                      "distinct_images": len(y), "num_classes": len(source.class_names),
-                     "train_samples": len(splits.train), "test_samples": len(splits.test)})
+                     "train_samples": len(splits.train), "test_samples": len(splits.test),
+                     "features_shared": float(features_shared)})
 
     cache_f, cache_y = f[splits.server], y[splits.server]  # the server's labelled hold-out
     if prep.uses_cache:
@@ -189,7 +210,9 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
 
         stage("preprocessing images for in-actor encoding")
         t = time.perf_counter()
-        inputs = load_pixels(source, prep.transform)
+        inputs = shared.get(shared_key("pixels", prep))
+        if inputs is None:
+            inputs = load_pixels(source, prep.transform)
         timings["time_pixels_s"] = time.perf_counter() - t
         test = (inputs[splits.test], test[1])
 
@@ -200,6 +223,7 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     if method_class(cfg.method.name).role == "centralised":  # one trainer on the union of the clients' data
         parts = [np.sort(np.concatenate(parts))]
     history: list[dict[str, float]] = []
+    stopped_by = None
     with Federation(cfg, task, train, parts, test, (cache_f, cache_y), prep.counts) as fed:
         run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes))})  # nodes the client actors span
         initial = fed.evaluate()
@@ -212,7 +236,11 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
             run.log_metrics(metrics, step=r)
             history.append(metrics)
             if on_round:
-                on_round(r, metrics)
+                try:
+                    on_round(r, metrics)
+                except StopRun as stop:  # e.g. a sweep's scheduler stopped this trial: end cleanly
+                    stopped_by = stop.reason
+                    break
         timings["time_rounds_s"] = time.perf_counter() - t
     run.log_metrics(timings)
     up = sum(m["comm_bytes_up"] for m in history)
@@ -220,4 +248,4 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     run.log_metrics({"comm_bytes_up_total": up, "comm_bytes_down_total": down,
                      "final_accuracy": history[-1]["accuracy"]})
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, zeroshot_accuracy,
-                   history[-1], cfg.federation.rounds, up, down, timings, feats.encoded, len(y), history)
+                   history[-1], len(history), up, down, timings, feats.encoded, len(y), history, stopped_by)

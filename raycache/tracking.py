@@ -88,6 +88,13 @@ class Run:
         finally:
             self.client.set_terminated(self.run_id, status)
 
+    def stop(self, reason: str) -> None:
+        """End the run early but cleanly (not a failure): KILLED, with `stopped_by`."""
+        try:
+            self.client.set_tag(self.run_id, "stopped_by", reason)
+        finally:
+            self.client.set_terminated(self.run_id, "KILLED")
+
     def ui_hint(self) -> str:
         store = self.uri
         return (f"mlflow ui --backend-store-uri {store} --host 127.0.0.1   (or: make ui), then open "

@@ -73,11 +73,33 @@ def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "heatmap.png"} <= artifacts
     assert "best:" in out
-    # the features were encoded once, by the driver: no trial encoded
-    assert all(c.data.metrics.get("features_encoded", 0) == 0 for c in children if c.info.status == "FINISHED")
+    # the features were encoded once, by the driver, and every trial read them from the object store
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert all(c.data.metrics["features_encoded"] == 0 and c.data.metrics["features_shared"] == 1 for c in finished)
     # running the same sweep again without --resume would mix two sweeps: refused
     assert main(["sweep", str(path)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_asha_stops_a_weak_trial_by_round(tmp_path, ray_session, mlflow_uri):
+    """Trials run one at a time, the strong one first: ASHA (halving at round 1) must stop the weak one
+    (zero-shot, which does not learn) after its first round, and let the strong one run every round."""
+    from raycache.sweep.runner import run_sweep
+    from raycache.sweep.space import load_sweep
+
+    path = sweep_file(tmp_path, {"method.name": {"grid": ["cachefl", "zeroshot"]}}, name="asha", scheduler="asha",
+                      grace_rounds=1, reduction_factor=2, max_concurrent=1)
+    sweep, base = load_sweep(path, ["federation.rounds=3"])
+    result = run_sweep(sweep, base)
+    client = MlflowClient(mlflow_uri)
+    by_method = {t["params"]["method.name"]: t for t in result.trials}
+    strong, weak = by_method["cachefl"], by_method["zeroshot"]
+    assert strong["status"] == "FINISHED"
+    assert [m.step for m in client.get_metric_history(strong["run_id"], "accuracy")] == [0, 1, 2, 3]
+    weak_run = client.get_run(weak["run_id"])
+    assert weak_run.info.status == "KILLED" and weak_run.data.tags["stopped_by"] == "scheduler"
+    assert [m.step for m in client.get_metric_history(weak["run_id"], "accuracy")][-1] < 3
+    assert result.best["run_id"] == strong["run_id"]
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, mlflow_uri):

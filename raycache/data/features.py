@@ -49,7 +49,7 @@ class ImageEncoder:
 class Features:
     features: np.ndarray  # (n, D) float32, unit rows, in the source's order
     encoded: int  # images the encoder actors pushed through the model in this call (0 when read from the store)
-    path: Path
+    path: Path | None  # None: handed over in memory (a sweep's object store), not read from the store
 
 
 def feature_key(spec: ModelSpec, source: Source) -> str:

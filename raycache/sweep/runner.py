@@ -1,8 +1,9 @@
 """Run a sweep on Ray Tune: one full federated experiment per trial, a nested MLflow run per trial under
 one parent run per sweep, and resume of an interrupted sweep.
 
-- Shared inputs are made once, before any trial: the driver encodes the features every trial will read
-  (the feature store is keyed by model and dataset), so no trial re-encodes.
+- Shared inputs are made once, before any trial: the driver encodes the features (and preprocesses the
+  images, for methods that train on pixels) and puts them in the object store once; every trial reads
+  that copy, so no trial re-encodes or re-reads.
 - Each trial reserves its client actors with a placement group (Tune captures the actors a trial starts
   into its group), so concurrent trials never oversubscribe the cluster.
 - Each trial reports every round through `tune.report`, so ASHA can stop weak trials by round.
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raycache.config import ExperimentConfig, apply_override, build_config
-from raycache.errors import UserError
+from raycache.errors import StopRun, UserError
 from raycache.sweep.space import SweepConfig, grid_points, tune_space
 
 PARENT_FILE = "raycache_sweep.json"
@@ -50,7 +53,7 @@ def trial_resources(cfg: ExperimentConfig) -> list[dict[str, float]]:
     return [{"CPU": 0.01}] + [dict(host) for _ in range(min(rt.client_actors, cfg.data.clients))]
 
 
-def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, metric: str) -> None:
+def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, shared: dict[str, np.ndarray]) -> None:
     from ray import tune
 
     from raycache.experiment import run_experiment
@@ -59,11 +62,20 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, met
     name = tune.get_context().get_trial_name()
     tags = {"mlflow.parentRunId": parent_run_id, "raycache.trial": name, "raycache.sweep_params": json.dumps(params)}
 
+    rounds = int(params.get("federation.rounds", build_config(base).federation.rounds))
+
     def report(round_idx: int, metrics: dict[str, float]) -> None:
-        tune.report({**metrics, "round": round_idx})
+        if round_idx == rounds:  # reported once the run is closed: Tune ends the trial on its last report
+            return
+        try:
+            tune.report({**metrics, "round": round_idx})
+        except SystemExit:  # Tune's way of stopping a trial: its scheduler stopped it
+            raise StopRun("scheduler") from None
 
     try:
-        run_experiment(trial_config(base, params, name), on_round=report, tags=tags)
+        summary = run_experiment(trial_config(base, params, name), on_round=report, tags=tags, shared=shared)
+        if summary.stopped_by is None:
+            tune.report({**summary.final, "round": rounds})
     except Exception as err:
         _record_early_failure(err, name, base, tags)
         raise
@@ -93,21 +105,33 @@ class SweepResult:
     best: dict[str, Any] | None
 
 
-def _encode_shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> None:
-    """Encode, in the driver, the features of every model/dataset the trials can use (`base_prep`: the
-    base config, already prepared)."""
+# Keys whose values change what the shared inputs are: the model and dataset (features), and the method
+# settings that decide whether a trial trains on pixels.
+_INPUT_KEYS = ("dataset", "image_column", "label_column", "name", "lora_targets")
+
+
+def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.ndarray]:
+    """Made once, in the driver, for every model/dataset/method the trials can use (`base_prep`: the base
+    config, already prepared): the features, and preprocessed images where a method trains on pixels. The
+    runner hands them to Tune with `tune.with_parameters`, which puts them in the object store once; every
+    trial reads that one copy (zero-copy) instead of re-encoding or re-reading."""
     from raycache.data.features import load_or_encode
-    from raycache.experiment import prepare
+    from raycache.data.pixels import load_pixels
+    from raycache.experiment import prepare, shared_key
     from raycache.federation.runtime import ensure_ray
 
-    keys = [k for k in sweep.space if k.startswith("model.") or k.split(".")[-1] in ("dataset", "image_column",
-                                                                                     "label_column")]
-    combos = grid_points({k: {"grid": next(iter(sweep.space[k].values()))} for k in keys}) if keys else [{}]
+    keys = [k for k, spec in sweep.space.items() if ("grid" in spec or "choice" in spec)
+            and (k.startswith("model.") or k.split(".")[-1] in _INPUT_KEYS)]
+    combos = grid_points({k: {"grid": next(iter(sweep.space[k].values()))} for k in keys})
+    shared: dict[str, np.ndarray] = {}
     for combo in combos:
-        cfg = trial_config(base, combo, "encode")
-        prep = prepare(cfg) if combo else base_prep
-        ensure_ray(cfg.runtime)
-        load_or_encode(prep.source, prep.spec, cfg.runtime)
+        prep = prepare(trial_config(base, combo, "encode")) if combo else base_prep
+        ensure_ray(prep.cfg.runtime)
+        if shared_key("features", prep) not in shared:
+            shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
+        if prep.uses_pixels and shared_key("pixels", prep) not in shared:
+            shared[shared_key("pixels", prep)] = load_pixels(prep.source, prep.transform)
+    return shared
 
 
 def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str | None = None) -> SweepResult:
@@ -140,7 +164,7 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
     if cfg.runtime.address is None and need > have + 1e-9:
         raise UserError(f"runtime.client_actors: one trial needs {need:g} CPUs (its driver plus "
                         f"{len(bundles) - 1} client actors x {cfg.runtime.client_cpus:g}), the cluster has {have:g}")
-    _encode_shared_inputs(base, sweep, base_prep)
+    shared = shared_inputs(base, sweep, base_prep)
 
     uri = tracking_uri()
     if resume:
@@ -149,12 +173,13 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
         parent = Run(cfg.tracking.experiment, sweep.name, tags={"raycache.kind": "sweep"})
         parent.log_params({"sweep." + k: json.dumps(v) for k, v in sweep.space.items()})
         parent.log_params({"sweep.scheduler": sweep.scheduler, "sweep.metric": sweep.metric,
-                           "sweep.num_samples": sweep.num_samples})
+                           "sweep.num_samples": sweep.num_samples, "sweep.grace_rounds": sweep.grace_rounds,
+                           "sweep.reduction_factor": sweep.reduction_factor})
         folder.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"parent_run_id": parent.run_id}))
     try:
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=base, parent_run_id=parent.run_id, uri=uri, metric=sweep.metric),
+            tune.with_parameters(_trial, base=base, parent_run_id=parent.run_id, uri=uri, shared=shared),
             tune.PlacementGroupFactory(bundles))
         if resume and tune.Tuner.can_restore(str(folder)):
             tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=False,
@@ -163,7 +188,8 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
             scheduler = None
             if sweep.scheduler == "asha":
                 scheduler = tune.schedulers.ASHAScheduler(time_attr="round", max_t=cfg.federation.rounds,
-                                                          grace_period=min(sweep.grace_rounds, cfg.federation.rounds))
+                                                          grace_period=min(sweep.grace_rounds, cfg.federation.rounds),
+                                                          reduction_factor=sweep.reduction_factor)
             tuner = tune.Tuner(
                 trainable, param_space=tune_space(sweep.space),
                 tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,

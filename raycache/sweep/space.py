@@ -40,6 +40,7 @@ class SweepConfig(BaseModel):
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "fifo"
     grace_rounds: int = Field(1, ge=1, description="asha: rounds every trial runs before it can be stopped")
+    reduction_factor: int = Field(3, ge=2, description="asha: at each rung, the 1/factor best trials go on")
     num_samples: int = Field(1, ge=1, description="repeats of the grid; random types draw anew each time")
     max_concurrent: int = Field(2, ge=1, description="trials running at once (each reserves its actors)")
     space: dict[str, dict[str, list[Any]]] = Field(min_length=1, description="dotted key -> {type: values}")
