@@ -25,15 +25,11 @@ import torch  # noqa: E402
 
 from raycache.config import load_config  # noqa: E402
 from raycache.data.features import load_or_encode  # noqa: E402
-from raycache.data.partition import partition  # noqa: E402
-from raycache.data.sources import open_source  # noqa: E402
-from raycache.data.split import stratified_split  # noqa: E402
-from raycache.experiment import _text_task, run_experiment  # noqa: E402
+from raycache.experiment import prepare, run_experiment  # noqa: E402
 from raycache.federation.aggregate import WeightedSum  # noqa: E402
 from raycache.federation.evaluate import predict  # noqa: E402
 from raycache.federation.sampling import client_seed, sample_clients  # noqa: E402
 from raycache.methods import method_class  # noqa: E402
-from raycache.models.clip import ModelSpec  # noqa: E402
 
 SETTINGS = {
     "quickstart": [],
@@ -43,18 +39,14 @@ SETTINGS = {
 
 
 def floor_round_seconds(cfg, rounds: int) -> list[float]:
-    """The yardstick: one process, one thread, a plain loop over clients doing what the runtime does."""
+    """The yardstick: one process, one thread, a plain loop over clients doing what the runtime does, on the
+    very split, partition and text classifier the run used (`prepare` derives them from the config)."""
     torch.set_num_threads(1)
-    spec = ModelSpec.from_config(cfg.model)
-    source = open_source(cfg.data)
-    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction,
-                              cfg.data.server_per_class, cfg.seed)
-    feats = load_or_encode(source, spec, cfg.runtime).features
-    y = source.labels
+    prep = prepare(cfg)
+    feats = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
+    y, splits, parts = prep.source.labels, prep.splits, prep.parts
     train_f, train_y = feats[splits.train], y[splits.train]
-    parts = partition(train_y, cfg.data, cfg.seed)
-    task, _ = _text_task(spec, source.class_names, cfg.model.templates)
-    method = method_class(cfg.method.name)(cfg.method, task)
+    method = method_class(prep.cfg.method.name)(prep.cfg.method, prep.task)
     state = method.init_state(feats[splits.server], y[splits.server])
     times = []
     for r in range(1, rounds + 1):
@@ -75,13 +67,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--actors", type=int, default=None, help="client actors (default: the config's, 2)")
     args = ap.parse_args()
     store = tempfile.mkdtemp(prefix="raycache-bench-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     rows = []
     for name in args.settings:
         cfg = load_config("experiments/quickstart.yaml", SETTINGS[name] + [
-            f"federation.rounds={args.rounds}", f"runtime.cache_dir={store}/{name}", "tracking.experiment=benchmark"])
+            f"federation.rounds={args.rounds}", f"runtime.cache_dir={store}/{name}", "tracking.experiment=benchmark",
+            *([f"runtime.client_actors={args.actors}"] if args.actors else [])])
         s = run_experiment(cfg)  # an empty feature store each: every setting pays its own encode and Ray start
         ray.shutdown()
         rt = [m["round_seconds"] for m in s.history]
@@ -91,11 +85,11 @@ def main() -> int:
         clients = int(s.history[0]["clients_sampled"])
         rows.append((name, clients, s.encoded, s.distinct_images, s.timings["time_ray_start_s"],
                      s.timings["time_encode_s"], s.timings["time_rounds_s"], rt_med, 1000 * rt_med / clients,
-                     fl_med, rt_med / fl_med, s.final["accuracy"]))
+                     fl_med, 1000 * (rt_med - fl_med) / clients, rt_med / fl_med, s.final["accuracy"]))
         print(f"[{name}] rounds (s): runtime {[round(x, 3) for x in rt]}  floor {[round(x, 3) for x in fl]}",
               file=sys.stderr)
     head = ("setting", "clients", "encoded", "distinct", "ray_s", "encode_s", "rounds_s", "round_s",
-            "ms/client", "floor_s", "ratio", "acc")
+            "ms/client", "floor_s", "overhead_ms/client", "ratio", "acc")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(str(x) if isinstance(x, (int, str)) else f"{x:.3f}" for x in r))

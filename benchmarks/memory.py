@@ -1,0 +1,120 @@
+"""Peak memory of all Ray processes against the number of clients: a CacheFL run on precomputed features at
+10, 100 and 1,000 clients, each on its own fresh local Ray, sampled every 0.2 s.
+
+"All Ray processes" = the driver plus every process it starts (GCS, raylet, dashboard and runtime-env
+agents, workers and actors). Each is summed two ways: RSS (what `top` shows; counts shared pages, such as
+torch's libraries and the object store, once per process that maps them) and PSS (each shared page split
+between the processes that map it: the honest total). Usage:
+
+    .venv/bin/python benchmarks/memory.py                  # 10, 100, 1000 clients, 3 rounds
+    .venv/bin/python benchmarks/memory.py --clients 10 1000 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import psutil  # noqa: E402
+import ray  # noqa: E402
+
+from raycache.config import load_config  # noqa: E402
+from raycache.experiment import prepare, run_experiment  # noqa: E402
+
+MB = 1024 * 1024
+
+
+class PeakSampler:
+    """Samples the summed RSS and PSS of this process and all its descendants until stopped."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak_rss = self.peak_pss = self.peak_driver_pss = 0.0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        rss = pss = driver = 0.0
+        procs = [me, *me.children(recursive=True)]
+        for p in procs:
+            try:
+                info = p.memory_full_info()  # reads smaps_rollup: PSS as well as RSS
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss += info.rss
+            pss += info.pss
+            if p.pid == me.pid:
+                driver = info.pss
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_driver_pss = max(self.peak_driver_pss, driver)
+        self.peak_processes = max(self.peak_processes, len(procs))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--alpha", type=float, default=0.1)
+    args = ap.parse_args()
+    store = tempfile.mkdtemp(prefix="raycache-bench-mem-")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+
+    def config(clients: int):
+        return load_config("experiments/quickstart.yaml", [
+            f"data.clients={clients}", f"data.alpha={args.alpha}", f"federation.rounds={args.rounds}",
+            f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory"])
+
+    # Encode once, first, in its own Ray: the measured runs read precomputed features, so the peaks
+    # compare what a federation costs, not the (client-independent) encoder pool.
+    from raycache.data.features import load_or_encode
+    from raycache.federation.runtime import ensure_ray
+
+    prep = prepare(config(args.clients[0]))
+    ensure_ray(prep.cfg.runtime)
+    load_or_encode(prep.source, prep.spec, prep.cfg.runtime)
+    ray.shutdown()
+
+    rows = []
+    for clients in args.clients:
+        t = time.perf_counter()
+        with PeakSampler() as mem:
+            s = run_experiment(config(clients))
+            ray.shutdown()  # inside the sampler: its processes are counted until they are gone
+        assert s.encoded == 0, "features should have come from the store"
+        rows.append((clients, mem.peak_processes, mem.peak_rss / MB, mem.peak_pss / MB, mem.peak_driver_pss / MB,
+                     s.final["peak_memory_mb"], time.perf_counter() - t, s.final["accuracy"]))
+        print(f"[{clients}] done in {rows[-1][-2]:.1f} s", file=sys.stderr)
+    base_pss = rows[0][3]
+    head = ("clients", "processes", "peak_rss_mb", "peak_pss_mb", "driver_pss_mb", "actor_peak_mb", "wall_s",
+            "acc", "pss_vs_first")
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join(str(x) if isinstance(x, int) else f"{x:.1f}" if x > 1 else f"{x:.3f}" for x in r)
+              + f" | {r[3] / base_pss:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
