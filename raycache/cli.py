@@ -1,4 +1,4 @@
-"""`raycache run | synth | sweep | compare | ui`. A user's mistake exits 2 with one line."""
+"""`raycache run | check | synth | sweep | compare | ui`. A user's mistake exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from raycache.errors import find_user_error
+from raycache.errors import find_run_failure, find_user_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,6 +16,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="experiment YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a dotted config key, e.g. --set data.alpha=0.1 (repeatable)")
+    run.add_argument("--resume", metavar="RUN_ID", default=None,
+                     help="continue this MLflow run (its driver died) from its last checkpointed round")
+    check = sub.add_parser("check", help="validate an experiment config (and overrides) without running it")
+    check.add_argument("config", help="experiment YAML file")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a dotted config key (repeatable)")
     synth = sub.add_parser("synth", help="generate a class-balanced synthetic image set (synth.*)")
     synth.add_argument("config", help="experiment YAML file (its synth section and dataset classes)")
     synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -77,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not console.is_terminal:  # a log file gets one plain line per round instead of a live bar
                 console.print(f"round {r}/{cfg.federation.rounds}  {status}", highlight=False)
 
-        summary = run_experiment(cfg, on_round=on_round, on_stage=on_stage)
+        summary = run_experiment(cfg, on_round=on_round, on_stage=on_stage, resume=args.resume)
 
     split = f"Dirichlet alpha={cfg.data.alpha}" if cfg.data.partition == "dirichlet" else cfg.data.partition
     table = Table(title=f"raycache: {summary.method} on {cfg.data.dataset}, {cfg.data.clients} clients ({split})")
@@ -208,6 +214,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from raycache.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"config ok: {cfg.method.name} on {cfg.data.dataset}, {cfg.data.clients} clients, "
+          f"{cfg.federation.rounds} rounds")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from raycache.tracking import tracking_uri
 
@@ -219,7 +234,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "synth": cmd_synth, "sweep": cmd_sweep, "compare": cmd_compare, "ui": cmd_ui}
+        commands = {"run": cmd_run, "check": cmd_check, "synth": cmd_synth, "sweep": cmd_sweep, "compare": cmd_compare, "ui": cmd_ui}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -227,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a user's mistake is one line and exit 2; anything else is a bug: traceback
         user = find_user_error(err)
         if user is None:
+            failed = find_run_failure(err)
+            if failed is not None:  # not a bug and not bad input: the run is FAILED with this reason
+                print(f"run failed: {failed}", file=sys.stderr)
+                return 1
             raise
         print(f"error: {user}", file=sys.stderr)
         return 2

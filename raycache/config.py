@@ -154,9 +154,34 @@ class SynthConfig(_Section):
     _slots = field_validator("prompts")(lambda v: _with_slot(v, "prompt"))
 
 
+class StragglerConfig(_Section):
+    """A simulated delay per sampled client and round, drawn from (seed, round, client): a client whose delay
+    exceeds `federation.round_deadline_s` reports too late and is left out of that round."""
+
+    distribution: Literal["none", "exponential", "lognormal"] = Field("none", description="delay distribution")
+    median_s: float = Field(1.0, gt=0, description="median simulated delay, seconds")
+    sigma: float = Field(1.0, gt=0, description="lognormal: spread of log(delay)")
+
+
 class FederationConfig(_Section):
     rounds: int = Field(5, ge=1, description="federated rounds")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round")
+    min_clients: int = Field(1, ge=1, description="a round with fewer successful clients fails the run")
+    client_timeout_s: float | None = Field(None, gt=0, description="a client whose local training takes "
+                                           "longer is dropped from the round (null = no limit)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="fault injection: probability that a sampled client "
+                                                          "does not report")
+    straggler: StragglerConfig = Field(default_factory=StragglerConfig)
+    round_deadline_s: float | None = Field(None, gt=0, description="simulated clients slower than this (see "
+                                           "straggler) miss the round")
+    checkpoint: bool = Field(True, description="checkpoint the full server state after every round")
+
+    @model_validator(mode="after")
+    def _deadline_with_straggler(self) -> "FederationConfig":
+        if self.straggler.distribution != "none" and self.round_deadline_s is None:
+            raise ValueError("federation.straggler needs federation.round_deadline_s (the deadline the delays "
+                             "are measured against)")
+        return self
 
 
 class RuntimeConfig(_Section):

@@ -10,6 +10,11 @@ class UserError(Exception):
         super().__init__(message.replace("\n", " ").strip())
 
 
+class RunFailed(RuntimeError):
+    """A run cannot go on for a reason that is not a bug: too few clients reported a round, or a client's
+    training diverged. The run is recorded FAILED with this reason; the CLI prints it as one line."""
+
+
 class StopRun(Exception):
     """Raised by a per-round callback to end a run early, cleanly (e.g. a sweep's scheduler stopped its
     trial): the rounds done so far stay logged, and the run ends KILLED with `stopped_by` = reason."""
@@ -17,6 +22,21 @@ class StopRun(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def find_run_failure(exc: BaseException) -> RunFailed | None:
+    """The RunFailed behind `exc` (possibly raised inside an actor and wrapped by Ray)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RunFailed):
+            return RunFailed(str(e.args[0]).splitlines()[0]) if e.args else e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
 
 
 def find_user_error(exc: BaseException) -> UserError | None:

@@ -41,6 +41,7 @@ class Summary:
     distinct_images: int
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_by: str | None = None  # the reason a callback ended the run before its last round
+    messages: list[dict] = field(default_factory=list)  # every client message, when run with `audit`
 
     @property
     def comm_bytes(self) -> float:
@@ -114,8 +115,12 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
-                   shared: dict[str, np.ndarray] | None = None) -> Summary:
+                   shared: dict[str, np.ndarray] | None = None, resume: str | None = None,
+                   audit: bool = False) -> Summary:
     """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id).
+
+    `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
+    checkpoint (written after every round). `audit`: record every client message (`Summary.messages`).
 
     `shared`: inputs another process already made, keyed by `shared_key` (a sweep's driver puts its
     features and preprocessed images in the object store once; every trial reads them from there)."""
@@ -124,12 +129,19 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
 
     from raycache.tracking import Run
 
-    run = Run(prep.cfg.tracking.experiment, prep.cfg.tracking.run_name,
-              tags={"raycache.method": prep.cfg.method.name, **(tags or {})})
+    if resume is not None:
+        ckpt = _resumable(prep.cfg, resume)
+        run = Run.reopen(resume)
+    else:
+        ckpt = None
+        run = Run(prep.cfg.tracking.experiment, prep.cfg.tracking.run_name,
+                  tags={"raycache.method": prep.cfg.method.name, **(tags or {})})
     try:
-        summary = _run(prep, run, on_round, stage, shared or {})
+        summary = _run(prep, run, on_round, stage, shared or {}, ckpt, audit)
     except BaseException as err:
-        run.finish(err)
+        from raycache.errors import find_run_failure, find_user_error
+
+        run.finish(find_run_failure(err) or find_user_error(err) or err)  # the reason, not Ray's wrapper
         raise
     if summary.stopped_by is not None:
         run.stop(summary.stopped_by)
@@ -148,6 +160,43 @@ def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str]):
     return task, model, transform
 
 
+CHECKPOINT_TAG = "raycache.checkpoint"
+
+
+def checkpoint_path(cfg: ExperimentConfig, run_id: str):
+    from pathlib import Path
+
+    return (Path(cfg.runtime.cache_dir) / "checkpoints" / run_id / "latest.safetensors").resolve()
+
+
+def _resumable(cfg: ExperimentConfig, run_id: str):
+    """The checkpoint to resume `run_id` from, after checking that the run can be resumed with `cfg`."""
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from raycache.federation import checkpoint
+    from raycache.tracking import tracking_uri
+
+    try:
+        old = MlflowClient(tracking_uri()).get_run(run_id)
+    except MlflowException:
+        raise UserError(f"--resume: no MLflow run {run_id!r} in {tracking_uri()}") from None
+    if old.info.status == "FINISHED":
+        raise UserError(f"--resume: run {run_id} already finished")
+    for key, value in cfg.flat().items():  # the same experiment, or the result would be neither run
+        logged = old.data.params.get(key)
+        if logged is not None and logged != str(value)[:6000] and not key.startswith("tracking."):
+            raise UserError(f"--resume: {key}={value!r} differs from the run's {key}={logged!r}; resume with "
+                            f"the run's config")
+    path = old.data.tags.get(CHECKPOINT_TAG)
+    if path is None:
+        raise UserError(f"--resume: run {run_id} has no checkpoint (it stopped before its first round ended, "
+                        f"or ran with federation.checkpoint=false)")
+    return checkpoint.load(Path(path))
+
+
 def shared_key(kind: str, prep: Prepared) -> str:
     """The key of a shared input: its kind ("features" or "pixels") and what it is made from."""
     from raycache.data.features import feature_key
@@ -156,16 +205,17 @@ def shared_key(kind: str, prep: Prepared) -> str:
 
 
 def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[str], None],
-         shared: dict[str, np.ndarray]) -> Summary:
+         shared: dict[str, np.ndarray], ckpt=None, audit: bool = False) -> Summary:
     from raycache.data.features import Features, load_or_encode
     from raycache.federation.evaluate import predict
     from raycache.federation.runtime import Federation, check_fits, ensure_ray
     from raycache.methods.zeroshot import ZeroShot
 
     cfg, spec, source, splits, task, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.task, prep.timings
-    run.log_params(cfg.flat())
-    run.log_text(dump_config(cfg), "config.yaml")
-    run.log_text(partition_table(prep.counts, source.class_names), "partition.csv")
+    if ckpt is None:  # a resumed run has these already
+        run.log_params(cfg.flat())
+        run.log_text(dump_config(cfg), "config.yaml")
+        run.log_text(partition_table(prep.counts, source.class_names), "partition.csv")
 
     stage("starting Ray")
     t = time.perf_counter()
@@ -223,29 +273,51 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     if method_class(cfg.method.name).role == "centralised":  # one trainer on the union of the clients' data
         parts = [np.sort(np.concatenate(parts))]
     history: list[dict[str, float]] = []
+    messages: list[dict] = []
     stopped_by = None
-    with Federation(cfg, task, train, parts, test, (cache_f, cache_y), prep.counts) as fed:
+    first = 1 if ckpt is None else ckpt.round + 1
+    totals = {"up": 0.0, "down": 0.0} if ckpt is None else {"up": ckpt.meta["up"], "down": ckpt.meta["down"]}
+    last = None if ckpt is None else ckpt.meta["last"]
+    with Federation(cfg, task, train, parts, test, (cache_f, cache_y), prep.counts, audit=audit) as fed:
         run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes))})  # nodes the client actors span
-        initial = fed.evaluate()
-        run.log_metrics(initial, step=0)
+        if ckpt is None:
+            run.log_metrics(fed.evaluate(), step=0)
+        else:
+            fed.restore(ckpt.snapshot)
+            run.set_tags({"raycache.resumed_from_round": ckpt.round})
         timings["time_actors_s"] = time.perf_counter() - t
         stage("training")
         t = time.perf_counter()
-        for r in range(1, cfg.federation.rounds + 1):
+        for r in range(first, cfg.federation.rounds + 1):
             metrics = fed.run_round(r)
             run.log_metrics(metrics, step=r)
             history.append(metrics)
+            totals["up"] += metrics["comm_bytes_up"]
+            totals["down"] += metrics["comm_bytes_down"]
+            last = metrics
+            if audit:
+                messages += [{**m, "round": r} for m in fed.audit_log()]
             if on_round:
                 try:
                     on_round(r, metrics)
                 except StopRun as stop:  # e.g. a sweep's scheduler stopped this trial: end cleanly
                     stopped_by = stop.reason
                     break
+            if cfg.federation.checkpoint:
+                _checkpoint(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
+                                                          "method": cfg.method.name})
         timings["time_rounds_s"] = time.perf_counter() - t
     run.log_metrics(timings)
-    up = sum(m["comm_bytes_up"] for m in history)
-    down = sum(m["comm_bytes_down"] for m in history)
-    run.log_metrics({"comm_bytes_up_total": up, "comm_bytes_down_total": down,
-                     "final_accuracy": history[-1]["accuracy"]})
+    run.log_metrics({"comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
+                     "final_accuracy": last["accuracy"]})
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, zeroshot_accuracy,
-                   history[-1], len(history), up, down, timings, feats.encoded, len(y), history, stopped_by)
+                   last, len(history), totals["up"], totals["down"], timings, feats.encoded, len(y), history,
+                   stopped_by, messages)
+
+
+def _checkpoint(cfg: ExperimentConfig, run, round_idx: int, snapshot: dict, meta: dict) -> None:
+    """Write this round's checkpoint (atomically, replacing the last) and link it from the run."""
+    from raycache.federation import checkpoint
+
+    path = checkpoint.save(checkpoint_path(cfg, run.run_id), round_idx, snapshot, meta)
+    run.set_tags({CHECKPOINT_TAG: str(path), "raycache.checkpoint_round": round_idx})

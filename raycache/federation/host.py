@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raycache.errors import RunFailed
 from raycache.federation.aggregate import WeightedSum
 from raycache.federation.sampling import client_seed
 from raycache.methods.base import State, state_nbytes
@@ -22,17 +23,18 @@ from raycache.methods.base import State, state_nbytes
 @dataclass
 class HostReport:
     partial: WeightedSum
-    clients: np.ndarray  # (c,) client ids trained
+    clients: np.ndarray  # (c,) client ids that reported (trained within the time limit)
     samples: np.ndarray  # (c,) their sample counts (the FedAvg weights)
     losses: np.ndarray  # (c,) mean local training loss
     seconds: np.ndarray  # (c,) compute seconds per client
-    bytes_up: int  # exact bytes of every client's update
+    bytes_up: int  # exact bytes of every reported client's update
     peak_rss_mb: float
+    timed_out: np.ndarray  # client ids whose local training exceeded federation.client_timeout_s: dropped
 
 
 class ClientHost:
     def __init__(self, method_name: str, method_cfg, task, train, clients: dict[int, np.ndarray], seed: int,
-                 threads: int = 1, use_gpu: bool = False, test=None) -> None:
+                 threads: int = 1, use_gpu: bool = False, test=None, audit: bool = False) -> None:
         import torch
 
         from raycache.methods import method_class
@@ -51,31 +53,69 @@ class ClientHost:
         self.test = test  # (inputs, labels), for evaluating local states
         self.local = self.method.role == "local"
         self.states: dict[int, State] = {}  # a local method's per-client states (clients trained so far)
+        self.audit: list[dict] | None = [] if audit else None  # a record of every client message (tests)
+        self.bytes_up = 0
 
-    def train(self, state: State, client_ids: list[int], round_idx: int) -> HostReport:
+    def train(self, state: State, client_ids: list[int], round_idx: int,
+              timeout_s: float | None = None) -> HostReport:
+        """Train each client from `state` and fold the updates of those that finish within `timeout_s` into
+        one partial sum. Every client's message to the server passes through `_upload`."""
         import resource
 
         import torch
 
         partial = WeightedSum()
-        n = len(client_ids)
-        samples, losses, seconds = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
-        bytes_up = 0
-        for i, cid in enumerate(client_ids):
+        reported, samples, losses, seconds, timed_out = [], [], [], [], []
+        self.bytes_up = 0
+        for cid in client_ids:
             t0 = time.perf_counter()
             idx = self.clients[cid]
             feats = torch.from_numpy(self.features[idx]).to(self.device)  # fancy indexing copies: (n_c, D)
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
             start = self.states.get(cid, state) if self.local else state
             update, loss = self.method.local_train(start, feats, labels, client_seed(self.seed, round_idx, cid))
+            took = time.perf_counter() - t0
+            if timeout_s is not None and took > timeout_s:
+                timed_out.append(cid)  # too slow: this round goes on without it
+                continue
+            _check_finite(update, cid, round_idx)
             if self.local:
                 self.states[cid] = update  # kept on the client; nothing leaves it
             else:
-                partial.add(update, float(len(idx)))
-                bytes_up += state_nbytes(update)
-            samples[i], losses[i], seconds[i] = len(idx), loss, time.perf_counter() - t0
+                self._upload(partial, cid, update, float(len(idx)))
+            reported.append(cid)
+            samples.append(len(idx))
+            losses.append(loss)
+            seconds.append(took)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return HostReport(partial, np.asarray(client_ids), samples, losses, seconds, bytes_up, peak)
+        return HostReport(partial, np.asarray(reported, np.int64), np.asarray(samples, np.int64),
+                          np.asarray(losses, np.float64), np.asarray(seconds, np.float64), self.bytes_up, peak,
+                          np.asarray(timed_out, np.int64))
+
+    def _upload(self, partial: WeightedSum, cid: int, update: State, weight: float) -> None:
+        """A client's one message to the server: its update and its sample count, nothing else."""
+        if self.audit is not None:
+            self.audit.append({"client": cid, "keys": sorted(update),
+                               "shapes": {k: list(np.shape(v)) for k, v in update.items()},
+                               "dtypes": {k: str(np.asarray(v).dtype) for k, v in update.items()},
+                               "nbytes": state_nbytes(update), "weight": weight,
+                               "fields": ["update", "weight"]})
+        partial.add(update, weight)
+        self.bytes_up += state_nbytes(update)
+
+    def audit_log(self) -> list[dict]:
+        """The messages recorded since the last call (with `audit`), then cleared."""
+        out = self.audit or []
+        if self.audit is not None:
+            self.audit = []
+        return out
+
+    def get_states(self) -> dict[int, State]:
+        """A local method's per-client states (for a checkpoint)."""
+        return self.states
+
+    def set_states(self, states: dict[int, State]) -> None:
+        self.states = {int(c): s for c, s in states.items() if int(c) in self.clients}
 
     def evaluate(self, state: State) -> dict[int, np.ndarray]:
         """A local method's per-client test predictions, each client under its own state (or the initial
@@ -101,3 +141,10 @@ class ClientHost:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+
+def _check_finite(update: State, cid: int, round_idx: int) -> None:
+    for k, v in update.items():
+        if not np.isfinite(np.asarray(v)).all():
+            raise RunFailed(f"round {round_idx}: client {cid}'s update {k!r} has NaN/inf (local training "
+                                     f"diverged; lower method.lr)")

@@ -12,19 +12,19 @@ class Federation:
 
     def __init__(self, cfg, task: Task, train: tuple[np.ndarray, np.ndarray], parts: list[np.ndarray],
                  test: tuple[np.ndarray, np.ndarray], server_data: tuple[np.ndarray, np.ndarray],
-                 class_counts: np.ndarray) -> None:
+                 class_counts: np.ndarray, audit: bool = False) -> None:
         """`train` holds the inputs the method trains on (features, or images), `parts` each trainer's rows
         of it (one pooled trainer for a centralised method), `class_counts` the clients' label mixes."""
         self.hosts: list = []
         self.nodes: list[str] = []
         self.server = None
         try:
-            self._start(cfg, task, train, parts, test, server_data, class_counts)
+            self._start(cfg, task, train, parts, test, server_data, class_counts, audit)
         except BaseException:
             self.close()  # never leave actors holding a shared cluster's CPUs
             raise
 
-    def _start(self, cfg, task, train, parts, test, server_data, class_counts) -> None:
+    def _start(self, cfg, task, train, parts, test, server_data, class_counts, audit) -> None:
         import ray
 
         from raycache.federation.host import ClientHost
@@ -35,15 +35,24 @@ class Federation:
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
         test_ref = ray.put(test)
-        host_cls = ray.remote(ClientHost).options(num_cpus=rt.client_cpus, num_gpus=rt.client_gpus)
-        for h in range(n_hosts):  # appended one by one so that a failure part-way still cleans up
-            self.hosts.append(host_cls.remote(
-                cfg.method.name, cfg.method, task_ref, train_ref,
-                {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed,
-                threads=max(1, int(rt.client_cpus)), use_gpu=rt.client_gpus > 0, test=test_ref))
+        import uuid
+
+        # Named (raycache-host-<federation>-<host>-<generation>) so that operators and tests can find them.
+        options = {"num_cpus": rt.client_cpus, "num_gpus": rt.client_gpus,
+                   "name": f"raycache-host-{uuid.uuid4().hex[:8]}"}
+        specs = [((cfg.method.name, cfg.method, task_ref, train_ref,
+                   {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed),
+                  {"threads": max(1, int(rt.client_cpus)), "use_gpu": rt.client_gpus > 0, "test": test_ref,
+                   "audit": audit}) for h in range(n_hosts)]
+        host_cls = ray.remote(ClientHost)
+        for h, (args, kwargs) in enumerate(specs):  # one by one, so that a failure part-way still cleans up
+            self.hosts.append(host_cls.options(**{**options, "name": f"{options['name']}-{h}-0"}).remote(
+                *args, **kwargs))
         server_cls = ray.remote(Server).options(num_cpus=0)
+        # The server can replace a host that dies or times out: it gets the same options and arguments.
         self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, test_ref, server_data,
-                                        class_counts, self.hosts, len(parts), cfg.federation.fraction, cfg.seed)
+                                        class_counts, self.hosts, len(parts), cfg.federation, cfg.seed,
+                                        (options, specs))
         self.nodes: list[str] = ray.get([h.node.remote() for h in self.hosts])  # waits until all have started
 
     def info(self) -> dict[str, int]:
@@ -55,6 +64,22 @@ class Federation:
         import ray
 
         return ray.get(self.server.get_state.remote())
+
+    def snapshot(self) -> dict:
+        import ray
+
+        return ray.get(self.server.snapshot.remote())
+
+    def restore(self, snap: dict) -> None:
+        import ray
+
+        ray.get(self.server.restore.remote(snap))
+
+    def audit_log(self) -> list[dict]:
+        """Every client message recorded since the last call (a federation started with `audit`)."""
+        import ray
+
+        return ray.get(self.server.audit_log.remote())
 
     def evaluate(self) -> dict[str, float]:
         import ray

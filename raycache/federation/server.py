@@ -11,15 +11,18 @@ import time
 
 import numpy as np
 
+from raycache.errors import RunFailed
 from raycache.federation.aggregate import WeightedSum
 from raycache.federation.evaluate import client_accuracy, per_class_accuracy, predict
 from raycache.federation.sampling import sample_clients
-from raycache.methods.base import state_nbytes, state_params
+from raycache.methods.base import State, state_nbytes, state_params
 
 
 class Server:
     def __init__(self, method_name: str, method_cfg, task, test, server_data, class_counts: np.ndarray,
-                 hosts: list, trainers: int, fraction: float, seed: int) -> None:
+                 hosts: list, trainers: int, federation, seed: int, host_spec: tuple | None = None) -> None:
+        """`host_spec` = (actor options, [(args, kwargs) per host]): how to start a replacement for a host
+        that died or timed out."""
         from raycache.methods import method_class
 
         self.method = method_class(method_name)(method_cfg, task)
@@ -29,8 +32,11 @@ class Server:
         self.class_counts = class_counts  # (clients, classes): the clients' label mixes, for client accuracy
         self.hosts = hosts
         self.trainers = trainers  # virtual clients that train (1 for a centralised method)
-        self.fraction = fraction
+        self.federation = federation
+        self.fraction = federation.fraction
         self.seed = seed
+        self.host_spec = host_spec
+        self.restarts = 0
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (local role)
 
     def evaluate(self) -> dict[str, float]:
@@ -59,38 +65,121 @@ class Server:
     def info(self) -> dict[str, int]:
         return {"trainable_params": state_params(self.state), "payload_bytes": state_nbytes(self.state)}
 
+    def snapshot(self) -> dict:
+        """The full server state for a checkpoint: the global state, which clients already hold the initial
+        state, and a local method's per-client states. (Client sampling, faults and local training draw from
+        (seed, round, client), so the round number is all the RNG state there is.)"""
+        import ray
+
+        clients: dict[int, State] = {}
+        if self.role == "local":
+            for part in ray.get([h.get_states.remote() for h in self.hosts]):
+                clients.update(part)
+        return {"state": self.state, "reached": self.reached.copy(), "clients": clients}
+
+    def restore(self, snap: dict) -> None:
+        import ray
+
+        self.state = snap["state"]
+        self.reached = np.asarray(snap["reached"], dtype=bool)
+        if self.role == "local":
+            ray.get([h.set_states.remote(snap["clients"]) for h in self.hosts])
+
+    def audit_log(self) -> list[dict]:
+        import ray
+
+        return [m for part in ray.get([h.audit_log.remote() for h in self.hosts]) for m in part]
+
+    def _respawn(self, h: int) -> None:
+        """Replace host `h` (dead, or still busy past its deadline) with a fresh one on the same clients."""
+        import ray
+
+        from raycache.federation.host import ClientHost
+
+        ray.kill(self.hosts[h], no_restart=True)
+        if self.host_spec is None:
+            raise RuntimeError(f"client host {h} failed and this federation cannot restart it")
+        options, specs = self.host_spec
+        args, kwargs = specs[h]
+        self.restarts += 1
+        name = f"{options['name']}-{h}-{self.restarts}"
+        self.hosts[h] = ray.remote(ClientHost).options(**{**options, "name": name}).remote(*args, **kwargs)
+
+    def _collect(self, calls: dict[int, tuple], round_idx: int) -> tuple[list, int, int]:
+        """Wait for the hosts' reports. A host that died, or is still busy past its deadline, loses its
+        clients for this round and is replaced. Returns (reports, clients failed, clients timed out)."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        timeout = self.federation.client_timeout_s
+        refs = [ref for ref, _ in calls.values()]
+        wait = None if timeout is None else timeout * max(len(c) for _, c in calls.values()) + 5.0
+        ray.wait(refs, num_returns=len(refs), timeout=wait)
+        reports, failed, timed_out = [], 0, 0
+        for h, (ref, clients) in calls.items():
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:  # past its deadline: every client on it missed the round
+                failed += len(clients)
+                self._respawn(h)
+                continue
+            try:
+                rep = ray.get(ref)
+            except (RayActorError, ActorDiedError, ActorUnavailableError):  # the host died mid-round
+                failed += len(clients)
+                self._respawn(h)
+                continue
+            timed_out += len(rep.timed_out)
+            reports.append(rep)
+        return reports, failed, timed_out
+
     def run_round(self, round_idx: int) -> dict[str, float]:
         import ray
 
+        from raycache.federation.faults import plan_faults
+
         t0 = time.perf_counter()
         sampled = sample_clients(self.trainers, self.fraction, self.seed, round_idx)
+        faults = plan_faults(sampled, self.seed, round_idx, self.federation)
+        reporting = sampled[faults.reporting]  # the rest dropped out or missed the deadline: no work asked
         state_ref = ray.put(self.state)  # the one broadcast of this round
         n_hosts = len(self.hosts)
-        calls = [host.train.remote(state_ref, [int(c) for c in sampled if c % n_hosts == h], round_idx)
-                 for h, host in enumerate(self.hosts) if any(c % n_hosts == h for c in sampled)]
-        reports = ray.get(calls)
+        calls = {}
+        for h, host in enumerate(self.hosts):
+            mine = [int(c) for c in reporting if c % n_hosts == h]
+            if mine:
+                calls[h] = (host.train.remote(state_ref, mine, round_idx, self.federation.client_timeout_s), mine)
+        reports, failed, timed_out = self._collect(calls, round_idx) if calls else ([], 0, 0)
+        succeeded = int(sum(len(r.clients) for r in reports))
+        counts = {"clients_sampled": float(len(sampled)), "clients_succeeded": float(succeeded),
+                  "clients_failed": float(failed + timed_out), "clients_dropped": float(faults.dropped.sum()),
+                  "clients_late": float(faults.late.sum()), "host_restarts": float(self.restarts)}
+        if succeeded < self.federation.min_clients:  # never aggregate from (almost) nothing
+            raise RunFailed(f"round {round_idx}: {succeeded} of {len(sampled)} sampled clients reported, fewer "
+                              f"than federation.min_clients={self.federation.min_clients} (failed {failed + timed_out}"
+                              f", dropped {int(faults.dropped.sum())}, late {int(faults.late.sum())})")
         if self.role == "federated":
             total = WeightedSum()
             for rep in reports:
                 total.merge(rep.partial)
-            bytes_down = len(sampled) * state_nbytes(self.state)
+            bytes_down = len(reporting) * state_nbytes(self.state)
             self.state = total.mean()
         elif self.role == "centralised":  # the one trainer's state is the model; nothing travelled
             self.state = reports[0].partial.mean()
             bytes_down = 0
         else:  # local: each client's state stays on its host; the initial state reaches each client once
-            fresh = sampled[~self.reached[sampled]]
+            fresh = reporting[~self.reached[reporting]]
             self.reached[fresh] = True
             bytes_down = len(fresh) * state_nbytes(self.state)
         train_seconds = time.perf_counter() - t0
-        samples = np.concatenate([r.samples for r in reports])
-        losses = np.concatenate([r.losses for r in reports])
+        order = np.argsort(np.concatenate([r.clients for r in reports]))  # client order: whatever the hosts
+        samples = np.concatenate([r.samples for r in reports])[order]
+        losses = np.concatenate([r.losses for r in reports])[order]
         metrics = self.evaluate()
         metrics.update({
             "loss": float((losses * samples).sum() / samples.sum()),
             "comm_bytes_up": float(sum(r.bytes_up for r in reports)) if self.role == "federated" else 0.0,
             "comm_bytes_down": float(bytes_down),
-            "clients_sampled": float(len(sampled)),
+            **counts,
             "client_seconds": float(sum(r.seconds.sum() for r in reports)),
             "train_seconds": train_seconds,
             "round_seconds": time.perf_counter() - t0,

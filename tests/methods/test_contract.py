@@ -69,7 +69,7 @@ def test_method_contract(name, ray_session):
     counts = np.stack([np.bincount(train[1][p], minlength=N) for p in parts])
     if method.role == "centralised":
         parts = [np.arange(30)]
-    with Federation(cfg, task, train, parts, test, server, counts) as fed:
+    with Federation(cfg, task, train, parts, test, server, counts, audit=True) as fed:
         state0 = fed.state()
         shapes = {k: v.shape for k, v in state0.items()}
         floats = STATE_FLOATS[name]()
@@ -83,6 +83,19 @@ def test_method_contract(name, ray_session):
             assert m["comm_bytes_down"] == {"federated": sent, "local": CLIENTS * 4 * floats if r == 1 else 0
                                             }.get(method.role, 0)
             assert m["client_seconds"] > 0 and m["peak_memory_mb"] > 0
+            # The privacy invariant: every message a client sent this round is exactly the method's trainable
+            # state (same keys, shapes, float32) plus its sample count; nothing else leaves a client.
+            messages = fed.audit_log()
+            if method.role == "federated":
+                assert sorted(msg["client"] for msg in messages) == list(range(CLIENTS))
+                for msg in messages:
+                    assert msg["fields"] == ["update", "weight"] and msg["keys"] == sorted(shapes)
+                    assert msg["shapes"] == {k: list(v) for k, v in shapes.items()}
+                    assert set(msg["dtypes"].values()) <= {"float32"}
+                    assert msg["weight"] == len(parts[msg["client"]])
+                assert sum(msg["nbytes"] for msg in messages) == m["comm_bytes_up"]
+            else:
+                assert messages == []  # local and centralised: nothing is uploaded
             state = fed.state()
             assert {k: v.shape for k, v in state.items()} == shapes
             assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())

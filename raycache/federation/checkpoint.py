@@ -1,0 +1,65 @@
+"""Round checkpoints: the full server state in one safetensors file, written atomically (a temp file, then
+a rename), read back only through safetensors (no pickle, nothing executable).
+
+Layout: tensors `global/<key>` (the global state), `client/<id>/<key>` (a local method's per-client states)
+and `reached` (which clients already hold the initial state); the metadata holds the round, the seed, the
+method and running totals as JSON. Sampling, faults and local training draw from (seed, round, client), so
+the round number is the whole RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raycache.errors import UserError
+
+FORMAT = "raycache-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    snapshot: dict  # {"state": State, "reached": bool array, "clients": {id: State}}
+    meta: dict  # seed, method, totals so far
+
+
+def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
+    from safetensors.numpy import save_file
+
+    tensors = {f"global/{k}": np.ascontiguousarray(v) for k, v in snapshot["state"].items()}
+    tensors["reached"] = np.asarray(snapshot["reached"], dtype=np.uint8)
+    for cid, state in snapshot.get("clients", {}).items():
+        tensors.update({f"client/{int(cid)}/{k}": np.ascontiguousarray(v) for k, v in state.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)})
+    os.replace(tmp, path)  # atomic: a reader sees the previous checkpoint or this one, never half of one
+    return path
+
+
+def load(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"--resume: checkpoint {path} not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            info = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 (any failure to parse is a damaged file)
+        raise UserError(f"--resume: checkpoint {path} is damaged or not a checkpoint ({type(err).__name__})") from None
+    if info.get("format") != FORMAT:
+        raise UserError(f"--resume: {path} is not a raycache checkpoint")
+    state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+    clients: dict[int, dict[str, np.ndarray]] = {}
+    for k, v in tensors.items():
+        if k.startswith("client/"):
+            _, cid, key = k.split("/", 2)
+            clients.setdefault(int(cid), {})[key] = v
+    snap = {"state": state, "reached": tensors["reached"].astype(bool), "clients": clients}
+    return Checkpoint(int(info["round"]), snap, json.loads(info["meta"]))

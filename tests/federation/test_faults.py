@@ -1,0 +1,109 @@
+"""Client faults: injected dropout and stragglers as pure functions of (seed, round, client); a host actor
+killed mid-round; too few clients failing the run clearly; the same metrics whatever the actor count."""
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raycache.config import load_config
+from raycache.errors import RunFailed
+from raycache.experiment import run_experiment
+from raycache.federation.faults import delay, plan_faults
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_METRICS = ("accuracy", "loss", "client_accuracy_mean", "client_accuracy_std", "comm_bytes_up",
+                 "comm_bytes_down", "clients_sampled", "clients_succeeded", "clients_failed", "clients_dropped",
+                 "clients_late")
+
+
+def fed(**kw):
+    return load_config(None, [f"federation.{k}={v}" for k, v in kw.items()]).federation
+
+
+def test_fault_plan_is_a_function_of_seed_round_and_client():
+    f = fed(dropout=0.3)
+    clients = np.arange(2000)
+    plan = plan_faults(clients, 7, 3, f)
+    assert 0.25 < plan.dropped.mean() < 0.35 and not plan.late.any()
+    # the same client draws the same fate whatever else is sampled with it (any actor, any subset)
+    sub = clients[::7]
+    assert np.array_equal(plan_faults(sub, 7, 3, f).dropped, plan.dropped[::7])
+    assert not np.array_equal(plan_faults(clients, 7, 4, f).dropped, plan.dropped)  # a new draw each round
+    assert not plan_faults(clients, 7, 3, fed()).dropped.any()  # no faults unless asked
+
+
+def test_stragglers_miss_the_deadline_by_their_simulated_delay():
+    f = load_config(None, ["federation.straggler.distribution=lognormal", "federation.straggler.median_s=1.0",
+                           "federation.round_deadline_s=2.0"]).federation
+    plan = plan_faults(np.arange(4000), 0, 1, f)
+    assert abs(np.median(plan.delays) - 1.0) < 0.1
+    assert np.array_equal(plan.late, plan.delays > 2.0)
+    # lognormal sigma 1: P(delay > 2 x median) = P(Z > ln 2) ~ 0.244
+    assert abs(plan.late.mean() - 0.244) < 0.03
+    assert delay(0.5, "exponential", 3.0, 1.0) == pytest.approx(3.0)  # the median is the median
+
+
+def test_a_straggler_distribution_needs_a_deadline(capsys):
+    from raycache.cli import main
+
+    code = main(["check", str(ROOT / "experiments/quickstart.yaml"), "--set",
+                 "federation.straggler.distribution=exponential"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "federation.round_deadline_s" in err[0], err
+
+
+def quick(tmp_path, *extra):
+    return load_config(str(ROOT / "experiments/quickstart.yaml"), [
+        "federation.rounds=3", f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=faults", *extra])
+
+
+def test_dropout_is_counted_and_metrics_do_not_depend_on_the_actor_count(tmp_path, ray_session, mlflow_uri):
+    runs = [run_experiment(quick(tmp_path, "federation.dropout=0.3", f"runtime.client_actors={a}"))
+            for a in (1, 2)]
+    for m in runs[0].history:
+        assert m["clients_dropped"] > 0 and m["clients_failed"] == 0
+        assert m["clients_succeeded"] + m["clients_dropped"] == m["clients_sampled"]
+    assert [{k: m[k] for k in MODEL_METRICS} for m in runs[0].history] == \
+           [{k: m[k] for k in MODEL_METRICS} for m in runs[1].history]
+
+
+def test_too_few_clients_fail_the_run_clearly(tmp_path, ray_session, mlflow_uri):
+    with pytest.raises(RunFailed, match=r"round 1: \d+ of 10 sampled clients reported, fewer than "
+                                        r"federation.min_clients=10"):
+        run_experiment(quick(tmp_path, "federation.dropout=0.5", "federation.min_clients=10",
+                             "tracking.run_name=too-few"))
+    client = MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
+                             "attributes.run_name = 'too-few'")[0]
+    assert run.info.status == "FAILED" and "federation.min_clients=10" in run.data.tags["failure_reason"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [0]  # no round aggregated
+
+
+def test_a_host_killed_mid_round_loses_its_clients_for_that_round_and_is_replaced(tmp_path, ray_session, mlflow_uri):
+    import ray
+
+    killed = []
+
+    def kill_a_host_soon(r, metrics):
+        if r == 1:  # round 2 starts as soon as this returns; each host trains for about a second
+            def kill():
+                time.sleep(0.3)
+                names = sorted(n for n in ray.util.list_named_actors() if n.startswith("raycache-host-"))
+                ray.kill(ray.get_actor(names[0]), no_restart=False)
+                killed.append(names[0])
+            threading.Thread(target=kill, daemon=True).start()
+
+    cfg = quick(tmp_path, "method.local_epochs=300", "federation.rounds=4", "tracking.run_name=killed")
+    summary = run_experiment(cfg, on_round=kill_a_host_soon)
+    assert killed and summary.rounds == 4
+    failed = [m["clients_failed"] for m in summary.history]
+    assert failed[0] == 0 and sum(failed) >= 1, failed  # the killed host's clients, in the round it died
+    assert summary.history[-1]["host_restarts"] >= 1
+    last = summary.history[-1]
+    assert last["clients_failed"] == 0 and last["clients_succeeded"] == last["clients_sampled"]  # replaced
+    run = MlflowClient(mlflow_uri).get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
