@@ -7,7 +7,14 @@ class UserError(Exception):
     """A mistake in the user's input, reported as one line, never with a traceback."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message.replace("\n", " ").strip())
+        super().__init__(one_line(message))
+
+
+def one_line(message: str) -> str:
+    """`message` as one printable line: newlines become spaces, and any other control or line-breaking
+    character (a user's key can hold one) is shown escaped instead of breaking the line or the terminal."""
+    message = message.replace("\n", " ").strip()
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 class RunFailed(RuntimeError):

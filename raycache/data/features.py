@@ -63,8 +63,11 @@ def load_or_encode(source: Source, spec: ModelSpec, runtime) -> Features:
     store = Path(runtime.cache_dir) / "features"
     path = store / f"{feature_key(spec, source)}.safetensors"
     if path.is_file():
-        feats = load_file(str(path))["features"]
-        if feats.shape[0] == len(source.labels) and np.isfinite(feats).all():
+        try:
+            feats = load_file(str(path))["features"]
+        except Exception:  # noqa: BLE001 (a damaged store file, e.g. a full disk: it is a cache, re-encode)
+            feats = None
+        if feats is not None and feats.shape[0] == len(source.labels) and np.isfinite(feats).all():
             return Features(feats, 0, path)
     feats, encoded = _encode(source, spec, runtime)
     try:

@@ -1,0 +1,74 @@
+"""A run whose driver is killed (kill -9) mid-run resumes from its last checkpoint, in the same MLflow run,
+and ends with exactly the metrics of an uninterrupted run with the same seed (CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from raycache.federation import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+EXACT = ("accuracy", "loss", "client_accuracy_mean", "client_accuracy_std", "comm_bytes_up_total",
+         "comm_bytes_down_total", "final_accuracy", "clients_succeeded")
+
+
+def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    args = [str(ROOT / "experiments/quickstart.yaml"), "--set", "federation.rounds=5", "--set",
+            "method.local_epochs=150", "--set", f"runtime.cache_dir={tmp_path / 'store'}", "--set",
+            "tracking.experiment=resume"]
+    cmd = [sys.executable, "-m", "raycache", "run", *args]
+    client = MlflowClient(uri)
+
+    def run_named(name):
+        exp = client.get_experiment_by_name("resume")
+        runs = [] if exp is None else client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+        return runs[0] if runs else None
+
+    proc = subprocess.Popen(cmd + ["--set", "tracking.run_name=killed"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            run = run_named("killed")
+            if run is not None and int(run.data.tags.get("raycache.checkpoint_round", 0)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, with no chance to clean up
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    killed = run_named("killed")
+    assert killed.info.status == "RUNNING"  # nobody ended it: the driver died
+    ckpt = checkpoint.load(Path(killed.data.tags["raycache.checkpoint"]))
+    assert 2 <= ckpt.round < 5  # a complete round's checkpoint, mid-run
+
+    resumed = subprocess.run(cmd + ["--resume", killed.info.run_id], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = subprocess.run(cmd + ["--set", "tracking.run_name=whole"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    after, reference = client.get_run(killed.info.run_id), run_named("whole")
+    assert after.info.status == "FINISHED" and after.data.tags["raycache.resumed_from_round"] == str(ckpt.round)
+    for key in EXACT:
+        assert after.data.metrics[key] == reference.data.metrics[key], key
+    # every round is in the one run, each with the uninterrupted run's value
+    hist = {m.step: m.value for m in client.get_metric_history(after.info.run_id, "accuracy")}
+    ref = {m.step: m.value for m in client.get_metric_history(reference.info.run_id, "accuracy")}
+    assert hist == ref and sorted(ref) == [0, 1, 2, 3, 4, 5]
+
+    # resuming a finished run is refused, with one line
+    again = subprocess.run(cmd + ["--resume", killed.info.run_id], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith("already finished")
