@@ -107,3 +107,17 @@ def test_a_host_killed_mid_round_loses_its_clients_for_that_round_and_is_replace
     assert last["clients_failed"] == 0 and last["clients_succeeded"] == last["clients_sampled"]  # replaced
     run = MlflowClient(mlflow_uri).get_run(summary.run_id)
     assert run.info.status == "FINISHED"
+
+
+def test_clients_past_the_timeout_are_dropped_and_the_round_fails_without_them(tmp_path, ray_session, mlflow_uri):
+    # every local training takes longer than a microsecond: each client times out, so nothing can be aggregated
+    with pytest.raises(RunFailed, match=r"round 1: 0 of 10 sampled clients reported.*\(failed 10,"):
+        run_experiment(quick(tmp_path, "federation.client_timeout_s=0.000001"))
+
+
+def test_a_diverged_update_names_its_client():
+    from raycache.federation.host import _check_finite
+
+    _check_finite({"keys": np.ones(3, np.float32)}, 4, 2)
+    with pytest.raises(RunFailed, match=r"round 2: client 4's update 'keys' has NaN/inf"):
+        _check_finite({"keys": np.array([1.0, np.nan], np.float32)}, 4, 2)
