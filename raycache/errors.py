@@ -31,8 +31,10 @@ class StopRun(Exception):
         self.reason = reason
 
 
-def find_run_failure(exc: BaseException) -> RunFailed | None:
-    """The RunFailed behind `exc` (possibly raised inside an actor and wrapped by Ray)."""
+def _chain(exc: BaseException):
+    """`exc` and every exception behind it: Ray re-raises a remote failure as `RayTaskError(X)` (an instance
+    of both) or wraps it (Ray Data's `UserCodeException`), so the original can sit in `cause`, `__cause__`
+    or `__context__`."""
     seen: set[int] = set()
     stack = [exc]
     while stack:
@@ -40,29 +42,24 @@ def find_run_failure(exc: BaseException) -> RunFailed | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+
+
+def find_run_failure(exc: BaseException) -> RunFailed | None:
+    """The RunFailed behind `exc` (possibly raised inside an actor and wrapped by Ray)."""
+    for e in _chain(exc):
         if isinstance(e, RunFailed):
             return RunFailed(str(e.args[0]).splitlines()[0]) if e.args else e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     return None
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
-    """Return the UserError behind `exc`, looking through Ray's wrappers and exception chains.
-
-    Ray re-raises a remote failure as `RayTaskError(UserError)` (an instance of both) or wraps it
-    (Ray Data's `UserCodeException`), so the original can sit in `cause`, `__cause__` or `__context__`.
-    """
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    """Return the UserError behind `exc`, looking through Ray's wrappers and exception chains."""
+    for e in _chain(exc):
         if isinstance(e, UserError):
             # RayTaskError(UserError) carries the remote traceback in its str(); keep only our line.
             return UserError(str(e.args[0])) if e.args else e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     # Across a process boundary the chain can be lost (Ray Data re-raises a UserCodeException whose cause
     # survives only in the remote traceback text): recover our one line from that text.
     for line in reversed(str(exc).splitlines()):
