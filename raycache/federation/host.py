@@ -81,6 +81,8 @@ class ClientHost:
             _check_finite(update, cid, round_idx)
             if self.local:
                 self.states[cid] = update  # kept on the client; nothing leaves it
+            elif self.method.role == "centralised":
+                partial.add(update, float(len(idx)))  # the server's own pooled trainer: no client message
             else:
                 self._upload(partial, cid, update, float(len(idx)))
             reported.append(cid)
