@@ -20,7 +20,10 @@ from raycache.models.clip import ModelSpec
 
 
 class ImageEncoder:
-    """Ray Data callable class: one model per actor, batches of encoded images in, unit-norm features out."""
+    """Ray Data callable class: one model per actor, batches of encoded images in, features out.
+
+    Features are the raw `encode_image` output (not normalised): FedCLIP's adapter reads them as they come
+    from CLIP (its reference normalises only after the adapter); every other method normalises them itself."""
 
     def __init__(self, spec: ModelSpec, use_gpu: bool) -> None:
         import torch
@@ -32,12 +35,11 @@ class ImageEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-        import torch.nn.functional as F
 
         pixels = torch.stack([self.preprocess(decode_image(img, str(key)))
                               for img, key in zip(batch["image"], batch["key"])])  # (B, 3, H, W)
         with torch.no_grad():
-            feats = F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)  # (B, D)
+            feats = self.model.encode_image(pixels.to(self.device)).float()  # (B, D), raw
         # The encoder's own count of images it pushed through the model, on the batch's first row: the
         # driver's sum is the number of encoder calls, checked against the number of distinct images.
         calls = np.zeros(len(feats), dtype=np.int64)
@@ -47,13 +49,16 @@ class ImageEncoder:
 
 @dataclass(frozen=True)
 class Features:
-    features: np.ndarray  # (n, D) float32, unit rows, in the source's order
+    features: np.ndarray  # (n, D) float32, raw encode_image output, in the source's order
     encoded: int  # images the encoder actors pushed through the model in this call (0 when read from the store)
     path: Path | None  # None: handed over in memory (a sweep's object store), not read from the store
 
 
+FEATURE_FORMAT = "raw-v2"  # v1 stored unit-normalised rows; raw rows are a different store
+
+
 def feature_key(spec: ModelSpec, source: Source) -> str:
-    return hashlib.sha256(f"{spec.fingerprint()}|{source.fingerprint}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"{FEATURE_FORMAT}|{spec.fingerprint()}|{source.fingerprint}".encode()).hexdigest()[:24]
 
 
 def load_or_encode(source: Source, spec: ModelSpec, runtime) -> Features:

@@ -91,7 +91,8 @@ class Method(ABC):
 
     @abstractmethod
     def logits(self, state: State, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, D) unit features, or (B, 3, H, W) images for a pixel method -> (B, N) class logits."""
+        """(B, D) image features as `encode_image` returns them (raw, not normalised: each method normalises
+        where its maths does), or (B, 3, H, W) images for a pixel method -> (B, N) class logits."""
 
     @abstractmethod
     def local_train(self, state: State, inputs: torch.Tensor, labels: torch.Tensor,

@@ -32,12 +32,12 @@ class CacheFL(Method):
         return self
 
     def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
-        return {"cache_keys": class_balanced_keys(server_features, server_labels, self.task.n_classes,
-                                                  self.cfg.shots)}
+        keys = class_balanced_keys(server_features, server_labels, self.task.n_classes, self.cfg.shots)
+        return {"cache_keys": keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)}
 
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
         keys = torch.as_tensor(state["cache_keys"], device=self.device)
-        return cache_logits(features, self.text_weights, keys, self.values, self.cfg.alpha, self.cfg.beta)
+        return cache_logits(F.normalize(features, dim=-1), self.text_weights, keys, self.values, self.cfg.alpha, self.cfg.beta)
 
     def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
                     seed: int) -> tuple[State, float]:
@@ -46,6 +46,7 @@ class CacheFL(Method):
         # fused: one kernel per step; the per-op overhead of the unfused step dominates at this size
         opt = torch.optim.AdamW([keys], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                 fused=True)
+        features = F.normalize(features, dim=-1)  # Tip-Adapter's maths is on unit features
         zero_shot = 100.0 * features @ self.text_weights.T  # (n, N), constant while the keys train
         loss_sum = 0.0
         for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule):

@@ -73,8 +73,8 @@ class EncoderMethod(Method):
                 p.copy_(torch.from_numpy(state[n]))
 
     def _image(self, inputs: torch.Tensor) -> torch.Tensor:
-        if inputs.dim() == 2:  # stored features: the image tower is frozen
-            return inputs
+        if inputs.dim() == 2:  # stored (raw) features: the image tower is frozen
+            return F.normalize(inputs, dim=-1)
         return F.normalize(self.model.encode_image(inputs).float(), dim=-1)
 
     def _text(self) -> torch.Tensor:

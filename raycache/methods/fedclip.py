@@ -18,7 +18,8 @@ from raycache.methods.base import Method, State, local_steps
 
 
 def adapt(features: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, D) unit features -> (B, D) adapted unit features."""
+    """(B, D) raw image features -> (B, D) adapted unit features. As in the reference, the adapter reads the
+    raw `encode_image` output and only its product with the features is normalised."""
     hidden = torch.tanh(F.linear(features, p["fc1.weight"], p["fc1.bias"]))  # (B, D)
     attention = torch.softmax(F.linear(hidden, p["fc2.weight"], p["fc2.bias"]), dim=-1)  # (B, D)
     return F.normalize(attention * features, dim=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from raycache.methods.base import Method, State
 
@@ -14,7 +15,7 @@ class ZeroShot(Method):
         return {}
 
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
-        return 100.0 * features @ self.text_weights.T  # (B, N)
+        return 100.0 * F.normalize(features, dim=-1) @ self.text_weights.T  # (B, N)
 
     def local_train(self, state, features, labels, seed) -> tuple[State, float]:
         with torch.no_grad():

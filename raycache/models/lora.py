@@ -8,6 +8,7 @@ Only `nn.Linear` modules are offered: each adapted (d_out x d_in) matrix adds r 
 
 from __future__ import annotations
 
+import math
 import re
 
 from torch import nn
@@ -65,8 +66,12 @@ def resolve_targets(model: nn.Module, targets: list[str], model_name: str) -> li
 
 
 def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, model_name: str) -> list[str]:
-    """Freeze `model`, unfuse its attention and inject PEFT LoRA adapters (A ~ N(0, 1/r^2), B = 0) on
-    `targets`; returns the names of the trainable LoRA parameters, in a stable order."""
+    """Freeze `model`, unfuse its attention and inject PEFT LoRA adapters on `targets`; returns the names of
+    the trainable LoRA parameters, in a stable order.
+
+    Initialised as FLoRA's reference does (dphuongn/FLoRA, system/flcore/trainmodel/clip_model.py):
+    A ~ N(0, std 1/sqrt(r)), B = 0. PEFT's own `gaussian` init draws A with std 1/r, so A is redrawn here
+    from torch's global generator (the caller seeds it)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
@@ -76,4 +81,9 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, mode
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=f"^(?:{pattern})$", lora_dropout=0.0,
                         bias="none", init_lora_weights="gaussian")
     inject_adapter_in_model(config, model)
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict):
+            for layer in lora_a.values():
+                nn.init.normal_(layer.weight, mean=0.0, std=1.0 / math.sqrt(rank))
     return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -16,9 +16,21 @@ def test_each_image_is_encoded_once(ray_session, image_folder, tmp_path):
     first = load_or_encode(src, ModelSpec("tiny"), runtime)
     assert first.encoded == len(src.labels) == 72  # every distinct image through the encoder once
     assert first.features.shape == (72, 64)
-    np.testing.assert_allclose(np.linalg.norm(first.features, axis=1), 1.0, rtol=1e-5)
+    # Stored raw, as encode_image returns them (FedCLIP's adapter reads them so; other methods normalise)
+    import torch
+
+    from raycache.data.sources.base import decode_image
+    from raycache.models.clip import load_clip
+
+    model, preprocess, _ = load_clip(ModelSpec("tiny"))
+    table = src.to_ray().take(3)
+    pixels = torch.stack([preprocess(decode_image(r["image"], r["key"])) for r in table])
+    with torch.no_grad():
+        np.testing.assert_allclose(first.features[:3], model.encode_image(pixels).numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(first.features, axis=1), 1.0)
     # Rows follow the source order: images of one class (same brightness) sit together in feature space.
-    sims = first.features @ first.features.T
+    unit = first.features / np.linalg.norm(first.features, axis=1, keepdims=True)
+    sims = unit @ unit.T
     same = src.labels[:, None] == src.labels[None, :]
     assert sims[same].mean() > sims[~same].mean()
 

@@ -11,18 +11,22 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_adapter_equals_the_formula():
+def test_adapter_equals_the_formula_on_raw_features():
+    """The reference feeds the raw encode_image output to the adapter and normalises only a * f."""
     rng = np.random.default_rng(0)
     D = 6
-    f = unit(rng.normal(size=(3, D)))
+    f = rng.normal(size=(3, D)) * np.array([[0.5], [3.0], [20.0]])  # raw: rows of very different norms
     p = {"fc1.weight": rng.normal(size=(D, D)), "fc1.bias": rng.normal(size=D),
          "fc2.weight": rng.normal(size=(D, D)), "fc2.bias": rng.normal(size=D)}
     h = np.tanh(f @ p["fc1.weight"].T + p["fc1.bias"])
     z = h @ p["fc2.weight"].T + p["fc2.bias"]
     a = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     expected = unit(a * f)
-    got = adapt(torch.tensor(f), {k: torch.tensor(v) for k, v in p.items()})
+    params = {k: torch.tensor(v) for k, v in p.items()}
+    got = adapt(torch.tensor(f), params)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+    # fed unit features instead, the attention differs: the scale of the input reaches the adapter
+    assert not np.allclose(adapt(torch.tensor(unit(f)), params).numpy(), expected, atol=1e-3)
 
 
 def test_contrastive_loss_is_symmetric_clip_loss():

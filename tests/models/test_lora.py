@@ -69,3 +69,16 @@ def test_lora_adapts_only_its_targets_with_scale_alpha_over_r():
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, d_in), (d_out, r)
     expected = layer.base_layer(x) + (64.0 / 2) * x @ a.T @ b.T  # y = W x + (alpha / r) B A x
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_a_is_drawn_with_the_references_std():
+    """FLoRA's reference draws A ~ N(0, 1/sqrt(r)) (PEFT's `gaussian` would give 1/r) and B = 0."""
+    model, _, _ = load_clip(ModelSpec("effnet-lite0"))  # 64-wide text tower: 2 layers x (r x 64) A entries
+    torch.manual_seed(0)
+    rank = 16
+    add_lora(model, ["text.attn.out_proj", "text.attn.q_proj", "text.attn.k_proj", "text.attn.v_proj"], rank=rank,
+             alpha=32.0, model_name="effnet-lite0")
+    a = torch.cat([p.flatten() for n, p in model.named_parameters() if ".lora_A." in n])
+    b = torch.cat([p.flatten() for n, p in model.named_parameters() if ".lora_B." in n])
+    assert len(a) == 8 * rank * 64 and not b.any()
+    assert abs(a.std().item() - rank ** -0.5) < 0.02 and abs(a.mean().item()) < 0.02  # 0.25, not 1/r = 0.0625
