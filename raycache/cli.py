@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of the base experiment, e.g. --set federation.rounds=1 (repeatable)")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    sweep.add_argument("--name", default=None, help="sweep name (default: the file's `name`)")
     sweep.add_argument("--address", default=None, help="Ray address to join (e.g. auto); default: local Ray")
     cmp = sub.add_parser("compare", help="compare the methods of one MLflow experiment (table + plots)")
     cmp.add_argument("experiment", help="MLflow experiment name (tracking.experiment)")
@@ -78,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(task, description=text)
 
         def on_round(r: int, m: dict[str, float]) -> None:
-            status = f"accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  {m['round_seconds']:.2f}s"
+            val = f"val {m['val_accuracy']:.4f}  " if "val_accuracy" in m else ""
+            status = f"{val}test {m['accuracy']:.4f}  loss {m['loss']:.4f}  {m['round_seconds']:.2f}s"
             progress.update(task, advance=1, description=f"round {r}/{cfg.federation.rounds}", status=status)
             if not console.is_terminal:  # a log file gets one plain line per round instead of a live bar
                 console.print(f"round {r}/{cfg.federation.rounds}  {status}", highlight=False)
@@ -99,9 +101,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     method = method_class(cfg.method.name)
     label = {"federated": "final federated accuracy", "local": "final accuracy (mean over clients' own models)",
              "centralised": "final centralised accuracy"}[method.role]
-    table.add_row(label, f"{summary.final['accuracy']:.4f}")
-    table.add_row("client accuracy (mean ± std)",
+    sel = summary.selection
+    if "best_round" in sel:
+        table.add_row("selected round (best validation accuracy)", f"{sel['best_round']:.0f} "
+                                                                   f"(val {sel['best_val_accuracy']:.4f})")
+        table.add_row("test accuracy at the selected round", f"{sel['selected_accuracy']:.4f}")
+    table.add_row(label + " (test)", f"{summary.final['accuracy']:.4f}")
+    table.add_row("client accuracy, re-weighted test (mean ± std)",
                   f"{summary.final['client_accuracy_mean']:.4f} ± {summary.final['client_accuracy_std']:.4f}")
+    if "local_accuracy_mean" in summary.final:
+        table.add_row("local accuracy, clients' own held-out samples (mean ± std)",
+                      f"{summary.final['local_accuracy_mean']:.4f} ± {summary.final['local_accuracy_std']:.4f}")
+    if "rounds_to_target" in sel:
+        table.add_row(f"rounds / bytes to val accuracy {cfg.federation.target_accuracy:g}",
+                      f"{sel['rounds_to_target']:.0f} / {_fmt_bytes(sel['bytes_to_target'])}")
     if method.uses_cache(cfg.method):
         cache = cfg.method.cache_init + (f" ({cfg.synth.generator})" if cfg.method.cache_init == "synthetic" else "")
         table.add_row("cache keys from", cache)
@@ -177,7 +190,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:  # exact numbers are in the logged comparison.csv; here, readable ones
         cells = row.cells()
-        cells[5], cells[6] = _fmt_bytes(row.bytes_total), f"{row.trainable_params:,.0f}"
+        cells[9], cells[10] = _fmt_bytes(row.bytes_total), f"{row.trainable_params:,.0f}"
+        cells[3] = "-" if row.lr != row.lr else cells[3]
         table.add_row(*cells)
     console = Console()
     Console(width=max(console.width, 120)).print(table)  # never truncate a method name in a pipe or log
@@ -193,25 +207,45 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raycache.sweep.space import load_sweep
 
     sweep, base = load_sweep(args.config, args.overrides)
+    if args.name is not None:
+        from raycache.sweep.space import SweepConfig
+
+        sweep = load_sweep_name(SweepConfig, sweep, args.name)
     quiet_libraries()
     print(f"sweep {sweep.name}: {len(sweep.space)} keys, scheduler {sweep.scheduler}, up to {sweep.max_concurrent} "
           f"trials at once", file=sys.stderr)
     result = run_sweep(sweep, base, resume=args.resume, address=args.address)
     table = Table(title=f"raycache sweep: {sweep.name}")
-    for h in ["trial", *sweep.space, sweep.metric, "status"]:
+    for h in ["trial", *sweep.space, sweep.metric, "test accuracy (reported)", "status"]:
         table.add_column(h)
     for t in result.trials:
         table.add_row(t["trial"], *(str(t["params"].get(k, "")) for k in sweep.space),
-                      "" if t["metric"] is None else f"{t['metric']:.4f}", t["status"])
+                      "" if t["metric"] is None else f"{t['metric']:.4f}",
+                      "" if t.get("test_accuracy") is None else f"{t['test_accuracy']:.4f}", t["status"])
     console = Console()
     Console(width=max(console.width, 120)).print(table)
     if result.best is not None:
-        print(f"best: {result.best['trial']} {sweep.metric}={result.best['metric']:.4f} {result.best['params']}")
+        test = result.best.get("test_accuracy")
+        print(f"best: {result.best['trial']} {sweep.metric}={result.best['metric']:.4f} {result.best['params']}"
+              + ("" if test is None else f" (test accuracy {test:.4f})"))
     failed = [t for t in result.trials if t["status"] == "FAILED"]
     for t in failed:
         print(f"failed: {t['trial']}: {t['failure_reason']}", file=sys.stderr)
-    print(f"parent MLflow run {result.parent_run_id} (children nested under it)")
+    print(f"parent MLflow run {result.parent_run_id} (children nested under it). To open the sweep:\n  "
+          f"{result.ui_hint}")
     return 0
+
+
+def load_sweep_name(model, sweep, name: str):
+    """`sweep` renamed (the name must be folder-safe, as in the file)."""
+    from pydantic import ValidationError
+
+    from raycache.errors import UserError
+
+    try:
+        return model.model_validate({**sweep.model_dump(), "name": name})
+    except ValidationError:
+        raise UserError(f"--name: {name!r} is not a valid sweep name (letters, digits, '_', '.', '-')") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -48,7 +48,15 @@ class DataConfig(_Section):
                                                "(root/<class>/*.png|jpg) or a .parquet file")
     image_column: str = Field("image", description="Parquet column with image bytes")
     label_column: str = Field("label", description="Parquet column with labels (int or class name)")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share of samples held out as test")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share of samples held out as test "
+                                                               "(reported, never selected on)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="stratified share held out for validation: rounds, "
+                                                             "hyperparameters and sweep trials are selected on "
+                                                             "it (0 = none)")
+    client_test_fraction: float = Field(0.0, ge=0, lt=1,
+                                        description="share of each client's own samples held out as its local "
+                                                    "test set, stratified within the client (FedCLIP's "
+                                                    "reference: 0.2); a client too small for one is refused")
     server_per_class: int = Field(16, ge=0, description="labelled samples per class the server holds out "
                                                         "(the real-image cache init draws from them)")
     clients: int = Field(10, ge=1, description="number of (virtual) clients")
@@ -62,6 +70,13 @@ class DataConfig(_Section):
     test_domain: str | None = Field(None, description="leave-one-domain-out: this domain is the test set and "
                                                       "no client holds it (needs a source with domains)")
 
+    @model_validator(mode="after")
+    def _room_for_training(self) -> "DataConfig":
+        if self.test_domain is None and self.test_fraction + self.val_fraction >= 1:
+            raise ValueError(f"data.val_fraction: {self.val_fraction:g} + data.test_fraction {self.test_fraction:g} "
+                             f"leaves nothing to train on (their sum must be below 1)")
+        return self
+
 
 class MethodConfig(_Section):
     name: str = Field("cachefl", description="federated method; see `raycache methods`")
@@ -74,6 +89,9 @@ class MethodConfig(_Section):
     beta: float = Field(1.0, gt=0, description="Tip-Adapter sharpness of the affinity exp(-beta(1-f.k))")
     # null = the method's reference setting (its `defaults`), filled in before the run is logged
     lr: float | None = Field(None, gt=0, description="local learning rate (null: the method's reference)")
+    lr_scale: float = Field(1.0, gt=0, description="multiplies the learning rate (the method's reference when "
+                                                   "lr is null): a sweep over it tunes every method around its "
+                                                   "own reference; folded into lr (and reset to 1) when resolved")
     betas: tuple[float, float] | None = Field(None, description="Adam(W) betas (null: the method's reference)")
     eps: float | None = Field(None, gt=0, description="Adam(W) epsilon (null: the method's reference)")
     weight_decay: float | None = Field(None, ge=0, description="weight decay (null: the method's reference)")
@@ -175,6 +193,12 @@ class FederationConfig(_Section):
     round_deadline_s: float | None = Field(None, gt=0, description="simulated clients slower than this (see "
                                            "straggler) miss the round")
     checkpoint: bool = Field(True, description="checkpoint the full server state after every round")
+    selection: Literal["best_val", "final"] = Field(
+        "best_val", description="which round's state is the run's result (checkpointed as final, reported by "
+                                "compare): the one with the highest val_accuracy (earliest on ties), or the last")
+    target_accuracy: float | None = Field(None, gt=0, le=1,
+                                          description="validation accuracy whose first reach is logged as "
+                                                      "rounds_to_target and bytes_to_target (null = none)")
 
     @model_validator(mode="after")
     def _deadline_with_straggler(self) -> "FederationConfig":
@@ -212,6 +236,17 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _selection_needs_validation(self) -> "ExperimentConfig":
+        if self.data.val_fraction == 0:
+            if self.federation.selection == "best_val":
+                raise ValueError("federation.selection: best_val selects on the validation split, but "
+                                 "data.val_fraction is 0; set data.val_fraction > 0 or selection: final")
+            if self.federation.target_accuracy is not None:
+                raise ValueError("federation.target_accuracy: is measured on validation accuracy, but "
+                                 "data.val_fraction is 0")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Every field as a dotted key, for MLflow params and tables."""

@@ -17,7 +17,7 @@ from raycache.config import ExperimentConfig, check_cache_size, dump_config
 from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
-from raycache.data.split import stratified_split
+from raycache.data.split import client_holdout, stratified_split
 from raycache.errors import StopRun, UserError
 from raycache.methods import method_class, with_defaults
 from raycache.models.clip import ModelSpec, check_spec
@@ -42,6 +42,7 @@ class Summary:
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_by: str | None = None  # the reason a callback ended the run before its last round
     messages: list[dict] = field(default_factory=list)  # every client message, when run with `audit`
+    selection: dict[str, float] = field(default_factory=dict)  # best_round, selected_accuracy, result_*, ...
 
     @property
     def comm_bytes(self) -> float:
@@ -65,7 +66,8 @@ class Prepared:
     spec: ModelSpec
     source: object  # raycache.data.sources.Source
     splits: object  # raycache.data.split.Splits
-    parts: list[np.ndarray]  # each client's positions in splits.train
+    parts: list[np.ndarray]  # each client's training positions in splits.train
+    client_tests: list[np.ndarray]  # each client's own held-out positions in splits.train (data.client_test_fraction)
     counts: np.ndarray  # (clients, classes)
     task: object  # raycache.methods.base.Task
     transform: object  # the model's eval image transform (for methods that train on pixels)
@@ -90,10 +92,11 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         test_mask = source.domains == names.index(cfg.data.test_domain)
     # The split depends on data.* and the seed only, never on the method: every method sees the same clients.
     splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction, cfg.data.server_per_class,
-                              cfg.seed, test_mask)
+                              cfg.seed, test_mask, val_fraction=cfg.data.val_fraction)
     train_labels = source.labels[splits.train]
     train_domains = None if source.domains is None else source.domains[splits.train]
     parts = partition(train_labels, cfg.data, cfg.seed, train_domains)
+    parts, client_tests = client_holdout(parts, train_labels, cfg.data.client_test_fraction, cfg.seed)
     counts = class_counts(parts, train_labels, len(source.class_names))
     method = method_class(cfg.method.name)
     uses_cache = method.uses_cache(cfg.method)
@@ -109,7 +112,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         from raycache.federation.runtime import check_reachable
 
         check_reachable(cfg.runtime.address)
-    return Prepared(cfg, spec, source, splits, parts, counts, task, transform, synth_store, uses_cache,
+    return Prepared(cfg, spec, source, splits, parts, client_tests, counts, task, transform, synth_store, uses_cache,
                     method.uses_pixels(cfg.method), {"time_text_s": time.perf_counter() - t})
 
 
@@ -238,12 +241,13 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     timings["time_encode_s"] = time.perf_counter() - t
 
     f, y = feats.features, source.labels
-    test = (f[splits.test], y[splits.test])
-    zs_pred = predict(lambda x: ZeroShot(cfg.method, task).logits({}, x), test[0])
-    zeroshot_accuracy = float((zs_pred == test[1]).mean())
+    zs_pred = predict(lambda x: ZeroShot(cfg.method, task).logits({}, x), f[splits.test])
+    zeroshot_accuracy = float((zs_pred == y[splits.test]).mean())
     run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
                      "distinct_images": len(y), "num_classes": len(source.class_names),
-                     "train_samples": len(splits.train), "test_samples": len(splits.test),
+                     "samples_train": sum(len(p) for p in prep.parts), "samples_val": len(splits.val),
+                     "samples_test": len(splits.test), "samples_server": len(splits.server),
+                     "samples_client_test": sum(len(p) for p in prep.client_tests),
                      "features_shared": float(features_shared)})
 
     cache_f, cache_y = f[splits.server], y[splits.server]  # the server's labelled hold-out
@@ -264,11 +268,11 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
         if inputs is None:
             inputs = load_pixels(source, prep.transform)
         timings["time_pixels_s"] = time.perf_counter() - t
-        test = (inputs[splits.test], test[1])
 
     stage("starting client actors")
     t = time.perf_counter()
     train = (np.ascontiguousarray(inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
+    evals = _eval_sets(inputs, y, splits, prep.client_tests)
     parts = prep.parts
     if method_class(cfg.method.name).role == "centralised":  # one trainer on the union of the clients' data
         parts = [np.sort(np.concatenate(parts))]
@@ -278,10 +282,10 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     first = 1 if ckpt is None else ckpt.round + 1
     totals = {"up": 0.0, "down": 0.0} if ckpt is None else {"up": ckpt.meta["up"], "down": ckpt.meta["down"]}
     last = None if ckpt is None else ckpt.meta["last"]
-    with Federation(cfg, task, train, parts, test, (cache_f, cache_y), prep.counts, audit=audit) as fed:
+    with Federation(cfg, task, train, parts, evals, (cache_f, cache_y), prep.counts, audit=audit) as fed:
         run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes))})  # nodes the client actors span
         if ckpt is None:
-            run.log_metrics(fed.evaluate(), step=0)
+            run.log_metrics(fed.start(), step=0)
         else:
             fed.restore(ckpt.snapshot)
             run.set_tags({"raycache.resumed_from_round": ckpt.round})
@@ -307,12 +311,43 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
                 _checkpoint(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
                                                           "method": cfg.method.name})
         timings["time_rounds_s"] = time.perf_counter() - t
+        result = fed.result(cfg.federation.selection)
     run.log_metrics(timings)
     run.log_metrics({"comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
-                     "final_accuracy": last["accuracy"]})
+                     "final_accuracy": last["accuracy"], **result["metrics"]})
+    _save_result(cfg, run, result)
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, feats.encoded, len(y), history,
-                   stopped_by, messages)
+                   stopped_by, messages, result["metrics"])
+
+
+def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):
+    """The test split (reported), the validation split (selected on) and the clients' own held-out samples
+    (rows of the training pool, with their owners)."""
+    from raycache.federation.evaluate import EvalSets
+
+    val = (inputs[splits.val], labels[splits.val]) if len(splits.val) else None
+    client = None
+    if any(len(t) for t in client_tests):
+        rows = splits.train[np.concatenate(client_tests)]
+        owner = np.concatenate([np.full(len(t), k, np.int64) for k, t in enumerate(client_tests)])
+        client = (inputs[rows], labels[rows], owner)
+    return EvalSets((inputs[splits.test], labels[splits.test]), val, client)
+
+
+RESULT_TAG = "raycache.result_checkpoint"
+
+
+def _save_result(cfg: ExperimentConfig, run, result: dict) -> None:
+    """The run's result (the state `federation.selection` chose) as `final.safetensors` beside the round
+    checkpoints, linked from the run."""
+    from raycache.federation import checkpoint
+
+    path = checkpoint_path(cfg, run.run_id).with_name("final.safetensors")
+    checkpoint.save(path, result["round"], result["snapshot"],
+                    {"selection": cfg.federation.selection, "method": cfg.method.name, "seed": cfg.seed})
+    run.set_tags({RESULT_TAG: str(path), "raycache.selection": cfg.federation.selection,
+                  "raycache.result_round": result["round"]})
 
 
 def _checkpoint(cfg: ExperimentConfig, run, round_idx: int, snapshot: dict, meta: dict) -> None:

@@ -126,3 +126,34 @@ def test_an_unreachable_ray_address_is_one_line_exit_2(command, tmp_path):
 
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("override, expect", [
+    (["data.val_fraction=0.85"], "data.val_fraction: 0.85 + data.test_fraction 0.2 leaves nothing to train on"),
+    (["federation.target_accuracy=0"], "federation.target_accuracy: Input should be greater than 0"),
+    (["federation.target_accuracy=1.2"], "federation.target_accuracy: Input should be less than or equal to 1"),
+    (["federation.selection=best"], "federation.selection: Input should be 'best_val' or 'final'"),
+    (["data.val_fraction=0"], "federation.selection: best_val selects on the validation split, but "
+                              "data.val_fraction is 0"),
+    (["data.val_fraction=0", "federation.selection=final", "federation.target_accuracy=0.5"],
+     "federation.target_accuracy: is measured on validation accuracy, but data.val_fraction is 0"),
+    (["data.client_test_fraction=1"], "data.client_test_fraction: Input should be less than 1"),
+    (["data.val_fraction=0.5", "data.server_per_class=60"], "class 'zero' has 178 images in all; needs at least "
+                                                             "186 (data.test_fraction 36 + data.val_fraction 89 + "
+                                                             "data.server_per_class 60 + 1 for training)"),
+])
+def test_bad_selection_and_split_keys_are_one_line_exit_2(capsys, mlflow_uri, override, expect):
+    code, err = run_cli(capsys, *[a for o in override for a in ("--set", o)])
+    assert code == 2 and len(err) == 1 and expect in err[0], err
+
+
+def test_a_client_too_small_for_its_local_test_set_is_named_before_any_run(capsys, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    before = len(client.search_runs(exps)) if exps else 0
+    code, err = run_cli(capsys, "--set", "data.client_test_fraction=0.1", "--set", "data.alpha=0.05",
+                        "--set", "data.clients=60", "--set", "tracking.experiment=too-small")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: data.client_test_fraction: client ") and " to test and " in err[0], err
+    exps = [e.experiment_id for e in client.search_experiments()]
+    assert (len(client.search_runs(exps)) if exps else 0) == before  # no MLflow run was opened

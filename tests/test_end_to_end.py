@@ -53,7 +53,7 @@ def test_mlflow_holds_the_run(finished):
     assert {"config.yaml", "partition.csv"} <= artifacts
     csv = client.download_artifacts(summary.run_id, "partition.csv")
     rows = np.loadtxt(csv, delimiter=",", skiprows=1)
-    assert rows.shape == (6, N_CLASSES + 2) and rows[:, -1].sum() == run.data.metrics["train_samples"]
+    assert rows.shape == (6, N_CLASSES + 2) and rows[:, -1].sum() == run.data.metrics["samples_train"]
 
 
 def test_second_run_reuses_features(finished):
@@ -114,8 +114,8 @@ def test_zeroshot_needs_no_cache_source(finished):
     assert summary.final["accuracy"] == pytest.approx(summary.zeroshot_accuracy)
     assert summary.comm_bytes == 0
     # The split depends on the data config and the seed, not the method: the same clients as CacheFL's run.
-    train = client.get_run(summary.run_id).data.metrics["train_samples"]
-    assert train == client.get_run(first.run_id).data.metrics["train_samples"]
+    train = client.get_run(summary.run_id).data.metrics["samples_train"]
+    assert train == client.get_run(first.run_id).data.metrics["samples_train"]
     parts = [client.download_artifacts(r, "partition.csv") for r in (summary.run_id, first.run_id)]
     assert open(parts[0]).read() == open(parts[1]).read()
 
@@ -148,10 +148,21 @@ def test_compare_tabulates_and_plots_the_experiment(finished, capsys):
     exp = client.get_experiment_by_name("e2e").experiment_id
     finished_runs = [r for r in client.search_runs([exp], "attributes.status = 'FINISHED'")
                      if "raycache.method" in r.data.tags]
+    ignore = ("seed", "method.lr_scale", "tracking.", "runtime.")
     for method in {r.data.tags["raycache.method"] for r in finished_runs}:
         mine = [r for r in finished_runs if r.data.tags["raycache.method"] == method]
-        assert by[method].runs == len(mine)
-        assert by[method].accuracy == pytest.approx(np.mean([r.data.metrics["accuracy"] for r in mine]))
+        groups: dict = {}
+        for r in mine:  # a setting: every param but the seed, tracking and runtime keys
+            key = frozenset((k, v) for k, v in r.data.params.items() if not k.startswith(ignore))
+            groups.setdefault(key, []).append(r)
+        # validation picks the setting; only its runs are averaged; their test accuracy at the selected round
+        chosen = max(groups.values(), key=lambda g: np.mean([r.data.metrics["result_val_accuracy"] for r in g]))
+        assert by[method].settings == len(groups) and by[method].runs == len(chosen)
+        assert by[method].accuracy == pytest.approx(np.mean([r.data.metrics["result_accuracy"] for r in chosen]))
+        assert by[method].val_accuracy == pytest.approx(
+            np.mean([r.data.metrics["result_val_accuracy"] for r in chosen]))
+        assert all(r.data.metrics["result_accuracy"] == r.data.metrics["selected_accuracy"] for r in chosen)
+    assert by["cachefl"].settings >= 2  # the e2e module ran cachefl at more than one setting
     assert by["zeroshot"].bytes_total == 0 and by["fedclip"].trainable_params == 2 * (DIM * DIM + DIM)
     first = client.get_run(summary.run_id).data.metrics
     assert by["cachefl"].bytes_total > 0 and first["comm_bytes_up_total"] > 0

@@ -102,6 +102,28 @@ def test_fedclip_pacs_config_runs_leave_one_domain_out(tmp_path, ray_session, ml
     client = MlflowClient(mlflow_uri)
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_samples"] == 12  # exactly the held-out sketch domain
+    m = run.data.metrics
+    assert m["samples_test"] == 12  # exactly the held-out sketch domain
+    # about 60/20/20 as in the reference: of the 36 training-domain images, round(0.2 x 18) = 4 per class
+    # validate, and a quarter of each client's remaining images is its own local test set
+    assert m["samples_val"] == 8 and m["samples_train"] + m["samples_client_test"] == 36 - 8
+    assert 6 <= m["samples_client_test"] <= 9
     rows = np.loadtxt(client.download_artifacts(summary.run_id, "partition.csv"), delimiter=",", skiprows=1)
-    assert rows.shape == (3, 2 + 2) and (rows[:, -1] == 12).all()  # one client per remaining domain
+    assert rows.shape == (3, 2 + 2) and rows[:, -1].sum() == m["samples_train"]  # one client per remaining domain
+    assert 0 <= m["local_accuracy_mean"] <= 1 and "val_accuracy" in m and "best_round" in m
+
+
+def test_local_test_sets_come_from_each_clients_own_domain(tmp_path):
+    root = pacs_like(tmp_path / "pacs")
+    cfg = load_config(_abs(Path("experiments/paper/fedclip/pacs_sketch.yaml")), [
+        f"data.dataset={root}", "model.name=tiny", "model.pretrained=null"])
+    prep = prepare(cfg)
+    domains = prep.source.domains[prep.splits.train]
+    labels = prep.source.labels[prep.splits.train]
+    for k, (train, test) in enumerate(zip(prep.parts, prep.client_tests)):
+        assert len(test) >= 2 and len(np.intersect1d(train, test)) == 0
+        assert len(set(domains[train])) == 1 and set(domains[test]) == set(domains[train])  # its own domain
+        assert set(labels[test]) == {0, 1}  # stratified within the client: both classes held out
+    held = np.concatenate(prep.client_tests)
+    assert len(np.intersect1d(prep.splits.train[held], prep.splits.val)) == 0  # never the validation split
+    assert len(np.intersect1d(prep.splits.train[held], prep.splits.test)) == 0

@@ -14,7 +14,8 @@ from raycache.federation import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ("accuracy", "loss", "client_accuracy_mean", "client_accuracy_std", "comm_bytes_up_total",
-         "comm_bytes_down_total", "final_accuracy", "clients_succeeded")
+         "comm_bytes_down_total", "final_accuracy", "clients_succeeded", "val_accuracy", "best_round",
+         "selected_accuracy", "result_accuracy", "result_round", "rounds_to_target", "bytes_to_target")
 
 
 def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
@@ -22,7 +23,7 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
     args = [str(ROOT / "experiments/quickstart.yaml"), "--set", "federation.rounds=5", "--set",
             "method.local_epochs=150", "--set", f"runtime.cache_dir={tmp_path / 'store'}", "--set",
-            "tracking.experiment=resume"]
+            "tracking.experiment=resume", "--set", "federation.target_accuracy=0.3"]
     cmd = [sys.executable, "-m", "raycache", "run", *args]
     client = MlflowClient(uri)
 
@@ -67,6 +68,11 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     hist = {m.step: m.value for m in client.get_metric_history(after.info.run_id, "accuracy")}
     ref = {m.step: m.value for m in client.get_metric_history(reference.info.run_id, "accuracy")}
     assert hist == ref and sorted(ref) == [0, 1, 2, 3, 4, 5]
+    # the selected result (the best validation round's state, kept across the kill) is the same state
+    from safetensors.numpy import load_file
+
+    mine, theirs = (load_file(r.data.tags["raycache.result_checkpoint"]) for r in (after, reference))
+    assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in mine)
 
     # resuming a finished run is refused, with one line
     again = subprocess.run(cmd + ["--resume", killed.info.run_id], env=env, cwd=tmp_path, capture_output=True,

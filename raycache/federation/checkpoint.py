@@ -1,9 +1,10 @@
 """Round checkpoints: the full server state in one safetensors file, written atomically (a temp file, then
 a rename), read back only through safetensors (no pickle, nothing executable).
 
-Layout: tensors `global/<key>` (the global state), `client/<id>/<key>` (a local method's per-client states)
-and `reached` (which clients already hold the initial state); the metadata holds the round, the seed, the
-method and running totals as JSON. Sampling, faults and local training draw from (seed, round, client), so
+Layout: tensors `global/<key>` (the global state), `client/<id>/<key>` (a local method's per-client states),
+`reached` (which clients already hold the initial state) and the same under `best/` (the state at the best
+validation round so far); the metadata holds the round, the seed, the method, running totals and the
+selection record as JSON. Sampling, faults and local training draw from (seed, round, client), so
 the round number is the whole RNG state.
 """
 
@@ -31,15 +32,35 @@ class Checkpoint:
 def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
     from safetensors.numpy import save_file
 
-    tensors = {f"global/{k}": np.ascontiguousarray(v) for k, v in snapshot["state"].items()}
+    tensors = _tensors(snapshot)
     tensors["reached"] = np.asarray(snapshot["reached"], dtype=np.uint8)
-    for cid, state in snapshot.get("clients", {}).items():
-        tensors.update({f"client/{int(cid)}/{k}": np.ascontiguousarray(v) for k, v in state.items()})
+    if "best" in snapshot:
+        tensors.update({f"best/{k}": v for k, v in _tensors(snapshot["best"]).items()})
+    info = {"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)}
+    if "selection" in snapshot:
+        info["selection"] = json.dumps(snapshot["selection"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)})
+    save_file(tensors, str(tmp), metadata=info)
     os.replace(tmp, path)  # atomic: a reader sees the previous checkpoint or this one, never half of one
     return path
+
+
+def _tensors(snap: dict) -> dict[str, np.ndarray]:
+    tensors = {f"global/{k}": np.ascontiguousarray(v) for k, v in snap["state"].items()}
+    for cid, state in snap.get("clients", {}).items():
+        tensors.update({f"client/{int(cid)}/{k}": np.ascontiguousarray(v) for k, v in state.items()})
+    return tensors
+
+
+def _states(tensors: dict[str, np.ndarray]) -> dict:
+    state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+    clients: dict[int, dict[str, np.ndarray]] = {}
+    for k, v in tensors.items():
+        if k.startswith("client/"):
+            _, cid, key = k.split("/", 2)
+            clients.setdefault(int(cid), {})[key] = v
+    return {"state": state, "clients": clients}
 
 
 def load(path: Path) -> Checkpoint:
@@ -55,11 +76,8 @@ def load(path: Path) -> Checkpoint:
         raise UserError(f"--resume: checkpoint {path} is damaged or not a checkpoint ({type(err).__name__})") from None
     if info.get("format") != FORMAT:
         raise UserError(f"--resume: {path} is not a raycache checkpoint")
-    state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
-    clients: dict[int, dict[str, np.ndarray]] = {}
-    for k, v in tensors.items():
-        if k.startswith("client/"):
-            _, cid, key = k.split("/", 2)
-            clients.setdefault(int(cid), {})[key] = v
-    snap = {"state": state, "reached": tensors["reached"].astype(bool), "clients": clients}
+    snap = {**_states(tensors), "reached": tensors["reached"].astype(bool)}
+    if "selection" in info:
+        snap["selection"] = json.loads(info["selection"])
+        snap["best"] = _states({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")})
     return Checkpoint(int(info["round"]), snap, json.loads(info["meta"]))

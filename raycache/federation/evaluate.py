@@ -1,12 +1,32 @@
-"""Accuracy maths: global test accuracy, per-class accuracy, and each client's accuracy under its own
-label distribution (sum over classes of its class share times the per-class test accuracy)."""
+"""Accuracy maths and the evaluation sets.
+
+- `EvalSets`: the global test split (reported), the global validation split (selected on) and the clients'
+  own held-out samples (each client's local test set, with the client that owns each row).
+- Global test accuracy, per-class accuracy, each client's accuracy under its own label distribution (sum over
+  classes of its class share times the per-class test accuracy: a re-weighting of the global test, not a
+  held-out test), and each client's accuracy on its own held-out samples.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    test: tuple[np.ndarray, np.ndarray]  # (inputs, labels)
+    val: tuple[np.ndarray, np.ndarray] | None = None  # None: data.val_fraction = 0
+    client: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (inputs, labels, owner); None: no local tests
+
+    def client_rows(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        """One client's own held-out (inputs, labels)."""
+        inputs, labels, owner = self.client
+        mine = owner == cid
+        return inputs[mine], labels[mine]
 
 
 @torch.no_grad()
@@ -14,6 +34,8 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarra
             device: str | torch.device = "cpu") -> np.ndarray:
     """Predicted classes for `inputs` (features or images), `chunk` at a time."""
     x = torch.from_numpy(np.ascontiguousarray(inputs))
+    if len(x) == 0:
+        return np.zeros(0, np.int64)
     return np.concatenate([logits_fn(x[i:i + chunk].to(device)).argmax(dim=1).cpu().numpy()
                            for i in range(0, len(x), chunk)])
 
@@ -29,3 +51,23 @@ def client_accuracy(class_counts: np.ndarray, per_class_acc: np.ndarray) -> np.n
     `per_class_acc` is (classes,) for one shared model, or (clients, classes) when each client has its own."""
     share = class_counts / np.maximum(class_counts.sum(axis=1, keepdims=True), 1)
     return (share * per_class_acc).sum(axis=1)
+
+
+def owner_accuracy(pred: np.ndarray, labels: np.ndarray, owner: np.ndarray, n_clients: int) -> np.ndarray:
+    """(clients,) accuracy of `pred` on each client's own rows (`owner[i]` is row i's client)."""
+    hits = np.bincount(owner, weights=(pred == labels).astype(np.float64), minlength=n_clients)
+    totals = np.bincount(owner, minlength=n_clients)
+    return np.divide(hits, totals, out=np.zeros(n_clients), where=totals > 0)
+
+
+def summarise(test_acc: float, val_acc: float | None, client_acc: np.ndarray,
+              local_acc: np.ndarray | None) -> dict[str, float]:
+    """The per-round evaluation metrics."""
+    out = {"accuracy": float(test_acc), "client_accuracy_mean": float(client_acc.mean()),
+           "client_accuracy_std": float(client_acc.std())}
+    if val_acc is not None:
+        out["val_accuracy"] = float(val_acc)
+    if local_acc is not None:
+        out["local_accuracy_mean"] = float(local_acc.mean())
+        out["local_accuracy_std"] = float(local_acc.std())
+    return out

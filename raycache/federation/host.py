@@ -34,7 +34,7 @@ class HostReport:
 
 class ClientHost:
     def __init__(self, method_name: str, method_cfg, task, train, clients: dict[int, np.ndarray], seed: int,
-                 threads: int = 1, use_gpu: bool = False, test=None, audit: bool = False) -> None:
+                 threads: int = 1, use_gpu: bool = False, evals=None, audit: bool = False) -> None:
         import torch
 
         from raycache.methods import method_class
@@ -50,7 +50,7 @@ class ClientHost:
         self.features, self.labels = train  # read-only, zero-copy views of the shared object
         self.clients = clients
         self.seed = seed
-        self.test = test  # (inputs, labels), for evaluating local states
+        self.evals = evals  # EvalSets: test, validation, client tests (for evaluating local states)
         self.local = self.method.role == "local"
         self.states: dict[int, State] = {}  # a local method's per-client states (clients trained so far)
         self.audit: list[dict] | None = [] if audit else None  # a record of every client message (tests)
@@ -119,23 +119,31 @@ class ClientHost:
     def set_states(self, states: dict[int, State]) -> None:
         self.states = {int(c): s for c, s in states.items() if int(c) in self.clients}
 
-    def evaluate(self, state: State) -> dict[int, np.ndarray]:
-        """A local method's per-client test predictions, each client under its own state (or the initial
-        `state` if it has not trained yet); clients still on the initial state share one prediction."""
+    def evaluate(self, state: State) -> dict[str, dict[int, np.ndarray]]:
+        """A local method's predictions, each client under its own state (or the initial `state` if it has
+        not trained yet): {"test": {client: pred}, "val": ..., "local": {client: pred on its own held-out
+        samples}}. Clients still on the initial state share one global prediction."""
         from raycache.federation.evaluate import predict
 
-        inputs, _ = self.test
-        shared = None
-        out = {}
+        ev = self.evals
+        sets = {"test": ev.test[0]} | ({"val": ev.val[0]} if ev.val is not None else {})
+        shared: dict[str, np.ndarray] = {}
+        out: dict[str, dict[int, np.ndarray]] = {"test": {}, "val": {}, "local": {}}
+
+        def run(s: State, inputs: np.ndarray) -> np.ndarray:
+            return predict(lambda x: self.method.logits(s, x), inputs, self.method.eval_batch, self.device)
+
         for cid in self.clients:
-            if cid in self.states:
-                out[cid] = predict(lambda x, s=self.states[cid]: self.method.logits(s, x), inputs,
-                                   self.method.eval_batch, self.device)
-            else:
-                if shared is None:
-                    shared = predict(lambda x: self.method.logits(state, x), inputs, self.method.eval_batch,
-                                     self.device)
-                out[cid] = shared
+            own = self.states.get(cid)
+            for name, inputs in sets.items():
+                if own is not None:
+                    out[name][cid] = run(own, inputs)
+                else:
+                    if name not in shared:
+                        shared[name] = run(state, inputs)
+                    out[name][cid] = shared[name]
+            if ev.client is not None:
+                out["local"][cid] = run(state if own is None else own, ev.client_rows(cid)[0])
         return out
 
     def node(self) -> str:

@@ -11,20 +11,21 @@ class Federation:
     """Owns the actors of one experiment; `close()` (or leaving the `with` block) removes them."""
 
     def __init__(self, cfg, task: Task, train: tuple[np.ndarray, np.ndarray], parts: list[np.ndarray],
-                 test: tuple[np.ndarray, np.ndarray], server_data: tuple[np.ndarray, np.ndarray],
-                 class_counts: np.ndarray, audit: bool = False) -> None:
+                 evals, server_data: tuple[np.ndarray, np.ndarray], class_counts: np.ndarray,
+                 audit: bool = False) -> None:
         """`train` holds the inputs the method trains on (features, or images), `parts` each trainer's rows
-        of it (one pooled trainer for a centralised method), `class_counts` the clients' label mixes."""
+        of it (one pooled trainer for a centralised method), `evals` the test, validation and client-test
+        sets (`EvalSets`), `class_counts` the clients' label mixes."""
         self.hosts: list = []
         self.nodes: list[str] = []
         self.server = None
         try:
-            self._start(cfg, task, train, parts, test, server_data, class_counts, audit)
+            self._start(cfg, task, train, parts, evals, server_data, class_counts, audit)
         except BaseException:
             self.close()  # never leave actors holding a shared cluster's CPUs
             raise
 
-    def _start(self, cfg, task, train, parts, test, server_data, class_counts, audit) -> None:
+    def _start(self, cfg, task, train, parts, evals, server_data, class_counts, audit) -> None:
         import ray
 
         from raycache.federation.host import ClientHost
@@ -34,7 +35,7 @@ class Federation:
         n_hosts = min(rt.client_actors, len(parts))
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
-        test_ref = ray.put(test)
+        evals_ref = ray.put(evals)
         import uuid
 
         # Named (raycache-host-<federation>-<host>-<generation>) so that operators and tests can find them.
@@ -42,7 +43,7 @@ class Federation:
                    "name": f"raycache-host-{uuid.uuid4().hex[:8]}"}
         specs = [((cfg.method.name, cfg.method, task_ref, train_ref,
                    {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed),
-                  {"threads": max(1, int(rt.client_cpus)), "use_gpu": rt.client_gpus > 0, "test": test_ref,
+                  {"threads": max(1, int(rt.client_cpus)), "use_gpu": rt.client_gpus > 0, "evals": evals_ref,
                    "audit": audit}) for h in range(n_hosts)]
         host_cls = ray.remote(ClientHost)
         for h, (args, kwargs) in enumerate(specs):  # one by one, so that a failure part-way still cleans up
@@ -50,7 +51,7 @@ class Federation:
                 *args, **kwargs))
         server_cls = ray.remote(Server).options(num_cpus=0)
         # The server can replace a host that dies or times out: it gets the same options and arguments.
-        self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, test_ref, server_data,
+        self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, evals_ref, server_data,
                                         class_counts, self.hosts, len(parts), cfg.federation, cfg.seed,
                                         (options, specs))
         self.nodes: list[str] = ray.get([h.node.remote() for h in self.hosts])  # waits until all have started
@@ -85,6 +86,18 @@ class Federation:
         import ray
 
         return ray.get(self.server.evaluate.remote())
+
+    def start(self) -> dict[str, float]:
+        """Round 0: evaluate the initial state and offer it for selection."""
+        import ray
+
+        return ray.get(self.server.start.remote())
+
+    def result(self, selection: str) -> dict:
+        """The run's selected result: {"round", "snapshot", "metrics"}."""
+        import ray
+
+        return ray.get(self.server.result.remote(selection))
 
     def run_round(self, round_idx: int) -> dict[str, float]:
         import ray

@@ -13,21 +13,23 @@ import numpy as np
 
 from raycache.errors import RunFailed
 from raycache.federation.aggregate import WeightedSum
-from raycache.federation.evaluate import client_accuracy, per_class_accuracy, predict
+from raycache.federation.evaluate import (EvalSets, client_accuracy, owner_accuracy, per_class_accuracy, predict,
+                                          summarise)
 from raycache.federation.sampling import sample_clients
+from raycache.federation.selection import Selection
 from raycache.methods.base import State, state_nbytes, state_params
 
 
 class Server:
-    def __init__(self, method_name: str, method_cfg, task, test, server_data, class_counts: np.ndarray,
+    def __init__(self, method_name: str, method_cfg, task, evals: EvalSets, server_data, class_counts: np.ndarray,
                  hosts: list, trainers: int, federation, seed: int, host_spec: tuple | None = None) -> None:
-        """`host_spec` = (actor options, [(args, kwargs) per host]): how to start a replacement for a host
-        that died or timed out."""
+        """`evals`: the test, validation and client-test sets. `host_spec` = (actor options, [(args, kwargs)
+        per host]): how to start a replacement for a host that died or timed out."""
         from raycache.methods import method_class
 
         self.method = method_class(method_name)(method_cfg, task)
         self.role = self.method.role
-        self.test_inputs, self.test_labels = test
+        self.evals = evals
         self.state = self.method.init_state(*server_data)
         self.class_counts = class_counts  # (clients, classes): the clients' label mixes, for client accuracy
         self.hosts = hosts
@@ -38,25 +40,76 @@ class Server:
         self.host_spec = host_spec
         self.restarts = 0
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (local role)
+        self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
+        self.best: dict = {"state": self.state, "clients": {}}  # the state at selection.best_round
 
     def evaluate(self) -> dict[str, float]:
+        """Test, validation and local-test accuracy of the current state (each client's own, for a local
+        method)."""
         n_classes = self.method.task.n_classes
-        if self.role == "local":  # every client under its own state: mean over clients
+        n_clients = len(self.class_counts)
+        ev = self.evals
+        test_y = ev.test[1]
+        val_acc = local_acc = None
+        if self.role == "local":  # every client under its own state: means over clients
             import ray
 
-            preds: dict[int, np.ndarray] = {}
+            preds: dict[str, dict[int, np.ndarray]] = {"test": {}, "val": {}, "local": {}}
             for part in ray.get([h.evaluate.remote(self.state) for h in self.hosts]):
-                preds.update(part)
-            per_class = np.stack([per_class_accuracy(preds[c], self.test_labels, n_classes)
-                                  for c in range(len(self.class_counts))])  # (clients, classes)
+                for name, by_client in part.items():
+                    preds[name].update(by_client)
+            clients = range(n_clients)
+            per_class = np.stack([per_class_accuracy(preds["test"][c], test_y, n_classes) for c in clients])
             client_acc = client_accuracy(self.class_counts, per_class)
-            accuracy = float(np.mean([(preds[c] == self.test_labels).mean() for c in range(len(per_class))]))
+            test_acc = np.mean([(preds["test"][c] == test_y).mean() for c in clients])
+            if ev.val is not None:
+                val_acc = np.mean([(preds["val"][c] == ev.val[1]).mean() for c in clients])
+            if ev.client is not None:
+                local_acc = np.array([(preds["local"][c] == ev.client_rows(c)[1]).mean() for c in clients])
         else:
-            pred = predict(lambda x: self.method.logits(self.state, x), self.test_inputs, self.method.eval_batch)
-            client_acc = client_accuracy(self.class_counts, per_class_accuracy(pred, self.test_labels, n_classes))
-            accuracy = float((pred == self.test_labels).mean())
-        return {"accuracy": accuracy, "client_accuracy_mean": float(client_acc.mean()),
-                "client_accuracy_std": float(client_acc.std())}
+            def run(inputs):
+                return predict(lambda x: self.method.logits(self.state, x), inputs, self.method.eval_batch)
+
+            pred = run(ev.test[0])
+            client_acc = client_accuracy(self.class_counts, per_class_accuracy(pred, test_y, n_classes))
+            test_acc = (pred == test_y).mean()
+            if ev.val is not None:
+                val_acc = (run(ev.val[0]) == ev.val[1]).mean()
+            if ev.client is not None:
+                inputs, labels, owner = ev.client
+                local_acc = owner_accuracy(run(inputs), labels, owner, n_clients)
+        return summarise(test_acc, val_acc, client_acc, local_acc)
+
+    def start(self) -> dict[str, float]:
+        """Evaluate the initial state (round 0): it is a candidate for selection like every round."""
+        metrics = self.evaluate()
+        self._offer(0, metrics, 0.0)
+        return metrics
+
+    def _offer(self, round_idx: int, metrics: dict[str, float], round_bytes: float) -> None:
+        if self.selection.offer(round_idx, metrics, round_bytes):
+            self.best = {"state": self.state, "clients": self._client_states()}
+
+    def _client_states(self) -> dict[int, State]:
+        """A local method's per-client states, gathered from the hosts ({} for other roles)."""
+        import ray
+
+        clients: dict[int, State] = {}
+        if self.role == "local":
+            for part in ray.get([h.get_states.remote() for h in self.hosts]):
+                clients.update(part)
+        return clients
+
+    def result(self, selection: str) -> dict:
+        """The run's result: the state at the selected round (`best_val` or `final`), with its round and the
+        end-of-run selection metrics."""
+        chosen = self.selection.result_round(selection)
+        if selection == "best_val" and self.selection.best_round is not None:
+            snap = {"state": self.best["state"], "clients": self.best["clients"]}
+        else:
+            snap = {"state": self.state, "clients": self._client_states()}
+        return {"round": chosen, "snapshot": {**snap, "reached": self.reached.copy()},
+                "metrics": self.selection.summary(selection)}
 
     def get_state(self):
         """The global state (the initial state, for a local method): what a checkpoint would hold."""
@@ -67,21 +120,20 @@ class Server:
 
     def snapshot(self) -> dict:
         """The full server state for a checkpoint: the global state, which clients already hold the initial
-        state, and a local method's per-client states. (Client sampling, faults and local training draw from
-        (seed, round, client), so the round number is all the RNG state there is.)"""
-        import ray
-
-        clients: dict[int, State] = {}
-        if self.role == "local":
-            for part in ray.get([h.get_states.remote() for h in self.hosts]):
-                clients.update(part)
-        return {"state": self.state, "reached": self.reached.copy(), "clients": clients}
+        state, a local method's per-client states, and the selection so far (its record and the best
+        state). (Client sampling, faults and local training draw from (seed, round, client), so the round
+        number is all the RNG state there is.)"""
+        return {"state": self.state, "reached": self.reached.copy(), "clients": self._client_states(),
+                "best": self.best, "selection": self.selection.to_json()}
 
     def restore(self, snap: dict) -> None:
         import ray
 
         self.state = snap["state"]
         self.reached = np.asarray(snap["reached"], dtype=bool)
+        if "selection" in snap:
+            self.selection = Selection.from_json(snap["selection"])
+            self.best = snap["best"]
         if self.role == "local":
             ray.get([h.set_states.remote(snap["clients"]) for h in self.hosts])
 
@@ -175,9 +227,10 @@ class Server:
         samples = np.concatenate([r.samples for r in reports])[order]
         losses = np.concatenate([r.losses for r in reports])[order]
         metrics = self.evaluate()
+        bytes_up = float(sum(r.bytes_up for r in reports)) if self.role == "federated" else 0.0
         metrics.update({
             "loss": float((losses * samples).sum() / samples.sum()),
-            "comm_bytes_up": float(sum(r.bytes_up for r in reports)) if self.role == "federated" else 0.0,
+            "comm_bytes_up": bytes_up,
             "comm_bytes_down": float(bytes_down),
             **counts,
             "client_seconds": float(sum(r.seconds.sum() for r in reports)),
@@ -186,4 +239,5 @@ class Server:
             "peak_memory_mb": float(max(r.peak_rss_mb for r in reports)),
             "trainable_params": float(state_params(self.state)),
         })
+        self._offer(round_idx, metrics, bytes_up + float(bytes_down))
         return metrics

@@ -69,7 +69,11 @@ def test_method_contract(name, ray_session):
     counts = np.stack([np.bincount(train[1][p], minlength=N) for p in parts])
     if method.role == "centralised":
         parts = [np.arange(30)]
-    with Federation(cfg, task, train, parts, test, server, counts, audit=True) as fed:
+    from raycache.federation.evaluate import EvalSets
+
+    owner = np.array([0, 0, 1, 1, 1])  # each client's own held-out rows (here: copies of training rows)
+    evals = EvalSets(test, (test[0][:6], test[1][:6]), (train[0][:5], train[1][:5], owner))
+    with Federation(cfg, task, train, parts, evals, server, counts, audit=True) as fed:
         state0 = fed.state()
         shapes = {k: v.shape for k, v in state0.items()}
         floats = STATE_FLOATS[name]()
@@ -77,6 +81,7 @@ def test_method_contract(name, ray_session):
         for r in (1, 2):
             m = fed.run_round(r)
             assert all(np.isfinite(v) for v in m.values()), m
+            assert {"val_accuracy", "local_accuracy_mean", "local_accuracy_std"} <= set(m)
             assert m["trainable_params"] == floats
             sent = {"federated": CLIENTS * 4 * floats}.get(method.role, 0)
             assert m["comm_bytes_up"] == sent

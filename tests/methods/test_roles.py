@@ -2,6 +2,8 @@
 The client host is a plain class, exercised here in process (the runtime makes it a Ray actor)."""
 
 import numpy as np
+
+from raycache.federation.evaluate import EvalSets
 import pytest
 import torch
 
@@ -34,7 +36,8 @@ def test_local_only_clients_keep_their_own_state_and_send_nothing(data, local_mo
     task, feats, labels = data
     cfg = MethodConfig(name="local_only", shots=K, local_model=local_model, lr=1e-2, local_epochs=3)
     clients = {0: np.arange(0, 24, 2), 1: np.arange(1, 24, 2), 2: np.arange(0, 6)}
-    host = ClientHost("local_only", cfg, task, (feats, labels), clients, seed=0, test=(feats, labels))
+    host = ClientHost("local_only", cfg, task, (feats, labels), clients, seed=0,
+                      evals=EvalSets((feats, labels)))
     init = host.method.init_state(feats, labels)
     assert set(init) == keys
     report = host.train(init, [0, 1], round_idx=1)
@@ -47,7 +50,7 @@ def test_local_only_clients_keep_their_own_state_and_send_nothing(data, local_mo
     cont, _ = host.method.local_train(s0, x0, y0, seed=client_seed(0, 2, 0))
     assert all(np.array_equal(host.states[0][k], cont[k]) for k in keys)
     assert all(np.array_equal(host.states[1][k], s1[k]) for k in keys)  # untouched when not sampled
-    preds = host.evaluate(init)
+    preds = host.evaluate(init)["test"]
     assert set(preds) == {0, 1, 2}
     want = host.method.logits(init, torch.from_numpy(feats)).argmax(1).numpy()
     np.testing.assert_array_equal(preds[2], want)  # an untrained client predicts with the initial state
