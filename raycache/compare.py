@@ -1,8 +1,11 @@
 """Compare the methods in one MLflow experiment: a table per method and two plots, logged to a summary run.
 
-Reads the experiment's finished experiment runs (those tagged `raycache.method`); several runs of one method
-(seeds, say) are averaged. The plots are accuracy against round, and accuracy against cumulative bytes sent
-(log x; methods that send nothing are drawn as a dashed line).
+Reads the experiment's finished experiment runs (those tagged `raycache.method`). A method's runs are grouped
+by setting (every param except the seed and tracking keys); validation picks the setting (highest mean
+`result_val_accuracy`), and only that setting's runs (seeds, say) are averaged into the method's row, which
+reports their test accuracy at each run's selected round. The plots are test accuracy against round, and
+against cumulative bytes sent (log x; methods that send nothing are drawn as a dashed line), for the
+selected settings.
 """
 
 from __future__ import annotations
@@ -17,22 +20,42 @@ from raycache.errors import UserError
 @dataclass
 class MethodRow:
     method: str
-    runs: int
-    accuracy: float
+    runs: int  # runs of the selected setting (averaged)
+    settings: int  # settings tried (the lr grid, say)
+    lr: float  # the selected setting's learning rate (nan: the method has none)
+    val_accuracy: float  # what selected it
+    accuracy: float  # test accuracy at each run's selected round
+    local_accuracy_mean: float  # clients' own held-out samples (nan without data.client_test_fraction)
     client_accuracy_mean: float
     client_accuracy_std: float
     bytes_total: float
     trainable_params: float
     wall_seconds: float
+    run_ids: tuple[str, ...] = ()
 
     def cells(self) -> list[str]:
-        return [self.method, str(self.runs), f"{self.accuracy:.4f}", f"{self.client_accuracy_mean:.4f}",
+        return [self.method, str(self.runs), str(self.settings), f"{self.lr:.3g}", f"{self.val_accuracy:.4f}",
+                f"{self.accuracy:.4f}", f"{self.local_accuracy_mean:.4f}", f"{self.client_accuracy_mean:.4f}",
                 f"{self.client_accuracy_std:.4f}", f"{self.bytes_total:.0f}", f"{self.trainable_params:.0f}",
                 f"{self.wall_seconds:.1f}"]
 
 
-HEADER = ["method", "runs", "accuracy", "client_acc_mean", "client_acc_std", "bytes_total", "trainable_params",
-          "wall_s"]
+HEADER = ["method", "runs", "settings", "lr", "val_accuracy", "accuracy", "local_acc_mean", "client_acc_mean",
+          "client_acc_std", "bytes_total", "trainable_params", "wall_s"]
+
+_NOT_A_SETTING = ("seed", "method.lr_scale")  # lr_scale is folded into method.lr when a run resolves it
+
+
+def setting(run) -> tuple:
+    """What distinguishes one setting of a method from another: its params, less seed and tracking keys."""
+    return tuple(sorted((k, v) for k, v in run.data.params.items()
+                        if k not in _NOT_A_SETTING and not k.startswith(("tracking.", "runtime."))))
+
+
+def _metric(run, key: str) -> float:
+    """`result_<key>` (at the run's selected round) if logged, else the last value of `key`."""
+    m = run.data.metrics
+    return m.get(f"result_{key}", m.get(key, float("nan")))
 
 
 def _runs(client, experiment: str):
@@ -56,16 +79,30 @@ def table(client, runs) -> list[MethodRow]:
     for r in runs:
         by_method.setdefault(r.data.tags["raycache.method"], []).append(r)
     rows = []
-    for method, group in sorted(by_method.items()):
-        def mean(key: str) -> float:
-            return statistics.fmean(r.data.metrics.get(key, float("nan")) for r in group)
+    for method, runs in sorted(by_method.items()):
+        settings: dict[tuple, list] = {}
+        for r in runs:
+            settings.setdefault(setting(r), []).append(r)
 
+        def score(group) -> float:  # validation chooses; a run without it (val_fraction 0) ranks last
+            vals = [_metric(r, "val_accuracy") for r in group]
+            return statistics.fmean(vals) if all(v == v for v in vals) else float("-inf")
+
+        group = max(settings.values(), key=score)
+
+        def mean(key: str) -> float:
+            return statistics.fmean(_metric(r, key) for r in group)
+
+        lr = group[0].data.params.get("method.lr", "None")
         rows.append(MethodRow(
-            method, len(group), mean("accuracy"), mean("client_accuracy_mean"), mean("client_accuracy_std"),
+            method, len(group), len(settings), float("nan") if lr == "None" else float(lr), mean("val_accuracy"),
+            mean("accuracy"), mean("local_accuracy_mean"), mean("client_accuracy_mean"),
+            mean("client_accuracy_std"),
             statistics.fmean(r.data.metrics.get("comm_bytes_up_total", 0) + r.data.metrics.get(
                 "comm_bytes_down_total", 0) for r in group),
-            mean("trainable_params"),
-            statistics.fmean((r.info.end_time - r.info.start_time) / 1000 for r in group)))
+            statistics.fmean(r.data.metrics.get("trainable_params", float("nan")) for r in group),
+            statistics.fmean((r.info.end_time - r.info.start_time) / 1000 for r in group),
+            tuple(r.info.run_id for r in group)))
     return rows
 
 
@@ -97,7 +134,7 @@ def plots(client, runs):
             ax_b.plot(xs, ys, marker="o", color=colour, label=label)
         elif acc:
             ax_b.axhline(acc[-1][1], linestyle="--", color=colour, label=f"{method} (sends nothing)" if label else None)
-    ax_r.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
+    ax_r.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round (each method's selected lr)")
     ax_b.set(xscale="log", xlabel="cumulative bytes sent (up + down)", ylabel="test accuracy",
              title="Accuracy against communication")
     for ax in (ax_r, ax_b):
@@ -117,7 +154,8 @@ def compare(experiment: str):
     client = MlflowClient(tracking_uri())
     _, runs = _runs(client, experiment)
     rows = table(client, runs)
-    by_round, by_bytes = plots(client, runs)
+    selected = {i for row in rows for i in row.run_ids}
+    by_round, by_bytes = plots(client, [r for r in runs if r.info.run_id in selected])
     summary = Run(experiment, "compare", tags={"raycache.kind": "compare"})
     try:
         csv = io.StringIO()

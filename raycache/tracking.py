@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless told otherwise. raycache's experiments are model
+# training: the documented experiment kind says so, and every link raycache prints asks for the classic
+# runs table (`workflowType=machine_learning`), which is what decides the view in MLflow 3.17's UI.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_QUERY = "workflowType=machine_learning"
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
@@ -47,7 +54,7 @@ class Run:
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, tags=EXPERIMENT_KIND)
         except MlflowException:  # created meanwhile by a concurrent run (a sweep's trials)
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -95,7 +102,20 @@ class Run:
         finally:
             self.client.set_terminated(self.run_id, "KILLED")
 
-    def ui_hint(self) -> str:
+    def ui_hint(self, view: str | None = None) -> str:
+        """How to open this run (or, with `view`, the experiment's runs table under that saved view)."""
         store = self.uri
-        return (f"mlflow ui --backend-store-uri {store} --host 127.0.0.1   (or: make ui), then open "
-                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+        page = (f"#/experiments/{self.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={view}" if view else
+                f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{UI_QUERY}")
+        return f"mlflow ui --backend-store-uri {store} --host 127.0.0.1   (or: make ui), then open http://127.0.0.1:5000/{page}"
+
+    def save_view(self, key: str, name: str, params: list[str], metrics: list[str]) -> None:
+        """A saved runs-table view of this run's experiment (MLflow's shared view state, an experiment tag):
+        the given params and metrics as columns, best `metrics[0]` first."""
+        import json
+
+        now = int(time.time() * 1000)
+        cols = ["attributes.`Run Name`", *(f"params.`{p}`" for p in params), *(f"metrics.`{m}`" for m in metrics)]
+        state = {"selectedColumns": cols}
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(
+            {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))

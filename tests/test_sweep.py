@@ -39,6 +39,19 @@ def test_bad_space_is_one_line_exit_2(tmp_path, capsys, space, expect):
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "selected_accuracy", "local_accuracy_mean", "result_accuracy"])
+def test_a_test_metric_is_refused_unless_allowed(tmp_path, capsys, metric):
+    path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.5]}}, metric=metric)
+    code = main(["sweep", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"metric: {metric!r} is measured on test data" in err[0], err
+    from raycache.sweep.space import load_sweep
+
+    allowed = sweep_file(tmp_path, {"data.alpha": {"grid": [0.5]}}, metric=metric, allow_test_selection=True)
+    assert load_sweep(allowed)[0].metric == metric  # knowingly: accepted
+    assert load_sweep(sweep_file(tmp_path, {"data.alpha": {"grid": [0.5]}}))[0].metric == "val_accuracy"
+
+
 def test_a_trial_larger_than_the_cluster_is_refused(tmp_path, capsys, ray_session, mlflow_uri):
     path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.5]}})
     code = main(["sweep", str(path), "--set", "runtime.client_actors=3"])
@@ -67,11 +80,31 @@ def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path
         assert bad.info.status == "FAILED" and "5000 clients but only" in bad.data.tags["failure_reason"]
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["trials"] == 4 and parent.data.metrics["trials_failed"] == 2
-    best = max((c for c in children if c.info.status == "FINISHED"), key=lambda c: c.data.metrics["accuracy"])
+    # validation selects: the best trial has the highest validation accuracy at its selected round; its test
+    # accuracy is reported beside it, never used to choose
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    best = max(finished, key=lambda c: c.data.metrics["result_val_accuracy"])
     assert parent.data.tags["best_run_id"] == best.info.run_id
-    assert parent.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
+    assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["result_val_accuracy"]
+    assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["result_accuracy"]
+    assert "best_accuracy" not in parent.data.metrics
+    for c in finished:  # the selected round is the earliest with the highest val_accuracy; result = that round
+        val = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "val_accuracy"), key=lambda m: m.step)]
+        test = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "accuracy"), key=lambda m: m.step)]
+        assert c.data.metrics["best_round"] == val.index(max(val))
+        assert c.data.metrics["selected_accuracy"] == test[val.index(max(val))] == c.data.metrics["result_accuracy"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "heatmap.png"} <= artifacts
+    # the MLflow UI: a model-training experiment, and a saved view with the swept keys as columns
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.sweep_nested"])
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert {"params.`data.alpha`", "params.`data.clients`", "metrics.`result_val_accuracy`",
+            "metrics.`result_accuracy`"} <= set(columns)
+    assert "workflowType=machine_learning&viewStateShareKey=sweep_nested" in out
+    table = client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
+    header = Path(table).read_text().splitlines()[0].split(",")
+    assert header[3:5] == ["val_accuracy", "test_accuracy"]
     assert "best:" in out
     # the features were encoded once, by the driver, and every trial read them from the object store
     finished = [c for c in children if c.info.status == "FINISHED"]

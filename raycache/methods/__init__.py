@@ -25,7 +25,11 @@ def method_class(name: str) -> type["Method"]:
 
 
 def with_defaults(method_cfg):
-    """The `method` section with every null filled from the method's reference `defaults`."""
+    """The `method` section with every null filled from the method's reference `defaults`, and `lr_scale`
+    folded into `lr` (then 1: resolving twice changes nothing), so the run logs the rate it trains with."""
     defaults = method_class(method_cfg.name).reference(method_cfg)
     fill = {k: v for k, v in defaults.items() if getattr(method_cfg, k) is None}
+    lr = fill.get("lr", method_cfg.lr)
+    if method_cfg.lr_scale != 1.0 and lr is not None:
+        fill.update(lr=lr * method_cfg.lr_scale, lr_scale=1.0)
     return method_cfg.model_copy(update=fill) if fill else method_cfg

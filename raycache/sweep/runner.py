@@ -75,7 +75,7 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
     try:
         summary = run_experiment(trial_config(base, params, name), on_round=report, tags=tags, shared=shared)
         if summary.stopped_by is None:
-            tune.report({**summary.final, "round": rounds})
+            tune.report({**summary.final, **summary.selection, "round": rounds})
     except Exception as err:
         _record_early_failure(err, name, base, tags)
         raise
@@ -98,11 +98,19 @@ def _record_early_failure(err: Exception, name: str, base: dict, tags: dict[str,
     run.finish(err)
 
 
+def view_key(name: str) -> str:
+    """The saved-view key of a sweep in its experiment (MLflow allows only word characters there)."""
+    import re
+
+    return "sweep_" + re.sub(r"\W", "_", name)
+
+
 @dataclass
 class SweepResult:
     parent_run_id: str
     trials: list[dict[str, Any]]  # params, status, final metric, run id
     best: dict[str, Any] | None
+    ui_hint: str = ""  # how to open the sweep's runs table in the MLflow UI
 
 
 # Keys whose values change what the shared inputs are: the model and dataset (features), and the method
@@ -177,6 +185,9 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
                            "sweep.reduction_factor": sweep.reduction_factor})
         folder.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"parent_run_id": parent.run_id}))
+        # the UI's runs table for this sweep: the swept keys and the selection and test metrics as columns
+        parent.save_view(view_key(sweep.name), f"sweep {sweep.name}", list(sweep.space),
+                         [f"result_{sweep.metric}", "result_accuracy", "best_round"])
     try:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=base, parent_run_id=parent.run_id, uri=uri, shared=shared),
@@ -220,9 +231,13 @@ def summarise(parent, sweep: SweepConfig) -> SweepResult:
             parent.client.set_terminated(run.info.run_id, "KILLED")
             run = parent.client.get_run(run.info.run_id)
         params = json.loads(run.data.tags.get("raycache.sweep_params", "{}"))
+        m = run.data.metrics
+        # A trial's score is its metric at its selected round (`result_<metric>`, logged when the run ends);
+        # a trial stopped early has only its last reported value. Its test accuracy goes beside it.
         trials.append({"trial": run.data.tags.get("raycache.trial", run.info.run_name), "run_id": run.info.run_id,
                        "status": run.info.status, "params": params,
-                       "metric": run.data.metrics.get(sweep.metric),
+                       "metric": m.get(f"result_{sweep.metric}", m.get(sweep.metric)),
+                       "test_accuracy": m.get("result_accuracy", m.get("accuracy")),
                        "failure_reason": run.data.tags.get("failure_reason", ""), "start": run.info.start_time})
     # A trial interrupted and resumed has an earlier, unfinished run: keep its finished (or latest) one.
     latest: dict[str, dict[str, Any]] = {}
@@ -239,6 +254,8 @@ def summarise(parent, sweep: SweepConfig) -> SweepResult:
                         "trials_finished": len(done)})
     if best is not None:
         parent.log_metrics({f"best_{sweep.metric}": best["metric"]})
+        if best["test_accuracy"] is not None:  # reported beside the choice, never used to make it
+            parent.log_metrics({"best_test_accuracy": best["test_accuracy"]})
         parent.set_tags({"best_run_id": best["run_id"], "best_trial": best["trial"],
                          "best_params": json.dumps(best["params"])})
-    return SweepResult(parent.run_id, trials, best)
+    return SweepResult(parent.run_id, trials, best, parent.ui_hint(view_key(sweep.name)))

@@ -3,7 +3,7 @@
     name: cachefl-quick             # the parent MLflow run and the Tune experiment folder
     base: ../quickstart.yaml        # an experiment config, relative to this file
     set: [federation.rounds=2]      # overrides on the base
-    metric: accuracy                # reported every round; the best trial maximises (mode: max) it
+    metric: val_accuracy            # reported every round; the best trial maximises (mode: max) it
     scheduler: fifo                 # or asha: stop weak trials by round
     max_concurrent: 2
     space:
@@ -29,6 +29,16 @@ from raycache.errors import UserError
 
 SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform", "randint")
 
+# Metrics measured on test data (the global test split, or the clients' own held-out test samples): they
+# report, they never select. `result_<m>` is <m> at the run's selected round.
+TEST_METRICS = frozenset({"accuracy", "selected_accuracy", "final_accuracy", "zeroshot_accuracy",
+                          "client_accuracy_mean", "client_accuracy_std", "local_accuracy_mean",
+                          "local_accuracy_std"})
+
+
+def is_test_metric(name: str) -> bool:
+    return name.removeprefix("result_") in TEST_METRICS
+
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -36,7 +46,9 @@ class SweepConfig(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="sweep name (folder-safe)")
     base: str = Field(description="base experiment YAML, relative to the sweep file")
     set: list[str] = Field([], description="key=value overrides on the base experiment")
-    metric: str = Field("accuracy", description="per-round metric the scheduler and the best trial use")
+    metric: str = Field("val_accuracy", description="per-round metric the scheduler and the best trial use")
+    allow_test_selection: bool = Field(False, description="let `metric` be a test metric (test-set leakage: "
+                                                          "only for knowingly optimistic numbers)")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "fifo"
     grace_rounds: int = Field(1, ge=1, description="asha: rounds every trial runs before it can be stopped")
@@ -117,6 +129,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         raise UserError(f"sweep error: {msg}" if msg.startswith("space.") else f"sweep error: {loc}: {msg}") from None
+    if is_test_metric(sweep.metric) and not sweep.allow_test_selection:
+        raise UserError(f"sweep error: metric: {sweep.metric!r} is measured on test data; selecting trials or "
+                        f"stopping them on it leaks the test set into the result. Use val_accuracy (or set "
+                        f"allow_test_selection: true to do it knowingly)")
     base_path = (p.parent / sweep.base).resolve()
     if not base_path.is_file():
         raise UserError(f"base: experiment file {base_path} not found")

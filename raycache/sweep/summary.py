@@ -15,11 +15,12 @@ from raycache.sweep.space import most_swept
 def trial_table(trials: list[dict[str, Any]], keys: list[str], metric: str) -> str:
     buf = io.StringIO()
     out = csv.writer(buf)
-    out.writerow(["trial", *keys, metric, "status", "run_id", "failure_reason"])
+    out.writerow(["trial", *keys, metric, "test_accuracy", "status", "run_id", "failure_reason"])
     for t in trials:
+        test = t.get("test_accuracy")
         out.writerow([t["trial"], *(t["params"].get(k, "") for k in keys),
-                      "" if t["metric"] is None else f"{t['metric']:.6g}", t["status"], t["run_id"],
-                      t["failure_reason"]])
+                      "" if t["metric"] is None else f"{t['metric']:.6g}", "" if test is None else f"{test:.6g}",
+                      t["status"], t["run_id"], t["failure_reason"]])
     return buf.getvalue()
 
 
