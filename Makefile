@@ -6,9 +6,6 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
 .PHONY: quickstart compare test test-all ui bench clean
 
-# Every registered method, in the order the comparison table lists them.
-COMPARE_METHODS ?= zeroshot local_only cachefl fedclip flora fedavg_full tip_adapter
-
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
@@ -24,13 +21,19 @@ $(VENV)/.installed-test: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/raycache run experiments/quickstart.yaml
 
-# Every method on one shared partition (experiments/compare.yaml), then the table and plots in MLflow.
+# The tuned comparison: zero-shot once, then every trainable method at ref/10, ref and ref*10 of its own
+# learning rate (experiments/sweeps/compare.yaml), each run selecting its round on validation; `raycache
+# compare` picks each method's lr on validation and prints the test accuracy of that choice. Each
+# `make compare` is a new MLflow experiment (COMPARE_EXP), so earlier comparisons never mix in.
+ifndef COMPARE_EXP
+COMPARE_EXP := compare-$(shell date +%Y%m%d-%H%M%S)
+endif
 compare: $(VENV)/.installed
-	@for m in $(COMPARE_METHODS); do \
-		echo "== $$m"; \
-		$(VENV)/bin/raycache run experiments/compare.yaml --set method.name=$$m --set tracking.run_name=$$m || exit $$?; \
-	done
-	$(VENV)/bin/raycache compare compare
+	$(VENV)/bin/raycache run experiments/compare.yaml --set method.name=zeroshot --set tracking.run_name=zeroshot \
+		--set tracking.experiment=$(COMPARE_EXP)
+	$(VENV)/bin/raycache sweep experiments/sweeps/compare.yaml --name $(COMPARE_EXP) \
+		--set tracking.experiment=$(COMPARE_EXP)
+	$(VENV)/bin/raycache compare $(COMPARE_EXP)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

@@ -187,14 +187,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows, run = compare(args.experiment)
     table = Table(title=f"raycache compare: {args.experiment}")
     for i, h in enumerate(HEADER):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:  # exact numbers are in the logged comparison.csv; here, readable ones
         cells = row.cells()
         cells[9], cells[10] = _fmt_bytes(row.bytes_total), f"{row.trainable_params:,.0f}"
         cells[3] = "-" if row.lr != row.lr else cells[3]
         table.add_row(*cells)
     console = Console()
-    Console(width=max(console.width, 120)).print(table)  # never truncate a method name in a pipe or log
+    Console(width=max(console.width, 180)).print(table)  # never truncate a method name in a pipe or log
     print(f"plots and table logged to MLflow run {run.run_id}: {run.ui_hint()}")
     return 0
 

@@ -186,7 +186,8 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
         folder.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"parent_run_id": parent.run_id}))
         # the UI's runs table for this sweep: the swept keys and the selection and test metrics as columns
-        parent.save_view(view_key(sweep.name), f"sweep {sweep.name}", list(sweep.space),
+        swept = list(sweep.space) + (["method.lr"] if "method.lr_scale" in sweep.space else [])  # lr_scale folds into lr
+        parent.save_view(view_key(sweep.name), f"sweep {sweep.name}", swept,
                          [f"result_{sweep.metric}", "result_accuracy", "best_round"])
     try:
         trainable = tune.with_resources(
