@@ -102,10 +102,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     label = {"federated": "final federated accuracy", "local": "final accuracy (mean over clients' own models)",
              "centralised": "final centralised accuracy"}[method.role]
     sel = summary.selection
-    if "best_round" in sel:
+    if "best_round" in sel and cfg.federation.selection == "best_val":
         table.add_row("selected round (best validation accuracy)", f"{sel['best_round']:.0f} "
                                                                    f"(val {sel['best_val_accuracy']:.4f})")
         table.add_row("test accuracy at the selected round", f"{sel['selected_accuracy']:.4f}")
+    elif "best_round" in sel:
+        table.add_row("best validation round (not the result: federation.selection=final)",
+                      f"{sel['best_round']:.0f} (val {sel['best_val_accuracy']:.4f})")
     table.add_row(label + " (test)", f"{summary.final['accuracy']:.4f}")
     table.add_row("client accuracy, re-weighted test (mean ± std)",
                   f"{summary.final['client_accuracy_mean']:.4f} ± {summary.final['client_accuracy_std']:.4f}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import statistics
+from pathlib import Path
 from dataclasses import dataclass
 
 from raycache.errors import UserError
@@ -43,12 +44,20 @@ class MethodRow:
 HEADER = ["method", "runs", "settings", "lr", "val_accuracy", "accuracy", "local_acc_mean", "client_acc_mean",
           "client_acc_std", "bytes_total", "trainable_params", "wall_s"]
 
-_NOT_A_SETTING = ("seed", "method.lr_scale")  # lr_scale is folded into method.lr when a run resolves it
+# Params that do not change what a run learns: the seed (runs of one setting differ in it), lr_scale (folded
+# into method.lr), checkpointing and the target (bookkeeping), and the tracking and runtime sections.
+_NOT_A_SETTING = ("seed", "method.lr_scale", "federation.checkpoint", "federation.target_accuracy")
+
+
+def _param(key: str, value: str) -> str:
+    if key == "data.dataset" and Path(value).exists():  # a sweep logs the absolute path, `run` the typed one
+        return str(Path(value).resolve())
+    return value
 
 
 def setting(run) -> tuple:
-    """What distinguishes one setting of a method from another: its params, less seed and tracking keys."""
-    return tuple(sorted((k, v) for k, v in run.data.params.items()
+    """What distinguishes one setting of a method from another: its params, less the keys above."""
+    return tuple(sorted((k, _param(k, v)) for k, v in run.data.params.items()
                         if k not in _NOT_A_SETTING and not k.startswith(("tracking.", "runtime."))))
 
 
@@ -88,7 +97,7 @@ def table(client, runs) -> list[MethodRow]:
             vals = [_metric(r, "val_accuracy") for r in group]
             return statistics.fmean(vals) if all(v == v for v in vals) else float("-inf")
 
-        group = max(settings.values(), key=score)
+        group = max((settings[k] for k in sorted(settings)), key=score)  # ties: the first in a fixed order
 
         def mean(key: str) -> float:
             return statistics.fmean(_metric(r, key) for r in group)
@@ -165,7 +174,7 @@ def compare(experiment: str):
         summary.log_text(csv.getvalue(), "comparison.csv")
         summary.client.log_figure(summary.run_id, by_round, "accuracy_vs_round.png")
         summary.client.log_figure(summary.run_id, by_bytes, "accuracy_vs_bytes.png")
-        best = max(rows, key=lambda r: r.accuracy)
+        best = max(rows, key=lambda r: r.val_accuracy)  # validation names the best method; test reports
         summary.set_tags({"best_method": best.method})
         summary.log_metrics({"best_accuracy": best.accuracy, "runs_compared": len(runs)})
     except BaseException as err:

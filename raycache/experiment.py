@@ -197,7 +197,11 @@ def _resumable(cfg: ExperimentConfig, run_id: str):
     if path is None:
         raise UserError(f"--resume: run {run_id} has no checkpoint (it stopped before its first round ended, "
                         f"or ran with federation.checkpoint=false)")
-    return checkpoint.load(Path(path))
+    ckpt = checkpoint.load(Path(path))
+    if "selection" not in ckpt.snapshot:  # its split had no validation set: resuming would change its data
+        raise UserError(f"--resume: run {run_id} predates validation-based selection (its checkpoint has no "
+                        f"selection record); start it again")
+    return ckpt
 
 
 def shared_key(kind: str, prep: Prepared) -> str:

@@ -138,6 +138,7 @@ def test_an_unreachable_ray_address_is_one_line_exit_2(command, tmp_path):
     (["data.val_fraction=0", "federation.selection=final", "federation.target_accuracy=0.5"],
      "federation.target_accuracy: is measured on validation accuracy, but data.val_fraction is 0"),
     (["data.client_test_fraction=1"], "data.client_test_fraction: Input should be less than 1"),
+    (["method.name=zeroshot", "method.lr=null", "method.lr_scale=10"], "method.lr_scale: zeroshot has no learning rate to scale"),
     (["data.val_fraction=0.5", "data.server_per_class=60"], "class 'zero' has 178 images in all; needs at least "
                                                              "186 (data.test_fraction 36 + data.val_fraction 89 + "
                                                              "data.server_per_class 60 + 1 for training)"),

@@ -43,6 +43,18 @@ def test_checkpoints_round_trip_and_a_pickle_is_refused(tmp_path):
     assert back.round == 4 and back.meta == {"up": 1.0}
     assert np.array_equal(back.snapshot["state"]["keys"], snap["state"]["keys"])
     assert back.snapshot["reached"].tolist() == [True, False] and 3 in back.snapshot["clients"]
+    assert "selection" not in back.snapshot  # an old-style checkpoint: resume refuses it (no selection record)
+    # the selection record and the best round's state (a local method's per-client states and who held
+    # the initial state then) round-trip too
+    best = {"state": {"keys": np.full((2, 3), 7, np.float32)}, "clients": {5: {"keys": np.zeros((2, 3), np.float32)}},
+            "reached": np.array([False, False])}
+    record = {"target": 0.5, "best_round": 2, "best_val": 0.75}
+    back = checkpoint.load(checkpoint.save(tmp_path / "c" / "latest.safetensors", 4,
+                                           {**snap, "best": best, "selection": record}, {"up": 1.0}))
+    assert back.snapshot["selection"] == record
+    assert np.array_equal(back.snapshot["best"]["state"]["keys"], best["state"]["keys"])
+    assert set(back.snapshot["best"]["clients"]) == {5} and back.snapshot["best"]["reached"].tolist() == [False, False]
+    assert set(back.snapshot["clients"]) == {3} and back.snapshot["state"]["keys"][0, 1] == 1
     evil = tmp_path / "evil.safetensors"
     torch.save({"state": snap["state"]}, evil)  # a pickle: must never be unpickled
     with pytest.raises(UserError, match="evil.safetensors is damaged or not a checkpoint"):

@@ -184,3 +184,10 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, 
               if r.info.run_name == "resumable"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"  # the same parent, finished on resume
     assert parent[0].data.metrics["trials"] == 3 and parent[0].data.metrics["trials_finished"] == 3
+
+
+def test_a_validation_metric_without_a_validation_split_is_refused(tmp_path, capsys):
+    path = sweep_file(tmp_path, {"data.val_fraction": {"grid": [0.1, 0.0]}})
+    code = main(["sweep", str(path), "--set", "federation.selection=final"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "metric: 'val_accuracy' needs a validation split" in err[0], err

@@ -36,6 +36,7 @@ def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
     tensors["reached"] = np.asarray(snapshot["reached"], dtype=np.uint8)
     if "best" in snapshot:
         tensors.update({f"best/{k}": v for k, v in _tensors(snapshot["best"]).items()})
+        tensors["best/reached"] = np.asarray(snapshot["best"]["reached"], dtype=np.uint8)
     info = {"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)}
     if "selection" in snapshot:
         info["selection"] = json.dumps(snapshot["selection"])
@@ -79,5 +80,6 @@ def load(path: Path) -> Checkpoint:
     snap = {**_states(tensors), "reached": tensors["reached"].astype(bool)}
     if "selection" in info:
         snap["selection"] = json.loads(info["selection"])
-        snap["best"] = _states({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")})
+        best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
+        snap["best"] = {**_states(best), "reached": best["reached"].astype(bool)}
     return Checkpoint(int(info["round"]), snap, json.loads(info["meta"]))

@@ -41,7 +41,7 @@ class Server:
         self.restarts = 0
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (local role)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
-        self.best: dict = {"state": self.state, "clients": {}}  # the state at selection.best_round
+        self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
 
     def evaluate(self) -> dict[str, float]:
         """Test, validation and local-test accuracy of the current state (each client's own, for a local
@@ -88,7 +88,7 @@ class Server:
 
     def _offer(self, round_idx: int, metrics: dict[str, float], round_bytes: float) -> None:
         if self.selection.offer(round_idx, metrics, round_bytes):
-            self.best = {"state": self.state, "clients": self._client_states()}
+            self.best = {"state": self.state, "clients": self._client_states(), "reached": self.reached.copy()}
 
     def _client_states(self) -> dict[int, State]:
         """A local method's per-client states, gathered from the hosts ({} for other roles)."""
@@ -105,10 +105,10 @@ class Server:
         end-of-run selection metrics."""
         chosen = self.selection.result_round(selection)
         if selection == "best_val" and self.selection.best_round is not None:
-            snap = {"state": self.best["state"], "clients": self.best["clients"]}
+            snap = dict(self.best)
         else:
-            snap = {"state": self.state, "clients": self._client_states()}
-        return {"round": chosen, "snapshot": {**snap, "reached": self.reached.copy()},
+            snap = {"state": self.state, "clients": self._client_states(), "reached": self.reached.copy()}
+        return {"round": chosen, "snapshot": snap,
                 "metrics": self.selection.summary(selection)}
 
     def get_state(self):
@@ -133,7 +133,7 @@ class Server:
         self.reached = np.asarray(snap["reached"], dtype=bool)
         if "selection" in snap:
             self.selection = Selection.from_json(snap["selection"])
-            self.best = snap["best"]
+            self.best = {**snap["best"], "reached": np.asarray(snap["best"].get("reached", self.reached), bool)}
         if self.role == "local":
             ray.get([h.set_states.remote(snap["clients"]) for h in self.hosts])
 

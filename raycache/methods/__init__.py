@@ -30,6 +30,10 @@ def with_defaults(method_cfg):
     defaults = method_class(method_cfg.name).reference(method_cfg)
     fill = {k: v for k, v in defaults.items() if getattr(method_cfg, k) is None}
     lr = fill.get("lr", method_cfg.lr)
-    if method_cfg.lr_scale != 1.0 and lr is not None:
+    if method_cfg.lr_scale != 1.0:
+        if lr is None:
+            from raycache.errors import UserError
+
+            raise UserError(f"method.lr_scale: {method_cfg.name} has no learning rate to scale")
         fill.update(lr=lr * method_cfg.lr_scale, lr_scale=1.0)
     return method_cfg.model_copy(update=fill) if fill else method_cfg

@@ -141,7 +141,21 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         apply_override(tree, *parse_override(item))
     build_config(tree)  # the base itself must be valid
     check_space(sweep.space, tree)
+    _check_validation_metric(sweep, tree)
     return sweep, tree
+
+
+def _check_validation_metric(sweep: SweepConfig, base: dict) -> None:
+    """A validation metric needs a validation split in every trial, or no trial could report it."""
+    if "val_" not in sweep.metric:
+        return
+    values = [build_config(base).data.val_fraction]
+    spec = sweep.space.get("data.val_fraction", {})
+    for kind, vals in spec.items():
+        values += list(vals) if kind in ("grid", "choice") else [vals[0]]
+    if any(not (isinstance(v, (int, float)) and v > 0) for v in values):
+        raise UserError(f"sweep error: metric: {sweep.metric!r} needs a validation split, but data.val_fraction "
+                        f"can be 0 in this sweep; keep data.val_fraction > 0")
 
 
 def grid_points(space: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
