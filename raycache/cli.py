@@ -209,11 +209,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raycache.sweep.runner import run_sweep
     from raycache.sweep.space import load_sweep
 
-    sweep, base = load_sweep(args.config, args.overrides)
-    if args.name is not None:
-        from raycache.sweep.space import SweepConfig
-
-        sweep = load_sweep_name(SweepConfig, sweep, args.name)
+    sweep, base = load_sweep(args.config, args.overrides, name=args.name)
     quiet_libraries()
     print(f"sweep {sweep.name}: {len(sweep.space)} keys, scheduler {sweep.scheduler}, up to {sweep.max_concurrent} "
           f"trials at once", file=sys.stderr)
@@ -237,18 +233,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"parent MLflow run {result.parent_run_id} (children nested under it). To open the sweep:\n  "
           f"{result.ui_hint}")
     return 0
-
-
-def load_sweep_name(model, sweep, name: str):
-    """`sweep` renamed (the name must be folder-safe, as in the file)."""
-    from pydantic import ValidationError
-
-    from raycache.errors import UserError
-
-    try:
-        return model.model_validate({**sweep.model_dump(), "name": name})
-    except ValidationError:
-        raise UserError(f"--name: {name!r} is not a valid sweep name (letters, digits, '_', '.', '-')") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -33,10 +33,8 @@ def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
     from safetensors.numpy import save_file
 
     tensors = _tensors(snapshot)
-    tensors["reached"] = np.asarray(snapshot["reached"], dtype=np.uint8)
     if "best" in snapshot:
         tensors.update({f"best/{k}": v for k, v in _tensors(snapshot["best"]).items()})
-        tensors["best/reached"] = np.asarray(snapshot["best"]["reached"], dtype=np.uint8)
     info = {"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)}
     if "selection" in snapshot:
         info["selection"] = json.dumps(snapshot["selection"])
@@ -49,6 +47,7 @@ def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
 
 def _tensors(snap: dict) -> dict[str, np.ndarray]:
     tensors = {f"global/{k}": np.ascontiguousarray(v) for k, v in snap["state"].items()}
+    tensors["reached"] = np.asarray(snap["reached"], dtype=np.uint8)
     for cid, state in snap.get("clients", {}).items():
         tensors.update({f"client/{int(cid)}/{k}": np.ascontiguousarray(v) for k, v in state.items()})
     return tensors
@@ -61,7 +60,7 @@ def _states(tensors: dict[str, np.ndarray]) -> dict:
         if k.startswith("client/"):
             _, cid, key = k.split("/", 2)
             clients.setdefault(int(cid), {})[key] = v
-    return {"state": state, "clients": clients}
+    return {"state": state, "clients": clients, "reached": tensors["reached"].astype(bool)}
 
 
 def load(path: Path) -> Checkpoint:
@@ -77,9 +76,8 @@ def load(path: Path) -> Checkpoint:
         raise UserError(f"--resume: checkpoint {path} is damaged or not a checkpoint ({type(err).__name__})") from None
     if info.get("format") != FORMAT:
         raise UserError(f"--resume: {path} is not a raycache checkpoint")
-    snap = {**_states(tensors), "reached": tensors["reached"].astype(bool)}
+    snap = _states(tensors)
     if "selection" in info:
         snap["selection"] = json.loads(info["selection"])
-        best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
-        snap["best"] = {**_states(best), "reached": best["reached"].astype(bool)}
+        snap["best"] = _states({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")})
     return Checkpoint(int(info["round"]), snap, json.loads(info["meta"]))

@@ -38,11 +38,14 @@ class Selection:
             return True
         return False
 
+    def picks_best(self, selection: str) -> bool:
+        """Whether the run's result is the best validation round (`best_val`, once a round had validation
+        accuracy) rather than the last one."""
+        return selection == "best_val" and self.best_round is not None
+
     def result_round(self, selection: str) -> int:
         """The round whose state is the run's result: `best_val` or `final`."""
-        if selection == "best_val" and self.best_round is not None:
-            return self.best_round
-        return self.last_round
+        return self.best_round if self.picks_best(selection) else self.last_round
 
     def summary(self, selection: str) -> dict[str, float]:
         """End-of-run metrics: the selection, the result's own metrics (`result_*`) and the target figures."""
@@ -50,8 +53,7 @@ class Selection:
         if self.best_round is not None:
             out.update({"best_round": self.best_round, "best_val_accuracy": self.best_val,
                         "selected_accuracy": self.best_metrics["accuracy"]})
-        use_best = selection == "best_val" and self.best_round is not None
-        chosen = self.best_metrics if use_best else self.last_metrics
+        chosen = self.best_metrics if self.picks_best(selection) else self.last_metrics
         out["result_round"] = self.result_round(selection)
         out.update({f"result_{k}": v for k, v in chosen.items() if k.endswith("accuracy") or "accuracy_" in k})
         if self.target_round is not None:

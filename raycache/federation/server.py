@@ -103,13 +103,16 @@ class Server:
     def result(self, selection: str) -> dict:
         """The run's result: the state at the selected round (`best_val` or `final`), with its round and the
         end-of-run selection metrics."""
-        chosen = self.selection.result_round(selection)
-        if selection == "best_val" and self.selection.best_round is not None:
-            snap = dict(self.best)
-        else:
-            snap = {"state": self.state, "clients": self._client_states(), "reached": self.reached.copy()}
-        return {"round": chosen, "snapshot": snap,
+        snap = dict(self.best) if self.selection.picks_best(selection) else self._current()
+        return {"round": self.selection.result_round(selection), "snapshot": snap,
                 "metrics": self.selection.summary(selection)}
+
+    def _current(self) -> dict:
+        """The current state, with a local method's per-client states (reused from `best` when this round
+        just became the best: nothing trained since, so they are the same states)."""
+        just_best = self.selection.best_round is not None and self.selection.best_round == self.selection.last_round
+        clients = self.best["clients"] if just_best else self._client_states()
+        return {"state": self.state, "clients": clients, "reached": self.reached.copy()}
 
     def get_state(self):
         """The global state (the initial state, for a local method): what a checkpoint would hold."""
@@ -123,8 +126,7 @@ class Server:
         state, a local method's per-client states, and the selection so far (its record and the best
         state). (Client sampling, faults and local training draw from (seed, round, client), so the round
         number is all the RNG state there is.)"""
-        return {"state": self.state, "reached": self.reached.copy(), "clients": self._client_states(),
-                "best": self.best, "selection": self.selection.to_json()}
+        return {**self._current(), "best": self.best, "selection": self.selection.to_json()}
 
     def restore(self, snap: dict) -> None:
         import ray
@@ -133,7 +135,7 @@ class Server:
         self.reached = np.asarray(snap["reached"], dtype=bool)
         if "selection" in snap:
             self.selection = Selection.from_json(snap["selection"])
-            self.best = {**snap["best"], "reached": np.asarray(snap["best"].get("reached", self.reached), bool)}
+            self.best = snap["best"]
         if self.role == "local":
             ray.get([h.set_states.remote(snap["clients"]) for h in self.hosts])
 

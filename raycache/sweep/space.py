@@ -111,8 +111,10 @@ def check_space(space: dict[str, dict[str, list]], base: dict) -> None:
                                 ) from None
 
 
-def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, dict]:
-    """(sweep config, base experiment tree with the sweep's and the command line's overrides applied)."""
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+               name: str | None = None) -> tuple[SweepConfig, dict]:
+    """(sweep config, base experiment tree with the sweep's and the command line's overrides applied);
+    `name` replaces the file's name (`raycache sweep --name`)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"sweep file not found: {p}")
@@ -122,6 +124,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise UserError(f"{p}: not valid YAML") from None
     if not isinstance(raw, dict):
         raise UserError(f"{p}: expected a mapping with name, base and space")
+    if name is not None:  # checked below like the file's own name
+        raw = {**raw, "name": name}
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:
