@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from raycache.config import load_config  # noqa: E402
 from raycache.data.features import load_or_encode  # noqa: E402
+from raycache.data.cache_source import cache_examples
 from raycache.experiment import prepare, run_experiment  # noqa: E402
 from raycache.federation.aggregate import WeightedSum  # noqa: E402
 from raycache.federation.evaluate import predict  # noqa: E402
@@ -56,7 +57,11 @@ def _floor(cfg, rounds: int) -> tuple[list[float], list[float]]:
     y, splits, parts = prep.source.labels, prep.splits, prep.parts
     train_f, train_y = feats[splits.train], y[splits.train]
     method = method_class(prep.cfg.method.name)(prep.cfg.method, prep.task)
-    state = method.init_state(feats[splits.server], y[splits.server])
+    cache_f, cache_y = feats[splits.server], y[splits.server]
+    if prep.uses_cache:  # the same keys the runtime builds (augmented views, synthetic set, ...)
+        cache_f, cache_y, _ = cache_examples(prep.cfg, prep.spec, prep.source, splits, feats, prep.synth_store,
+                                             splits.train[prep.trainers[0]])
+    state = method.init_state(cache_f, cache_y)
     times, accuracy = [], []
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -64,7 +69,7 @@ def _floor(cfg, rounds: int) -> tuple[list[float], list[float]]:
         for c in sample_clients(len(parts), cfg.federation.fraction, cfg.seed, r):
             idx = parts[c]
             update, _ = method.local_train(state, torch.from_numpy(train_f[idx]), torch.from_numpy(train_y[idx]),
-                                           client_seed(cfg.seed, r, int(c)))
+                                           client_seed(cfg.seed, r, int(c)), round_idx=r)
             total.add(update, float(len(idx)))
         state = total.mean()
         # the runtime evaluates every round, on the test and the validation splits

@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset = PRESETS.get(cfg.model.name)
     chance = " (chance: untrained text tower)" if preset is not None and not preset.text_trained else ""
     table.add_row("zero-shot accuracy", f"{summary.zeroshot_accuracy:.4f}{chance}")
-    from raycache.methods import method_class
+    from raycache.methods import method_class, with_defaults
 
     method = method_class(cfg.method.name)
     label = {"federated": "final federated accuracy", "local": "final accuracy (mean over clients' own models)",
@@ -106,6 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_row("selected round (best validation accuracy)", f"{sel['best_round']:.0f} "
                                                                    f"(val {sel['best_val_accuracy']:.4f})")
         table.add_row("test accuracy at the selected round", f"{sel['selected_accuracy']:.4f}")
+    if "searched_alpha" in sel:
+        table.add_row("alpha, beta searched on validation",
+                      f"{sel['searched_alpha']:.3g}, {sel['searched_beta']:.3g} (test {sel['result_accuracy']:.4f})")
     elif "best_round" in sel:
         table.add_row("best validation round (not the result: federation.selection=final)",
                       f"{sel['best_round']:.0f} (val {sel['best_val_accuracy']:.4f})")
@@ -119,7 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_row(f"rounds / bytes to val accuracy {cfg.federation.target_accuracy:g}",
                       f"{sel['rounds_to_target']:.0f} / {_fmt_bytes(sel['bytes_to_target'])}")
     if method.uses_cache(cfg.method):
-        cache = cfg.method.cache_init + (f" ({cfg.synth.generator})" if cfg.method.cache_init == "synthetic" else "")
+        init = with_defaults(cfg.method).cache_init
+        cache = init + (f" ({cfg.synth.generator})" if init == "synthetic" else "")
         table.add_row("cache keys from", cache)
     table.add_row("trainable params", f"{summary.final.get('trainable_params', 0):,.0f}")
     table.add_row("rounds", str(summary.rounds))

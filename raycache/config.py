@@ -45,7 +45,22 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     dataset: str = Field("digits", description="'digits' (scikit-learn's 8x8 digits), an ImageFolder directory "
-                                               "(root/<class>/*.png|jpg) or a .parquet file")
+                                               "(root/<class>/*.png|jpg), a .parquet file, a Hugging Face "
+                                               "datasets save_to_disk folder, 'hf:<repo id>[:<config>]' (through "
+                                               "the datasets cache), or the image root of data.split_file")
+    class_names: str | dict[str, str] | None = Field(
+        None, description="the classes' names in prompts and synthetic images: a text file with one name per "
+                          "line in label order, or a mapping from the dataset's own names (e.g. ImageNet's "
+                          "WordNet ids) to names; null = the dataset's names with underscores as spaces")
+    split_file: str | None = Field(None, description="a CoOp / Dassl split file (split_zhou_<Dataset>.json: "
+                                                     "train, val and test lists of [relative path, label, class "
+                                                     "name]) whose paths are under data.dataset: exactly those "
+                                                     "splits and class names (test_fraction and val_fraction "
+                                                     "then do not apply)")
+    shots_per_class: int | None = Field(None, ge=1, description="few-shot training: K samples per class drawn "
+                                                                "(seeded) from the training split before it is "
+                                                                "partitioned over clients (CoOp's protocol); "
+                                                                "null = all of it")
     image_column: str = Field("image", description="Parquet column with image bytes")
     label_column: str = Field("label", description="Parquet column with labels (int or class name)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share of samples held out as test "
@@ -65,6 +80,12 @@ class DataConfig(_Section):
                                  "domain (feature shift): ImageFolder root/<domain>/<class>/... or a Parquet "
                                  "domain column")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more label skew)")
+    min_partition_size: int = Field(0, ge=0, description="dirichlet: re-draw the partition until every client "
+                                                         "holds at least this many samples (Flower Datasets' "
+                                                         "semantics; 0 = never re-draw, an empty client gets one "
+                                                         "sample from the largest)")
+    self_balancing: bool = Field(False, description="dirichlet: a client already above the mean size gets no more "
+                                                    "samples of the later classes (Flower Datasets' switch)")
     shards_per_client: int = Field(2, ge=1, description="classes' shards per client for partition: shards")
     domain_column: str = Field("domain", description="Parquet column naming each image's domain")
     test_domain: str | None = Field(None, description="leave-one-domain-out: this domain is the test set and "
@@ -81,10 +102,12 @@ class DataConfig(_Section):
 class MethodConfig(_Section):
     name: str = Field("cachefl", description="federated method; see `raycache methods`")
     shots: int = Field(16, ge=1, description="cache size K per class")
-    cache_init: Literal["synthetic", "real", "random"] = Field(
-        "synthetic", description="where the cache keys come from: 'synthetic' = class-balanced images from a "
-                                 "text-to-image model (see synth.*; CacheFL's choice), 'real' = the server's "
-                                 "held-out labelled images, 'random' = random unit vectors")
+    cache_init: Literal["synthetic", "real", "shots", "random"] | None = Field(
+        None, description="where the cache keys come from: 'synthetic' = class-balanced images from a "
+                          "text-to-image model (see synth.*; CacheFL's choice), 'real' = the server's held-out "
+                          "labelled images, 'shots' = K per class drawn from the training pool, which is then "
+                          "also all the method trains on (Tip-Adapter's few-shot setting; centralised methods "
+                          "only), 'random' = random unit vectors; null = the method's reference")
     alpha: float = Field(1.0, ge=0, description="Tip-Adapter residual ratio (weight of the cache logits)")
     beta: float = Field(1.0, gt=0, description="Tip-Adapter sharpness of the affinity exp(-beta(1-f.k))")
     # null = the method's reference setting (its `defaults`), filled in before the run is logged
@@ -92,14 +115,21 @@ class MethodConfig(_Section):
     lr_scale: float = Field(1.0, gt=0, description="multiplies the learning rate (the method's reference when "
                                                    "lr is null): a sweep over it tunes every method around its "
                                                    "own reference; folded into lr (and reset to 1) when resolved")
-    betas: tuple[float, float] | None = Field(None, description="Adam(W) betas (null: the method's reference)")
+    betas: tuple[float, float] | None = Field(None, strict=False, description="Adam(W) betas (null: the method's reference)")
     eps: float | None = Field(None, gt=0, description="Adam(W) epsilon (null: the method's reference)")
     weight_decay: float | None = Field(None, ge=0, description="weight decay (null: the method's reference)")
     local_epochs: int | None = Field(None, ge=1, description="local epochs per round (null: the method's "
                                                              "reference)")
     batch_size: int | None = Field(None, ge=1, description="local minibatch size (null: the method's reference)")
-    schedule: Literal["cosine", "constant"] | None = Field(None, description="local learning-rate schedule over "
-                                                                             "a client's steps in a round")
+    schedule: Literal["cosine", "cosine_run", "constant"] | None = Field(
+        None, description="local learning-rate schedule: cosine over a client's steps in a round, cosine_run = one "
+                          "cosine over the whole run (round r continues where round r-1 stopped: Tip-Adapter-F's "
+                          "one schedule over its epochs), or constant")
+    persist_optimizer: bool | None = Field(None, description="keep each client's Adam(W) moments and step count "
+                                                             "across rounds (private to the client, never sent; "
+                                                             "FLoRA's reference builds each client's optimiser "
+                                                             "once); false = a fresh optimiser every round "
+                                                             "(FedCLIP's reference); null = the method's reference")
     loss: Literal["ce", "contrastive"] | None = Field(None, description="adapter loss: cross-entropy over class "
                                                                        "logits, or the symmetric CLIP "
                                                                        "contrastive loss (FedCLIP's reference)")
@@ -109,13 +139,46 @@ class MethodConfig(_Section):
     training_free: bool = Field(False, description="tip_adapter: keep the cache keys fixed (Tip-Adapter); "
                                                    "false = fine-tune them (Tip-Adapter-F)")
     lora_rank: int = Field(2, ge=1, description="flora: LoRA rank r")
-    lora_alpha: float = Field(64.0, gt=0, description="flora: PEFT lora_alpha; the update is scaled by "
-                                                      "lora_alpha / lora_rank (64 / 2 = FLoRA's scale 32)")
+    lora_alpha: float = Field(32.0, gt=0, description="flora: LoRA alpha; the update B A x is scaled by it "
+                                                      "(lora_scaling: reference) or by alpha / rank (peft)")
+    lora_scaling: Literal["reference", "peft"] = Field(
+        "reference", description="flora: reference = scale alpha whatever the rank (FLoRA's code: a rank sweep "
+                                 "keeps the scale), peft = alpha / rank (PEFT's and the LoRA paper's)")
     lora_targets: list[str] = Field(["text.attn.out_proj"], min_length=1,
                                     description="flora: modules to adapt, as <tower>.<module> with tower text or "
                                                 "vision, in every layer (e.g. text.attn.out_proj, "
                                                 "vision.attn.q_proj, text.mlp.c_fc); an unknown one lists the "
                                                 "model's choices")
+
+    towers: Literal["both", "vision", "text"] = Field(
+        "both", description="fedavg_full: which CLIP towers train and travel; both = the whole CLIP (FLoRA's "
+                            "FedFFT and FedCLIP's cost ratios count it), vision = the image encoder only")
+    augment_views: int = Field(10, ge=1, description="cache methods: each cache key is the mean of this many "
+                                                     "augmented views' raw features (RandomResizedCrop scale "
+                                                     "0.5-1 + horizontal flip), then normalised; Tip-Adapter's "
+                                                     "reference: 10; 1 = the plain centre crop")
+    search: bool = Field(True, description="cache methods: after training, grid-search alpha and beta on the "
+                                           "validation split (Tip-Adapter's search) and report the result "
+                                           "with the best pair")
+    search_scale: tuple[float, float] = Field((7.0, 3.0), strict=False, description="cache methods: the search's upper ends "
+                                                                       "(beta, alpha); both grids start at 0.1 "
+                                                                       "(Tip-Adapter's per-dataset search_scale)")
+    search_step: tuple[int, int] = Field((200, 20), strict=False, description="cache methods: grid points for (beta, alpha) "
+                                                                "(Tip-Adapter's search_step)")
+
+    @field_validator("search_scale")
+    @classmethod
+    def _scale_above_start(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if min(v) <= 0.1:
+            raise ValueError(f"both upper ends must exceed the grids' start 0.1, got {list(v)}")
+        return v
+
+    @field_validator("search_step")
+    @classmethod
+    def _positive_steps(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"both step counts must be at least 1, got {list(v)}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -192,6 +255,9 @@ class FederationConfig(_Section):
     straggler: StragglerConfig = Field(default_factory=StragglerConfig)
     round_deadline_s: float | None = Field(None, gt=0, description="simulated clients slower than this (see "
                                            "straggler) miss the round")
+    weighting: Literal["samples", "uniform"] | None = Field(
+        None, description="how client updates are averaged: by sample count (FedAvg) or uniformly (FedCLIP's "
+                          "reference); null = the method's reference")
     checkpoint: bool = Field(True, description="checkpoint the full server state after every round")
     selection: Literal["best_val", "final"] = Field(
         "best_val", description="which round's state is the run's result (checkpointed as final, reported by "
@@ -255,7 +321,9 @@ class ExperimentConfig(_Section):
 
 def check_cache_size(cfg: ExperimentConfig) -> None:
     """K images per class must exist where the cache draws them from (for methods that build a cache)."""
-    m = cfg.method
+    from raycache.methods import with_defaults
+
+    m = with_defaults(cfg.method)
     if m.cache_init == "real" and m.shots > cfg.data.server_per_class:
         raise UserError(f"config error: method.shots={m.shots} needs data.server_per_class >= {m.shots} "
                         f"(the real-image cache draws K per class from the server's held-out split)")

@@ -17,7 +17,7 @@ from raycache.config import ExperimentConfig, check_cache_size, dump_config
 from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
-from raycache.data.split import client_holdout, stratified_split
+from raycache.data.split import client_holdout, few_shot, predefined_split, stratified_split
 from raycache.errors import StopRun, UserError
 from raycache.methods import method_class, with_defaults
 from raycache.models.clip import ModelSpec, check_spec
@@ -58,6 +58,13 @@ def partition_table(counts: np.ndarray, class_names: list[str]) -> str:
     return buf.getvalue()
 
 
+def client_sizes(parts: list[np.ndarray]) -> dict[str, float]:
+    """The spread of the clients' training-set sizes: min, median and max samples per client."""
+    sizes = np.array([len(p) for p in parts])
+    return {"client_size_min": float(sizes.min()), "client_size_median": float(np.median(sizes)),
+            "client_size_max": float(sizes.max())}
+
+
 @dataclass
 class Prepared:
     """Everything checked and derived before any compute: what `_run` needs to train and log."""
@@ -67,6 +74,7 @@ class Prepared:
     source: object  # raycache.data.sources.Source
     splits: object  # raycache.data.split.Splits
     parts: list[np.ndarray]  # each client's training positions in splits.train
+    trainers: list[np.ndarray]  # each trainer's positions in splits.train (the method's `trainer_rows`)
     client_tests: list[np.ndarray]  # each client's own held-out positions in splits.train (data.client_test_fraction)
     counts: np.ndarray  # (clients, classes)
     task: object  # raycache.methods.base.Task
@@ -79,7 +87,13 @@ class Prepared:
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here."""
-    cfg = cfg.model_copy(update={"method": with_defaults(cfg.method)})  # the run logs concrete settings
+    method = method_class(cfg.method.name)
+    fed = cfg.federation  # the run logs concrete settings: the method's reference fills every null
+    cfg = cfg.model_copy(update={"method": with_defaults(cfg.method), "federation": fed.model_copy(
+        update={"weighting": fed.weighting or method.weighting})})
+    if cfg.method.cache_init == "shots" and method.role != "centralised":
+        raise UserError(f"method.cache_init: shots puts the clients' own images in the cache, which only a "
+                        f"centralised method may do; {cfg.method.name} is {method.role}")
     spec = ModelSpec.from_config(cfg.model)
     check_spec(spec)
     source = open_source(cfg.data)
@@ -91,14 +105,23 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
                             f"(domains: {', '.join(names) or 'none'})")
         test_mask = source.domains == names.index(cfg.data.test_domain)
     # The split depends on data.* and the seed only, never on the method: every method sees the same clients.
-    splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction, cfg.data.server_per_class,
-                              cfg.seed, test_mask, val_fraction=cfg.data.val_fraction)
+    if source.splits is not None and test_mask is None:  # the dataset's own splits (a CoOp split file)
+        splits = predefined_split(source.labels, source.class_names, source.splits, cfg.data.server_per_class,
+                                  cfg.seed)
+        if len(splits.val) == 0 and cfg.federation.selection == "best_val":
+            raise UserError(f"data.dataset: {source.name} has no validation split, which federation.selection: "
+                            f"best_val selects on; use selection: final")
+    else:
+        splits = stratified_split(source.labels, source.class_names, cfg.data.test_fraction,
+                                  cfg.data.server_per_class, cfg.seed, test_mask, val_fraction=cfg.data.val_fraction)
+    if cfg.data.shots_per_class is not None:
+        splits = few_shot(splits, source.labels, len(source.class_names), cfg.data.shots_per_class, cfg.seed)
     train_labels = source.labels[splits.train]
     train_domains = None if source.domains is None else source.domains[splits.train]
     parts = partition(train_labels, cfg.data, cfg.seed, train_domains)
     parts, client_tests = client_holdout(parts, train_labels, cfg.data.client_test_fraction, cfg.seed)
     counts = class_counts(parts, train_labels, len(source.class_names))
-    method = method_class(cfg.method.name)
+    trainers = method.trainer_rows(parts, train_labels, len(source.class_names), cfg.method, cfg.seed)
     uses_cache = method.uses_cache(cfg.method)
     synth_store = None
     if uses_cache:
@@ -106,13 +129,14 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         if cfg.method.cache_init == "synthetic":
             synth_store = prepare_synthetic(cfg, source.class_names)
     t = time.perf_counter()
-    task, model, transform = _text_task(spec, source.class_names, cfg.model.templates)  # loads the weights
+    task, model, transform = _text_task(spec, source.class_names, cfg.model.templates,  # loads the weights
+                                        cfg.federation.rounds)
     method.check(cfg.method, model, spec)  # what the method needs from the model, before any compute
     if cfg.runtime.address:  # an unreachable cluster is the user's to fix, before a run is opened
         from raycache.federation.runtime import check_reachable
 
         check_reachable(cfg.runtime.address)
-    return Prepared(cfg, spec, source, splits, parts, client_tests, counts, task, transform, synth_store, uses_cache,
+    return Prepared(cfg, spec, source, splits, parts, trainers, client_tests, counts, task, transform, synth_store, uses_cache,
                     method.uses_pixels(cfg.method), {"time_text_s": time.perf_counter() - t})
 
 
@@ -153,13 +177,14 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     return summary
 
 
-def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str]):
+def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str], rounds: int = 1):
     from raycache.methods.base import Task
     from raycache.models.clip import load_clip
     from raycache.models.text import text_classifier
 
     model, transform, tokenizer = load_clip(spec)
-    task = Task(class_names, text_classifier(model, tokenizer, class_names, templates), spec, tuple(templates))
+    task = Task(class_names, text_classifier(model, tokenizer, class_names, templates), spec, tuple(templates),
+                rounds)
     return task, model, transform
 
 
@@ -252,13 +277,15 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
                      "samples_train": sum(len(p) for p in prep.parts), "samples_val": len(splits.val),
                      "samples_test": len(splits.test), "samples_server": len(splits.server),
                      "samples_client_test": sum(len(p) for p in prep.client_tests),
+                     **client_sizes(prep.parts),
                      "features_shared": float(features_shared)})
 
     cache_f, cache_y = f[splits.server], y[splits.server]  # the server's labelled hold-out
     if prep.uses_cache:
         stage(f"building the cache source ({cfg.method.cache_init})")
         t = time.perf_counter()
-        cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store)
+        cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store,
+                                                         splits.train[prep.trainers[0]])
         run.log_metrics(cache_metrics)
         timings["time_cache_source_s"] = time.perf_counter() - t
 
@@ -277,9 +304,7 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     t = time.perf_counter()
     train = (np.ascontiguousarray(inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
     evals = _eval_sets(inputs, y, splits, prep.client_tests)
-    parts = prep.parts
-    if method_class(cfg.method.name).role == "centralised":  # one trainer on the union of the clients' data
-        parts = [np.sort(np.concatenate(parts))]
+    parts = prep.trainers
     history: list[dict[str, float]] = []
     messages: list[dict] = []
     stopped_by = None

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raycache.cli import main
+from raycache.methods import METHODS
 
 QUICK = "experiments/quickstart.yaml"
 
@@ -23,8 +24,7 @@ def run_cli(capsys, *args):
     ("data.alpha=0", "data.alpha: Input should be greater than 0"),
     ("method.shots=0", "method.shots: Input should be greater than or equal to 1"),
     ("federation.fraction=2", "federation.fraction: Input should be less than or equal to 1"),
-    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: cachefl, fedavg_full, fedclip, "
-                         "flora, local_only, tip_adapter, zeroshot"),
+    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: " + ", ".join(sorted(METHODS))),
     ("method.training_free=true", "method.training_free: only tip_adapter has a training-free variant"),
     ("data.partition=domain", "data.partition: domain needs a source with domains"),
     ("data.test_domain=sketch", "data.test_domain: 'sketch' is not a domain of digits (domains: none)"),

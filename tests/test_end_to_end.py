@@ -72,7 +72,8 @@ def test_cachefl_with_a_synthetic_cache(finished, store, mlflow_uri):
     summary = run_experiment(syn)
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["synth_images"] == 20 and run.data.metrics["synth_features_encoded"] == 20
+    # Tip-Adapter's keys: 10 augmented views of each of the 20 key images (only those) through the encoder
+    assert run.data.metrics["synth_images"] == 20 and run.data.metrics["cache_views_encoded"] == 20 * 10
     assert run.data.params["synth.generator"] == "tiny" and run.data.params["method.cache_init"] == "synthetic"
     assert 0 <= run.data.metrics["accuracy"] <= 1 and run.data.metrics["comm_bytes_up"] == 6 * 10 * 2 * DIM * 4
     assert (store / "synth").is_dir()  # the set lives in the feature store, keyed by its settings
@@ -85,11 +86,23 @@ def test_cachefl_with_a_synthetic_cache(finished, store, mlflow_uri):
     source = open_source(syn.data)
     f, y, metrics = cache_examples(syn, ModelSpec.from_config(syn.model), source, None, np.zeros((1, DIM)))
     assert metrics["synth_images_generated"] == 0  # complete: reused, not regenerated
+    assert metrics["cache_views_encoded"] == 0  # the augmented keys are stored: not encoded again
     (synth_dir,) = list((store / "synth").iterdir())
-    encoded = load_or_encode(open_source(syn.data.model_copy(update={"dataset": str(synth_dir)})),
-                             ModelSpec.from_config(syn.model), syn.runtime)
-    np.testing.assert_array_equal(f, encoded.features)
+    synthetic = open_source(syn.data.model_copy(update={"dataset": str(synth_dir)}))
+    encoded = load_or_encode(synthetic, ModelSpec.from_config(syn.model), syn.runtime)
+    assert not np.allclose(f, encoded.features)  # the views' mean, not the centre crop
+    plain = syn.model_copy(update={"method": syn.method.model_copy(update={"augment_views": 1})})
+    f1, _, _ = cache_examples(plain, ModelSpec.from_config(syn.model), source, None, np.zeros((1, DIM)))
+    np.testing.assert_array_equal(f1, encoded.features)  # one view: the stored centre-crop features
     assert list(y) == [c for c in range(N_CLASSES) for _ in range(2)]
+    # alpha and beta were searched on validation after training, and the result carries them
+    m = run.data.metrics
+    assert 0.1 <= m["searched_beta"] < 7 and 0.1 <= m["searched_alpha"] < 3
+    assert m["result_val_accuracy"] >= 0 and "presearch_accuracy" in m
+    from safetensors.numpy import load_file
+
+    final = load_file(run.data.tags["raycache.result_checkpoint"])
+    assert final["global/alpha"].tolist() == pytest.approx([m["searched_alpha"]])
 
 
 def test_random_cache_is_balanced_unit_keys():

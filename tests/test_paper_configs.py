@@ -28,9 +28,7 @@ def test_the_three_papers_settings_ship():
 def test_config_validates(path):
     cfg = load_config(path)
     check_spec(ModelSpec.from_config(cfg.model))  # a real open_clip architecture and tag (no download)
-    assert cfg.method.name in {"zeroshot", "cachefl", "fedclip", "flora", "local_only", "tip_adapter",
-                               "fedavg_full"}
-    method_class(cfg.method.name)
+    method_class(cfg.method.name)  # a registered method
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=str)
@@ -59,7 +57,11 @@ def test_paper_settings_are_the_published_ones():
     assert (pacs.data.partition, pacs.data.test_domain, pacs.data.clients) == ("domain", "sketch", 3)
     flora = load_config("experiments/paper/flora/reference.yaml")
     assert (flora.data.clients, flora.federation.rounds, flora.method.lora_rank) == (10, 50, 2)
-    assert flora.method.lora_alpha / flora.method.lora_rank == 32  # FLoRA's scale s = 32
+    assert (flora.method.lora_alpha, flora.method.lora_scaling) == (32, "reference")  # s = alpha, whatever r
+    assert flora.method.persist_optimizer and flora.federation.selection == "best_val"
+    assert (pacs.federation.rounds, pacs.federation.weighting, pacs.model.templates) == (200, "uniform",
+                                                                                           ["a picture of a {}"])
+    assert (pacs.data.val_fraction, pacs.data.client_test_fraction) == (0.2, 0.25)  # 60/20/20 per domain
     assert flora.method.lora_targets == ["text.attn.out_proj"]
 
 
@@ -127,3 +129,29 @@ def test_local_test_sets_come_from_each_clients_own_domain(tmp_path):
     held = np.concatenate(prep.client_tests)
     assert len(np.intersect1d(prep.splits.train[held], prep.splits.val)) == 0  # never the validation split
     assert len(np.intersect1d(prep.splits.train[held], prep.splits.test)) == 0
+
+
+def test_a_cachefl_paper_config_reads_coops_layout(tmp_path, monkeypatch):
+    """experiments/paper/cachefl/ points at CoOp's layout (image root + split_zhou_*.json): on a stand-in of
+    that layout the config's own paths give exactly the file's splits and class names."""
+    import json
+
+    from conftest import write_png
+
+    cfg = load_config(_abs(Path("experiments/paper/cachefl/oxford_pets.yaml")))
+    root, split_file = tmp_path / cfg.data.dataset, tmp_path / cfg.data.split_file
+    rng = np.random.default_rng(0)
+    split = {}
+    for name, n in (("train", 20), ("val", 2), ("test", 3)):
+        split[name] = []
+        for label, cls in enumerate(["abyssinian", "american_bulldog"]):
+            for i in range(n):
+                write_png(root / f"{cls}_{name}_{i}.jpg", rng)
+                split[name].append([f"{cls}_{name}_{i}.jpg", label, cls])
+    split_file.write_text(json.dumps(split))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_abs(Path("experiments/paper/cachefl/oxford_pets.yaml")),
+                      ["model.name=tiny", "model.pretrained=null", "synth.generator=tiny"])
+    prep = prepare(cfg)
+    assert prep.source.class_names == ["abyssinian", "american bulldog"]
+    assert (len(prep.splits.train), len(prep.splits.val), len(prep.splits.test)) == (40, 4, 6)

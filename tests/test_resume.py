@@ -23,7 +23,8 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
     args = [str(ROOT / "experiments/quickstart.yaml"), "--set", "federation.rounds=5", "--set",
             "method.local_epochs=150", "--set", f"runtime.cache_dir={tmp_path / 'store'}", "--set",
-            "tracking.experiment=resume", "--set", "federation.target_accuracy=0.3"]
+            "tracking.experiment=resume", "--set", "federation.target_accuracy=0.3",
+            "--set", "method.persist_optimizer=true"]  # the clients' Adam moments must resume exactly too
     cmd = [sys.executable, "-m", "raycache", "run", *args]
     client = MlflowClient(uri)
 

@@ -55,6 +55,12 @@ def test_checkpoints_round_trip_and_a_pickle_is_refused(tmp_path):
     assert np.array_equal(back.snapshot["best"]["state"]["keys"], best["state"]["keys"])
     assert set(back.snapshot["best"]["clients"]) == {5} and back.snapshot["best"]["reached"].tolist() == [False, False]
     assert set(back.snapshot["clients"]) == {3} and back.snapshot["state"]["keys"][0, 1] == 1
+    # the clients' private optimiser memories (keys with '/' in them) round-trip per client
+    memory = {2: {"exp_avg/fc1.weight": np.ones((2, 2), np.float32), "step/fc1.weight": np.array([3], np.float32)},
+              7: {"exp_avg/fc1.weight": np.zeros((2, 2), np.float32)}}
+    back = checkpoint.load(checkpoint.save(tmp_path / "c" / "latest.safetensors", 4, {**snap, "memory": memory}, {}))
+    assert set(back.snapshot["memory"]) == {2, 7} and set(back.snapshot["memory"][2]) == set(memory[2])
+    assert back.snapshot["memory"][2]["step/fc1.weight"].tolist() == [3.0]
     evil = tmp_path / "evil.safetensors"
     torch.save({"state": snap["state"]}, evil)  # a pickle: must never be unpickled
     with pytest.raises(UserError, match="evil.safetensors is damaged or not a checkpoint"):

@@ -2,7 +2,12 @@
 
 - `synthetic`: a class-balanced set made by a text-to-image model (CacheFL); generated first if missing;
 - `real`: the server's labelled hold-out split of the dataset;
+- `shots`: K per class drawn from the training pool (Tip-Adapter's few-shot cache; the rows the one
+  centralised trainer holds);
 - `random`: random unit vectors (a control: what the cache is worth without its keys' content).
+
+Image keys are Tip-Adapter's: each is the mean raw feature of `method.augment_views` augmented views of its
+image (encoded once, stored under the views and the seed), which the method normalises.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from raycache.errors import UserError
+from raycache.methods.cache_model import class_balanced_rows
 
 
 def prepare_synthetic(cfg, class_names: list[str]):
@@ -23,17 +29,21 @@ def prepare_synthetic(cfg, class_names: list[str]):
     return prepare(cfg.synth, classes, cfg.runtime.cache_dir)
 
 
-def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None) -> tuple[np.ndarray, np.ndarray,
-                                                                                      dict]:
-    """(features, labels, metrics) of the examples the server builds its cache from."""
+def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
+                   shot_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(features, labels, metrics): K examples per class, class-major, that the server builds its cache from.
+    `shot_rows`: the source rows the centralised trainer holds (for `cache_init: shots`)."""
     kind = cfg.method.cache_init
-    if kind == "real":
-        return feats[splits.server], source.labels[splits.server], {}
     n_classes, k = len(source.class_names), cfg.method.shots
     if kind == "random":
         rng = np.random.default_rng([cfg.seed, 0xCA])
         f = rng.normal(size=(n_classes * k, feats.shape[1])).astype(np.float32)
         return f / np.linalg.norm(f, axis=1, keepdims=True), np.repeat(np.arange(n_classes), k), {}
+    if kind in ("real", "shots"):
+        pool = splits.server if kind == "real" else shot_rows
+        rows = pool[class_balanced_rows(source.labels[pool], n_classes, k)]
+        keys, metrics = _keys(source, rows, feats[rows], spec, cfg)
+        return keys, source.labels[rows], metrics
     from raycache.config import DataConfig
     from raycache.data.features import load_or_encode
     from raycache.data.sources import open_source
@@ -41,8 +51,24 @@ def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None) -> 
 
     result = fill(store or prepare_synthetic(cfg, source.class_names), cfg.synth)
     synthetic = open_source(DataConfig(dataset=str(result.out)))
-    encoded = load_or_encode(synthetic, spec, cfg.runtime)
-    return encoded.features, synthetic.labels, {"synth_images": result.images,
-                                                "synth_images_generated": result.generated,
-                                                "synth_seconds": result.seconds,
-                                                "synth_features_encoded": encoded.encoded}
+    rows = class_balanced_rows(synthetic.labels, n_classes, k)
+    plain, metrics = None, {}
+    if cfg.method.augment_views == 1:
+        encoded = load_or_encode(synthetic, spec, cfg.runtime)
+        plain, metrics = encoded.features[rows], {"synth_features_encoded": encoded.encoded}
+    keys, more = _keys(synthetic, rows, plain, spec, cfg)
+    metrics.update(more)
+    return keys, synthetic.labels[rows], {"synth_images": result.images, "synth_images_generated": result.generated,
+                                          "synth_seconds": result.seconds, **metrics}
+
+
+def _keys(source, rows: np.ndarray, plain: np.ndarray | None, spec, cfg) -> tuple[np.ndarray, dict]:
+    """The raw key features of `source`'s images at `rows`: `plain` (their stored centre-crop features) with
+    one view, else the mean of `method.augment_views` augmented views, encoded once and stored."""
+    views = cfg.method.augment_views
+    if views == 1:
+        return plain, {}
+    from raycache.data.features import load_or_encode
+
+    encoded = load_or_encode(source.subset(rows), spec, cfg.runtime, views=views, seed=cfg.seed)
+    return encoded.features, {"cache_views_encoded": encoded.encoded}

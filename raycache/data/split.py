@@ -59,6 +59,39 @@ def stratified_split(labels: np.ndarray, class_names: list[str], test_fraction: 
                   np.sort(np.concatenate(val)).astype(np.int64))
 
 
+def predefined_split(labels: np.ndarray, class_names: list[str], named: dict[str, np.ndarray], server_per_class: int,
+                     seed: int) -> Splits:
+    """A source's own splits (a CoOp split file, a dataset's train/validation/test): its test and validation
+    as they are; from its training split, `server_per_class` per class (seeded) for the server, the rest for
+    the clients."""
+    rng = np.random.default_rng([seed, 0x5B1])
+    pool = named["train"]
+    train, server = [], []
+    for c, name in enumerate(class_names):
+        idx = rng.permutation(pool[labels[pool] == c])
+        if len(idx) < server_per_class + 1:
+            raise UserError(f"data.dataset: class {name!r} has {len(idx)} training images; needs at least "
+                            f"{server_per_class + 1} (data.server_per_class {server_per_class} + 1 for training)")
+        server.append(idx[:server_per_class])
+        train.append(idx[server_per_class:])
+    return Splits(np.sort(np.concatenate(train)), np.sort(named["test"]), np.concatenate(server),
+                  np.sort(named.get("val", np.zeros(0, np.int64))).astype(np.int64))
+
+
+def few_shot(splits: Splits, labels: np.ndarray, n_classes: int, shots: int, seed: int) -> Splits:
+    """Keep K training samples per class (seeded; CoOp's few-shot protocol), before partitioning."""
+    from dataclasses import replace
+
+    from raycache.methods.cache_model import few_shot_rows
+
+    pool = splits.train
+    try:
+        rows = few_shot_rows(labels[pool], n_classes, shots, seed)
+    except ValueError as err:
+        raise UserError(f"data.shots_per_class: {err}") from None
+    return replace(splits, train=np.sort(pool[rows]))
+
+
 def _largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
     """Integers proportional to `counts` that sum to `total` (largest-remainder rounding)."""
     exact = counts * (total / max(int(counts.sum()), 1))

@@ -3,7 +3,7 @@ a rename), read back only through safetensors (no pickle, nothing executable).
 
 Layout: tensors `global/<key>` (the global state), `client/<id>/<key>` (a local method's per-client states),
 `reached` (which clients already hold the initial state) and the same under `best/` (the state at the best
-validation round so far); the metadata holds the round, the seed, the method, running totals and the
+validation round so far), and `memory/<id>/<key>` (each client's private optimiser memory, when kept); the metadata holds the round, the seed, the method, running totals and the
 selection record as JSON. Sampling, faults and local training draw from (seed, round, client), so
 the round number is the whole RNG state.
 """
@@ -35,6 +35,8 @@ def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
     tensors = _tensors(snapshot)
     if "best" in snapshot:
         tensors.update({f"best/{k}": v for k, v in _tensors(snapshot["best"]).items()})
+    for cid, memory in snapshot.get("memory", {}).items():
+        tensors.update({f"memory/{int(cid)}/{k}": np.ascontiguousarray(v) for k, v in memory.items()})
     info = {"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)}
     if "selection" in snapshot:
         info["selection"] = json.dumps(snapshot["selection"])
@@ -55,12 +57,17 @@ def _tensors(snap: dict) -> dict[str, np.ndarray]:
 
 def _states(tensors: dict[str, np.ndarray]) -> dict:
     state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
-    clients: dict[int, dict[str, np.ndarray]] = {}
+    return {"state": state, "clients": _per_client(tensors, "client/"), "reached": tensors["reached"].astype(bool)}
+
+
+def _per_client(tensors: dict[str, np.ndarray], prefix: str) -> dict[int, dict[str, np.ndarray]]:
+    """`<prefix><client id>/<key>` tensors -> {client id: {key: tensor}} (keys may contain '/')."""
+    out: dict[int, dict[str, np.ndarray]] = {}
     for k, v in tensors.items():
-        if k.startswith("client/"):
-            _, cid, key = k.split("/", 2)
-            clients.setdefault(int(cid), {})[key] = v
-    return {"state": state, "clients": clients, "reached": tensors["reached"].astype(bool)}
+        if k.startswith(prefix):
+            cid, key = k[len(prefix):].split("/", 1)
+            out.setdefault(int(cid), {})[key] = v
+    return out
 
 
 def load(path: Path) -> Checkpoint:
@@ -77,6 +84,7 @@ def load(path: Path) -> Checkpoint:
     if info.get("format") != FORMAT:
         raise UserError(f"--resume: {path} is not a raycache checkpoint")
     snap = _states(tensors)
+    snap["memory"] = _per_client(tensors, "memory/")
     if "selection" in info:
         snap["selection"] = json.loads(info["selection"])
         snap["best"] = _states({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")})

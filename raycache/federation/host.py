@@ -24,7 +24,7 @@ from raycache.methods.base import State, state_nbytes
 class HostReport:
     partial: WeightedSum
     clients: np.ndarray  # (c,) client ids that reported (trained within the time limit)
-    samples: np.ndarray  # (c,) their sample counts (the FedAvg weights)
+    samples: np.ndarray  # (c,) their sample counts
     losses: np.ndarray  # (c,) mean local training loss
     seconds: np.ndarray  # (c,) compute seconds per client
     bytes_up: int  # exact bytes of every reported client's update
@@ -34,7 +34,8 @@ class HostReport:
 
 class ClientHost:
     def __init__(self, method_name: str, method_cfg, task, train, clients: dict[int, np.ndarray], seed: int,
-                 threads: int = 1, use_gpu: bool = False, evals=None, audit: bool = False) -> None:
+                 threads: int = 1, use_gpu: bool = False, evals=None, audit: bool = False,
+                 weighting: str = "samples") -> None:
         import torch
 
         from raycache.methods import method_class
@@ -53,6 +54,8 @@ class ClientHost:
         self.evals = evals  # EvalSets: test, validation, client tests (for evaluating local states)
         self.local = self.method.role == "local"
         self.states: dict[int, State] = {}  # a local method's per-client states (clients trained so far)
+        self.memory: dict[int, State] = {}  # each client's private memory across rounds (optimiser moments)
+        self.weighting = weighting  # "samples": FedAvg weight = the client's sample count; "uniform": 1
         self.audit: list[dict] | None = [] if audit else None  # a record of every client message (tests)
         self.bytes_up = 0
 
@@ -73,18 +76,23 @@ class ClientHost:
             feats = torch.from_numpy(self.features[idx]).to(self.device)  # fancy indexing copies: (n_c, D)
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
             start = self.states.get(cid, state) if self.local else state
-            update, loss = self.method.local_train(start, feats, labels, client_seed(self.seed, round_idx, cid))
+            memory = dict(self.memory.get(cid, {}))  # a copy: a client that times out keeps last round's
+            update, loss = self.method.local_train(start, feats, labels, client_seed(self.seed, round_idx, cid),
+                                                   memory, round_idx)
             took = time.perf_counter() - t0
             if timeout_s is not None and took > timeout_s:
                 timed_out.append(cid)  # too slow: this round goes on without it
                 continue
             _check_finite(update, cid, round_idx)
+            if memory:
+                self.memory[cid] = memory
+            weight = float(len(idx)) if self.weighting == "samples" else 1.0
             if self.local:
                 self.states[cid] = update  # kept on the client; nothing leaves it
             elif self.method.role == "centralised":
-                partial.add(update, float(len(idx)))  # the server's own pooled trainer: no client message
+                partial.add(update, weight)  # the server's own pooled trainer: no client message
             else:
-                self._upload(partial, cid, update, float(len(idx)))
+                self._upload(partial, cid, update, weight)
             reported.append(cid)
             samples.append(len(idx))
             losses.append(loss)
@@ -118,6 +126,13 @@ class ClientHost:
 
     def set_states(self, states: dict[int, State]) -> None:
         self.states = {int(c): s for c, s in states.items() if int(c) in self.clients}
+
+    def get_memory(self) -> dict[int, State]:
+        """The clients' private memories (for a checkpoint: a resumed run continues their optimisers)."""
+        return self.memory
+
+    def set_memory(self, memory: dict[int, State]) -> None:
+        self.memory = {int(c): m for c, m in memory.items() if int(c) in self.clients}
 
     def evaluate(self, state: State) -> dict[str, dict[int, np.ndarray]]:
         """A local method's predictions, each client under its own state (or the initial `state` if it has

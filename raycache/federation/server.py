@@ -43,9 +43,10 @@ class Server:
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
 
-    def evaluate(self) -> dict[str, float]:
-        """Test, validation and local-test accuracy of the current state (each client's own, for a local
-        method)."""
+    def evaluate(self, state: State | None = None) -> dict[str, float]:
+        """Test, validation and local-test accuracy of `state` (the current one by default; each client's
+        own, for a local method)."""
+        state = self.state if state is None else state
         n_classes = self.method.task.n_classes
         n_clients = len(self.class_counts)
         ev = self.evals
@@ -55,7 +56,7 @@ class Server:
             import ray
 
             preds: dict[str, dict[int, np.ndarray]] = {"test": {}, "val": {}, "local": {}}
-            for part in ray.get([h.evaluate.remote(self.state) for h in self.hosts]):
+            for part in ray.get([h.evaluate.remote(state) for h in self.hosts]):
                 for name, by_client in part.items():
                     preds[name].update(by_client)
             clients = range(n_clients)
@@ -68,7 +69,7 @@ class Server:
                 local_acc = np.array([(preds["local"][c] == ev.client_rows(c)[1]).mean() for c in clients])
         else:
             def run(inputs):
-                return predict(lambda x: self.method.logits(self.state, x), inputs, self.method.eval_batch)
+                return predict(lambda x: self.method.logits(state, x), inputs, self.method.eval_batch)
 
             pred = run(ev.test[0])
             client_acc = client_accuracy(self.class_counts, per_class_accuracy(pred, test_y, n_classes))
@@ -104,8 +105,24 @@ class Server:
         """The run's result: the state at the selected round (`best_val` or `final`), with its round and the
         end-of-run selection metrics."""
         snap = dict(self.best) if self.selection.picks_best(selection) else self._current()
-        return {"round": self.selection.result_round(selection), "snapshot": snap,
-                "metrics": self.selection.summary(selection)}
+        metrics = self.selection.summary(selection)
+        tuned = self._tune(snap["state"])
+        if tuned:  # the result is the state with its searched settings: re-evaluate it as such
+            snap["state"] = {**snap["state"], **{k: np.asarray([v], np.float32) for k, v in tuned.items()}}
+            after = self.evaluate(snap["state"])
+            metrics.update({f"searched_{k}": v for k, v in tuned.items()})
+            metrics.update({f"presearch_{k}": metrics[f"result_{k}"] for k in ("accuracy", "val_accuracy")})
+            metrics.update({f"result_{k}": v for k, v in after.items()})
+        return {"round": self.selection.result_round(selection), "snapshot": snap, "metrics": metrics}
+
+    def _tune(self, state: State) -> dict[str, float]:
+        """The method's post-training search on the validation split (Tip-Adapter's alpha/beta), if any."""
+        import torch
+
+        if self.evals.val is None:
+            return {}
+        inputs, labels = self.evals.val
+        return self.method.tune(state, torch.from_numpy(np.asarray(inputs)), torch.from_numpy(np.asarray(labels)))
 
     def _current(self) -> dict:
         """The current state, with a local method's per-client states (reused from `best` when this round
@@ -126,7 +143,12 @@ class Server:
         state, a local method's per-client states, and the selection so far (its record and the best
         state). (Client sampling, faults and local training draw from (seed, round, client), so the round
         number is all the RNG state there is.)"""
-        return {**self._current(), "best": self.best, "selection": self.selection.to_json()}
+        import ray
+
+        memory: dict[int, State] = {}
+        for part in ray.get([h.get_memory.remote() for h in self.hosts]):
+            memory.update(part)
+        return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory": memory}
 
     def restore(self, snap: dict) -> None:
         import ray
@@ -138,6 +160,8 @@ class Server:
             self.best = snap["best"]
         if self.role == "local":
             ray.get([h.set_states.remote(snap["clients"]) for h in self.hosts])
+        if snap.get("memory"):
+            ray.get([h.set_memory.remote(snap["memory"]) for h in self.hosts])
 
     def audit_log(self) -> list[dict]:
         import ray

@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "fedclip": "raycache.methods.fedclip:FedCLIP",
     "local_only": "raycache.methods.local_only:LocalOnly",
     "tip_adapter": "raycache.methods.tip_adapter:TipAdapter",
+    "centralised_cache": "raycache.methods.centralised_cache:CentralisedCache",
     "flora": "raycache.methods.flora:FLoRA",
     "fedavg_full": "raycache.methods.fedavg_full:FedAvgFull",
 }

@@ -1,7 +1,10 @@
 """CacheFL (arXiv 2505.05130): a Tip-Adapter-F cache whose keys clients fine-tune and the server averages.
 
 Keys are initialised from K class-balanced labelled images per class held by the server; values are fixed
-one-hot labels, so only the keys (N*K x D floats) ever travel.
+one-hot labels, so only the keys (N*K x D floats) ever travel. Each key is the mean raw feature of
+`method.augment_views` augmented views of its image, then normalised (Tip-Adapter's cache; see
+`raycache.data.cache_source`). After training, alpha and beta are grid-searched on the validation split
+(`method.search`, Tip-Adapter's `search_hp`) and the result carries the pair found.
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State, local_steps
-from raycache.methods.cache_model import cache_logits, cache_residual, class_balanced_keys, one_hot_values
+from raycache.methods.base import Method, State, adam, local_steps, remember
+from raycache.methods.cache_model import (cache_logits, cache_residual, class_balanced_keys, one_hot_values,
+                                          search_alpha_beta)
 
 
 class CacheFL(Method):
     name = "cachefl"
     uses_cache_init = True
-    # Tip-Adapter-F's optimiser; batch 256 covers a typical client's data in one step.
+    # Tip-Adapter-F's optimiser (AdamW 1e-3, eps 1e-4, torch's default betas and weight decay); batch 256 covers
+    # a typical client's data in one step; a fresh optimiser each round, as the cache arrives new each round.
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-4, "weight_decay": 0.01, "local_epochs": 1,
-                "batch_size": 256, "schedule": "cosine", "loss": "ce"}
+                "batch_size": 256, "schedule": "cosine", "loss": "ce", "persist_optimizer": False,
+                "cache_init": "synthetic"}
 
     def __init__(self, cfg, task) -> None:
         super().__init__(cfg, task)
@@ -35,21 +41,37 @@ class CacheFL(Method):
         keys = class_balanced_keys(server_features, server_labels, self.task.n_classes, self.cfg.shots)
         return {"cache_keys": keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)}
 
+    def _alpha_beta(self, state: State) -> tuple[float, float]:
+        """The searched pair when the state carries one (a tuned result), else the configured one."""
+        if "alpha" in state:
+            return float(np.asarray(state["alpha"]).reshape(-1)[0]), float(np.asarray(state["beta"]).reshape(-1)[0])
+        return self.cfg.alpha, self.cfg.beta
+
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
         keys = torch.as_tensor(state["cache_keys"], device=self.device)
-        return cache_logits(F.normalize(features, dim=-1), self.text_weights, keys, self.values, self.cfg.alpha, self.cfg.beta)
+        return cache_logits(F.normalize(features, dim=-1), self.text_weights, keys, self.values,
+                            *self._alpha_beta(state))
 
-    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
-                    seed: int) -> tuple[State, float]:
+    def tune(self, state: State, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        if not self.cfg.search:
+            return {}
+        keys = torch.as_tensor(state["cache_keys"], device=self.device)
+        alpha, beta, _ = search_alpha_beta(F.normalize(features.to(self.device), dim=-1), self.text_weights, keys,
+                                           self.values, labels.to(self.device), self.cfg.search_scale,
+                                           self.cfg.search_step)
+        return {"alpha": alpha, "beta": beta}
+
+    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor, seed: int,
+                    memory: dict | None = None, round_idx: int = 1) -> tuple[State, float]:
         cfg = self.cfg
         keys = torch.tensor(state["cache_keys"], device=self.device, requires_grad=True)  # a private copy: (NK, D)
         # fused: one kernel per step; the per-op overhead of the unfused step dominates at this size
-        opt = torch.optim.AdamW([keys], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                fused=True)
+        opt = adam({"cache_keys": keys}, cfg, memory, decoupled=True, fused=True)
         features = F.normalize(features, dim=-1)  # Tip-Adapter's maths is on unit features
         zero_shot = 100.0 * features @ self.text_weights.T  # (n, N), constant while the keys train
         loss_sum = 0.0
-        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule):
+        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule,
+                                       round_idx, self.task.rounds):
             opt.param_groups[0]["lr"] = rate
             if batch is None:
                 f, zs, y = features, zero_shot, labels
@@ -60,4 +82,5 @@ class CacheFL(Method):
             loss.backward()
             opt.step()
             loss_sum += loss.item() * len(y)
+        remember(opt, {"cache_keys": keys}, cfg, memory)
         return {"cache_keys": keys.detach().cpu().numpy()}, loss_sum / (len(labels) * cfg.local_epochs)

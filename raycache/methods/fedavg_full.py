@@ -1,5 +1,11 @@
-"""FedAvg with full fine-tuning of the CLIP image encoder: the cost ceiling. Every image-encoder parameter
-is trained on the clients' images and travels both ways each round; the text tower stays frozen."""
+"""FedAvg with full fine-tuning of CLIP: the cost ceiling. Every parameter of the trained towers travels both
+ways each round.
+
+`method.towers: both` (the default) trains the whole CLIP, as FLoRA's FedFFT baseline does (Adam 5e-5,
+batch 128; dphuongn/FLoRA) and as FedCLIP's "283x fewer parameters" counts it; `vision` trains only the
+image encoder (the text tower frozen), `text` only the text tower (images then come as stored features).
+`logit_scale` never trains: every method classifies with CLIP's fixed scale 100.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,19 @@ from raycache.methods.encoder import EncoderMethod
 
 class FedAvgFull(EncoderMethod):
     name = "fedavg_full"
-    # full fine-tuning of a pretrained encoder wants a small step; otherwise FLoRA/FedCLIP's optimiser
-    defaults = {**EncoderMethod.defaults, "lr": 1e-5, "batch_size": 32}
+    # FedFFT's optimiser; the moments are not kept across rounds by default: two full-CLIP copies per client
+    defaults = {**EncoderMethod.defaults, "persist_optimizer": False}
 
     @classmethod
     def uses_pixels(cls, cfg) -> bool:
-        return True
+        return cfg.towers in ("both", "vision")
 
     def build(self):
         from raycache.models.clip import load_clip
 
         model, _, tokenizer = load_clip(self.task.spec)
-        model.visual.requires_grad_(True)
+        towers = self.cfg.towers
+        for name, p in model.named_parameters():
+            vision = name.startswith("visual.")
+            p.requires_grad_(not name.startswith("logit_") and (towers == "both" or vision == (towers == "vision")))
         return model, tokenizer

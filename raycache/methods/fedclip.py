@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State, local_steps
+from raycache.methods.base import Method, State, adam, local_steps, remember
 
 
 def adapt(features: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -34,9 +34,11 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float = 100
 
 class FedCLIP(Method):
     name = "fedclip"
-    # The reference code's optimiser, re-created every round; batch 32; one local epoch.
+    # The reference code's optimiser, re-created every round; batch 32; one local epoch; adapters averaged
+    # uniformly over clients (PersonalizedFL fedclip: the server's client weights are 1 / clients).
     defaults = {"lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.2, "local_epochs": 1,
-                "batch_size": 32, "schedule": "constant", "loss": "contrastive"}
+                "batch_size": 32, "schedule": "constant", "loss": "contrastive", "persist_optimizer": False}
+    weighting = "uniform"
 
     def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
         d = self.task.dim
@@ -55,14 +57,14 @@ class FedCLIP(Method):
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
         return 100.0 * adapt(features, self._params(state, False)) @ self.text_weights.T  # (B, N)
 
-    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor,
-                    seed: int) -> tuple[State, float]:
+    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor, seed: int,
+                    memory: dict | None = None, round_idx: int = 1) -> tuple[State, float]:
         cfg = self.cfg
         params = self._params(state, True)
-        opt = torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                               weight_decay=cfg.weight_decay)
+        opt = adam(params, cfg, memory)
         loss_sum = 0.0
-        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule):
+        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule,
+                                       round_idx, self.task.rounds):
             opt.param_groups[0]["lr"] = rate
             f, y = (features, labels) if batch is None else (features[batch], labels[batch])
             image = adapt(f, params)  # (b, D)
@@ -74,4 +76,5 @@ class FedCLIP(Method):
             loss.backward()
             opt.step()
             loss_sum += loss.item() * len(y)
+        remember(opt, params, cfg, memory)
         return {k: v.detach().cpu().numpy() for k, v in params.items()}, loss_sum / (len(labels) * cfg.local_epochs)

@@ -1,7 +1,15 @@
-"""FLoRA (arXiv 2404.15182): LoRA adapters on CLIP, trained by clients and averaged (A and B separately,
-by sample count). Adapters come from the PEFT library; rank, alpha and target modules are config
-(`method.lora_*`). The reference setting, the default here, adapts the text tower's attention output
-projections in every layer with r = 2 and scale 32 (PEFT lora_alpha 64): r (d_in + d_out) per matrix travels.
+"""FLoRA (arXiv 2404.15182): LoRA adapters on CLIP, trained by clients and averaged by sample count. Adapters
+come from the PEFT library; rank, alpha, scaling and target modules are config (`method.lora_*`).
+
+The reference setting (dphuongn/FLoRA, system/flcore/trainmodel/clip_model.py and the FLoRA client/server),
+the default here: the text tower's attention output projections in every layer, r = 2, the update scaled
+by alpha = 32 whatever the rank (`lora_scaling: reference`; PEFT's alpha / r is `peft`), A ~ N(0, 1/sqrt(r)),
+B = 0; each client's Adam built once and kept across rounds (`persist_optimizer`); r (d_in + d_out) per
+matrix travels.
+
+The server averages A and B separately, as the reference does. That is not the average of the clients'
+updates B_k A_k: mean(B) mean(A) differs from mean(B A) whenever the clients' adapters differ (the cross terms
+B_j A_k, j != k, enter), so the merged model is not the average of the clients' models.
 """
 
 from __future__ import annotations
@@ -35,5 +43,6 @@ class FLoRA(EncoderMethod):
 
         model, _, tokenizer = load_clip(self.task.spec)
         torch.manual_seed(0)  # the adapters' initial A is drawn from a fixed stream: the same in every process
-        add_lora(model, self.cfg.lora_targets, self.cfg.lora_rank, self.cfg.lora_alpha, self.task.spec.name)
+        add_lora(model, self.cfg.lora_targets, self.cfg.lora_rank, self.cfg.lora_alpha, self.task.spec.name,
+                 self.cfg.lora_scaling)
         return model, tokenizer

@@ -41,5 +41,5 @@ class LocalOnly(Method):
     def logits(self, state, inputs):
         return self.inner.logits(state, inputs)
 
-    def local_train(self, state, inputs, labels, seed):
-        return self.inner.local_train(state, inputs, labels, seed)
+    def local_train(self, state, inputs, labels, seed, memory=None, round_idx=1):
+        return self.inner.local_train(state, inputs, labels, seed, memory, round_idx)

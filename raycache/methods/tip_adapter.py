@@ -1,23 +1,44 @@
-"""Centralised Tip-Adapter (Zhang et al. 2022) on the union of the clients' data: the accuracy ceiling that
-federated caches approach. `method.training_free: true` keeps the keys fixed (Tip-Adapter); otherwise they
-are fine-tuned as in Tip-Adapter-F, each round being `local_epochs` epochs over the pooled data.
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al. 2022) as the paper means them: K labelled shots per class drawn
+(seeded) from the training data are the cache, and Tip-Adapter-F fine-tunes the keys on those same shots,
+nothing more. `method.training_free: true` keeps the keys fixed (Tip-Adapter).
 
-The runtime pools every client's samples into one trainer (`role = "centralised"`); nothing travels.
+Matched with the reference (gaopengcuhk/Tip-Adapter, main.py and utils.py): keys are the mean raw feature of
+10 augmented views, normalised; AdamW lr 1e-3 eps 1e-4; one cosine schedule over every step of the run
+(`schedule: cosine_run`, 20 rounds of one epoch = the reference's 20 epochs); the best epoch kept (here on
+validation, not test); alpha and beta then grid-searched on validation. Not matched: the reference draws a
+fresh augmentation of each shot every batch; here the shots train on their stored centre-crop features.
+
+One trainer holds the shots (`role = "centralised"`); nothing travels.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from raycache.errors import UserError
 from raycache.methods.base import State
+from raycache.methods.cache_model import few_shot_rows
 from raycache.methods.cachefl import CacheFL
 
 
 class TipAdapter(CacheFL):
     name = "tip_adapter"
     role = "centralised"
+    defaults = {**CacheFL.defaults, "persist_optimizer": True, "schedule": "cosine_run", "cache_init": "shots"}
 
-    def local_train(self, state: State, inputs, labels, seed) -> tuple[State, float]:
+    @classmethod
+    def trainer_rows(cls, parts, labels, n_classes, cfg, seed) -> list[np.ndarray]:
+        """One trainer holding K shots per class of the pooled training data (the rows `cache_init: shots`
+        builds its keys from)."""
+        pooled = np.sort(np.concatenate(parts))
+        try:
+            return [pooled[few_shot_rows(labels[pooled], n_classes, cfg.shots, seed)]]
+        except ValueError as err:
+            raise UserError(f"method.shots: {err} (K shots per class from the clients' training data)") from None
+
+    def local_train(self, state: State, inputs, labels, seed, memory=None, round_idx=1) -> tuple[State, float]:
         if not self.cfg.training_free:
-            return super().local_train(state, inputs, labels, seed)
+            return super().local_train(state, inputs, labels, seed, memory, round_idx)
         import torch
         import torch.nn.functional as F
 

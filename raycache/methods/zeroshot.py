@@ -17,7 +17,7 @@ class ZeroShot(Method):
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
         return 100.0 * F.normalize(features, dim=-1) @ self.text_weights.T  # (B, N)
 
-    def local_train(self, state, features, labels, seed) -> tuple[State, float]:
+    def local_train(self, state, features, labels, seed, memory=None, round_idx=1) -> tuple[State, float]:
         with torch.no_grad():
             loss = torch.nn.functional.cross_entropy(self.logits(state, features), labels)
         return state, float(loss)

@@ -65,9 +65,11 @@ def resolve_targets(model: nn.Module, targets: list[str], model_name: str) -> li
     return names
 
 
-def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, model_name: str) -> list[str]:
+def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, model_name: str,
+             scaling: str = "reference") -> list[str]:
     """Freeze `model`, unfuse its attention and inject PEFT LoRA adapters on `targets`; returns the names of
-    the trainable LoRA parameters, in a stable order.
+    the trainable LoRA parameters, in a stable order. Each adapted layer computes W x + s B A x with
+    s = alpha (`scaling="reference"`, FLoRA's code) or s = alpha / rank (`"peft"`).
 
     Initialised as FLoRA's reference does (dphuongn/FLoRA, system/flcore/trainmodel/clip_model.py):
     A ~ N(0, std 1/sqrt(r)), B = 0. PEFT's own `gaussian` init draws A with std 1/r, so A is redrawn here
@@ -78,7 +80,8 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, mode
     unfuse_attention(model)
     names = resolve_targets(model, targets, model_name)
     pattern = "|".join(re.escape(n) for n in names)  # full match: text names must not match vision suffixes
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=f"^(?:{pattern})$", lora_dropout=0.0,
+    peft_alpha = alpha * rank if scaling == "reference" else alpha  # PEFT scales by lora_alpha / r
+    config = LoraConfig(r=rank, lora_alpha=peft_alpha, target_modules=f"^(?:{pattern})$", lora_dropout=0.0,
                         bias="none", init_lora_weights="gaussian")
     inject_adapter_in_model(config, model)
     for module in model.modules():

@@ -113,32 +113,45 @@ class SweepResult:
     ui_hint: str = ""  # how to open the sweep's runs table in the MLflow UI
 
 
-# Keys whose values change what the shared inputs are: the model and dataset (features), and the method
-# settings that decide whether a trial trains on pixels.
-_INPUT_KEYS = ("dataset", "image_column", "label_column", "name", "lora_targets")
+# Keys whose values change what the shared inputs are: the model and dataset (features), the method
+# settings that decide whether a trial trains on pixels, and what a cache's keys are made from (the split,
+# the shots, the synthetic set, the augmented views).
+_INPUT_KEYS = ("name", "lora_targets", "towers", "shots", "cache_init", "augment_views")
+_INPUT_SECTIONS = ("model.", "data.", "synth.")
 
 
 def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.ndarray]:
     """Made once, in the driver, for every model/dataset/method the trials can use (`base_prep`: the base
     config, already prepared): the features, and preprocessed images where a method trains on pixels. The
     runner hands them to Tune with `tune.with_parameters`, which puts them in the object store once; every
-    trial reads that one copy (zero-copy) instead of re-encoding or re-reading."""
+    trial reads that one copy (zero-copy) instead of re-encoding or re-reading.
+
+    A cache method's keys (the synthetic set, the augmented views of the key images) are made here too and
+    land in the on-disk store, where each trial finds them: a trial holds only its own placement group, so
+    an encoder or generator pool started inside it could never be placed."""
+    from raycache.data.cache_source import cache_examples
     from raycache.data.features import load_or_encode
     from raycache.data.pixels import load_pixels
     from raycache.experiment import prepare, shared_key
     from raycache.federation.runtime import ensure_ray
 
     keys = [k for k, spec in sweep.space.items() if ("grid" in spec or "choice" in spec)
-            and (k.startswith("model.") or k.split(".")[-1] in _INPUT_KEYS)]
+            and (k.startswith(_INPUT_SECTIONS) or k == "seed" or k.split(".")[-1] in _INPUT_KEYS)]
     combos = grid_points({k: {"grid": next(iter(sweep.space[k].values()))} for k in keys})
     shared: dict[str, np.ndarray] = {}
     for combo in combos:
-        prep = prepare(trial_config(base, combo, "encode")) if combo else base_prep
+        try:
+            prep = prepare(trial_config(base, combo, "encode")) if combo else base_prep
+        except UserError:  # that trial fails on its own, with its reason on its run; the rest go on
+            continue
         ensure_ray(prep.cfg.runtime)
         if shared_key("features", prep) not in shared:
             shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
         if prep.uses_pixels and shared_key("pixels", prep) not in shared:
             shared[shared_key("pixels", prep)] = load_pixels(prep.source, prep.transform)
+        if prep.uses_cache:
+            cache_examples(prep.cfg, prep.spec, prep.source, prep.splits, shared[shared_key("features", prep)],
+                           prep.synth_store, prep.splits.train[prep.trainers[0]])
     return shared
 
 

@@ -60,3 +60,28 @@ def test_shards_hold_at_most_k_classes_even_with_unequal_classes(clients, k):
 def test_more_clients_than_samples_is_a_user_error():
     with pytest.raises(UserError, match="data.clients"):
         partition(LABELS[:5], cfg(clients=6), 0)
+
+
+def test_min_partition_size_redraws_until_every_client_has_enough():
+    """Flower Datasets' semantics: the whole Dirichlet draw is repeated until the smallest client holds at
+    least `min_partition_size`; impossible asks end in one line naming the setting."""
+    from raycache.errors import UserError
+
+    labels = np.repeat(np.arange(10), 100)  # 1,000 samples
+    for seed in (3, 4, 5):
+        loose = partition(labels, DataConfig(clients=40, alpha=0.3), seed)
+        assert min(len(p) for p in loose) < 5  # a single draw leaves clients with a handful
+        parts = partition(labels, DataConfig(clients=40, alpha=0.3, min_partition_size=8), seed)
+        assert min(len(p) for p in parts) >= 8
+        assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+    with pytest.raises(UserError, match=r"^data.min_partition_size: 30 samples per client not reached in 100 "):
+        partition(labels, DataConfig(clients=40, alpha=0.3, min_partition_size=30), 0)
+
+
+def test_self_balancing_caps_clients_at_the_mean_share():
+    labels = np.repeat(np.arange(20), 50)  # 1,000 samples, mean share 100 for 10 clients
+    plain = partition(labels, DataConfig(clients=10, alpha=0.1), 1)
+    balanced = partition(labels, DataConfig(clients=10, alpha=0.1, self_balancing=True), 1)
+    assert sorted(np.concatenate(balanced).tolist()) == list(range(1000))
+    # a client stops receiving once over the mean, so it overshoots by at most one class's samples (50)
+    assert max(len(p) for p in balanced) <= 100 + 50 < max(len(p) for p in plain)

@@ -10,7 +10,7 @@ import torch
 
 from raycache.config import load_config
 from raycache.federation.runtime import Federation
-from raycache.methods import METHODS, method_class
+from raycache.methods import METHODS, method_class, with_defaults
 from raycache.methods.base import Task
 from raycache.models.clip import PRESETS_DIR, ModelSpec, load_clip
 from raycache.models.text import text_classifier
@@ -22,20 +22,22 @@ TEXT_LAYERS, TEXT_WIDTH = TINY["text_cfg"]["layers"], TINY["text_cfg"]["width"]
 R = 2  # the default method.lora_rank
 
 
-def image_encoder_params() -> int:
+def clip_params() -> int:
+    """Every parameter of both towers (CLIP's logit scale is not trained: methods classify at scale 100)."""
     model, _, _ = load_clip(ModelSpec("tiny"))
-    return sum(p.numel() for p in model.visual.parameters())
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("logit_"))
 
 
 STATE_FLOATS = {  # the state each client trains, from each paper; federated methods send exactly this
     "zeroshot": lambda: 0,
     "cachefl": lambda: N * K * D,  # the cache keys: N*K x D
     "tip_adapter": lambda: N * K * D,
+    "centralised_cache": lambda: N * K * D,
     "local_only": lambda: N * K * D,  # a cache of its own (method.local_model: cache)
     "fedclip": lambda: 2 * (D * D + D),  # the attention adapter: two D x D layers with biases
     # LoRA on the text attention output projection of every layer: r (d_in + d_out) per adapted matrix
     "flora": lambda: TEXT_LAYERS * R * (TEXT_WIDTH + TEXT_WIDTH),
-    "fedavg_full": image_encoder_params,  # every image-encoder parameter
+    "fedavg_full": clip_params,  # the whole CLIP, both towers (FLoRA's FedFFT)
 }
 
 
@@ -67,8 +69,7 @@ def test_method_contract(name, ray_session):
     server = _data(False, N * K, rng)
     parts = [np.arange(0, 30, 2), np.arange(1, 30, 2)]
     counts = np.stack([np.bincount(train[1][p], minlength=N) for p in parts])
-    if method.role == "centralised":
-        parts = [np.arange(30)]
+    parts = method.trainer_rows(parts, train[1], N, with_defaults(cfg.method), 0)
     from raycache.federation.evaluate import EvalSets
 
     owner = np.array([0, 0, 1, 1, 1])  # each client's own held-out rows (here: copies of training rows)
@@ -97,7 +98,8 @@ def test_method_contract(name, ray_session):
                     assert msg["fields"] == ["update", "weight"] and msg["keys"] == sorted(shapes)
                     assert msg["shapes"] == {k: list(v) for k, v in shapes.items()}
                     assert set(msg["dtypes"].values()) <= {"float32"}
-                    assert msg["weight"] == len(parts[msg["client"]])
+                    uniform = method.weighting == "uniform"  # FedCLIP's reference: 1 / clients
+                    assert msg["weight"] == (1.0 if uniform else len(parts[msg["client"]]))
                 assert sum(msg["nbytes"] for msg in messages) == m["comm_bytes_up"]
             else:
                 assert messages == []  # local and centralised: nothing is uploaded

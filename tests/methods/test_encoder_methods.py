@@ -59,16 +59,27 @@ def test_flora_on_the_vision_tower_needs_pixels(task):
     assert np.isfinite(loss) and any(not np.array_equal(new[k], state[k]) for k in state)
 
 
-def test_fedavg_full_trains_every_image_encoder_parameter_and_nothing_else(task):
-    cfg = MethodConfig(name="fedavg_full", lr=1e-3, local_epochs=3, batch_size=8, loss="ce")
+@pytest.mark.parametrize("towers", ["both", "vision", "text"])
+def test_fedavg_full_trains_exactly_its_towers(task, towers):
+    """`both` is FLoRA's FedFFT: every CLIP parameter but the (unused) logit scale; `vision` the image encoder
+    alone; `text` the text tower alone, on stored features. The rest stays frozen."""
+    cfg = MethodConfig(name="fedavg_full", towers=towers, lr=1e-3, local_epochs=3, batch_size=8, loss="ce")
     method = FedAvgFull(cfg, task)
     state = method.init_state(None, None)
-    visual = dict(load_clip(ModelSpec("tiny"))[0].visual.named_parameters())
-    assert set(state) == {f"visual.{n}" for n in visual}
-    assert all(np.array_equal(state[f"visual.{n}"], p.detach().numpy()) for n, p in visual.items())
-    text_before = {n: p.clone() for n, p in method.model.named_parameters() if not n.startswith("visual.")}
-    x, y = _pixels()
+    clip = dict(load_clip(ModelSpec("tiny"))[0].named_parameters())
+    want = {"both": lambda n: True, "vision": lambda n: n.startswith("visual."),
+            "text": lambda n: not n.startswith("visual.")}[towers]
+    assert set(state) == {n for n in clip if want(n) and n != "logit_scale"}
+    assert all(np.array_equal(state[n], clip[n].detach().numpy()) for n in state)  # starts at the pretrained
+    assert FedAvgFull.uses_pixels(cfg) == (towers != "text")
+    frozen = {n: p.clone() for n, p in method.model.named_parameters() if n not in state}
+    if towers == "text":
+        x = torch.nn.functional.normalize(torch.randn(24, 64), dim=-1)
+        y = torch.arange(24) % 3
+    else:
+        x, y = _pixels()
     new, loss = method.local_train(state, x, y, seed=0)
-    assert all(torch.equal(p, text_before[n]) for n, p in method.model.named_parameters() if n in text_before)
+    assert all(torch.equal(p, frozen[n]) for n, p in method.model.named_parameters() if n in frozen)
+    assert all(not np.array_equal(new[n], state[n]) for n in state if n.endswith("weight") and "ln" not in n)
     _, second = method.local_train(new, x, y, seed=1)
     assert second < loss

@@ -4,7 +4,7 @@ import torch
 
 from raycache.config import MethodConfig
 from raycache.methods.base import Task, state_nbytes, state_params
-from raycache.methods.fedclip import FedCLIP, adapt, contrastive_loss
+from raycache.methods.fedclip import FedCLIP, adapt
 
 
 def unit(x):
@@ -29,23 +29,14 @@ def test_adapter_equals_the_formula_on_raw_features():
     assert not np.allclose(adapt(torch.tensor(unit(f)), params).numpy(), expected, atol=1e-3)
 
 
-def test_contrastive_loss_is_symmetric_clip_loss():
-    img, txt = torch.eye(3), torch.eye(3)
-    logits = 100.0 * torch.eye(3)
-    expected = torch.nn.functional.cross_entropy(logits, torch.arange(3))
-    assert contrastive_loss(img, txt).item() == pytest.approx(expected.item())
-
-
 @pytest.mark.parametrize("loss", ["contrastive", "ce"])
-def test_fedclip_payload_defaults_and_training(loss):
+def test_fedclip_payload_and_training(loss):
     rng = np.random.default_rng(1)
     N, D = 4, 16
     W = unit(rng.normal(size=(N, D))).astype(np.float32)
     labels = np.repeat(np.arange(N), 16)
     feats = unit(W[labels] * 0.3 + rng.normal(size=(len(labels), D))).astype(np.float32)
     m = FedCLIP(MethodConfig(name="fedclip", lr=1e-2, local_epochs=5, loss=loss), Task(list("abcd"), W))
-    assert (m.cfg.betas, m.cfg.eps, m.cfg.weight_decay, m.cfg.batch_size) == ((0.9, 0.98), 1e-6, 0.2, 32)
-    assert FedCLIP(MethodConfig(name="fedclip"), Task(list("abcd"), W)).cfg.lr == 5e-5  # the reference
     state = m.init_state(feats, labels)
     assert state_params(state) == 2 * (D * D + D) and state_nbytes(state) == 2 * (D * D + D) * 4
     f, y = torch.from_numpy(feats), torch.from_numpy(labels)

@@ -30,10 +30,11 @@ CACHE = {"shots": 16, "cache_init": "real", "alpha": 10.0, "beta": 20.0}  # expe
 CASES = {  # method -> (method settings, rounds)
     "cachefl": ({**CACHE, "local_epochs": 5}, 3),
     "local_only": ({**CACHE, "local_epochs": 5}, 3),
-    "tip_adapter": ({**CACHE, "local_epochs": 5}, 3),
+    "tip_adapter": ({**CACHE, "cache_init": "shots", "local_epochs": 5}, 3),  # 16 shots per class, nothing more
+    "centralised_cache": ({**CACHE, "local_epochs": 5}, 3),
     "fedclip": ({"lr_scale": 10.0}, 5),
     "flora": ({"lr_scale": 10.0, "local_epochs": 5}, 5),
-    "fedavg_full": ({"lr_scale": 10.0}, 3),
+    "fedavg_full": ({"batch_size": 32}, 3),  # the whole CLIP at the reference lr
 }
 
 
@@ -70,8 +71,9 @@ def federate(name: str, settings: dict, rounds: int, d: dict) -> Selection:
     inputs = d["pixels"] if method.uses_pixels(cfg) else d["features"]
     y, s = d["labels"], d["splits"]
     train_x, train_y = torch.from_numpy(inputs[s.train]), torch.from_numpy(y[s.train])
-    parts = d["parts"] if method.role != "centralised" else [np.concatenate(d["parts"])]
-    state = method.init_state(d["features"][s.server], y[s.server])
+    parts = method.trainer_rows(d["parts"], y[s.train], d["task"].n_classes, cfg, 0)
+    cache = s.train[parts[0]] if cfg.cache_init == "shots" else s.server  # the shots, or the server's hold-out
+    state = method.init_state(d["features"][cache], y[cache])
     own = {k: state for k in range(len(parts))}  # a local method's per-client states
 
     def accuracy(split) -> float:

@@ -1,4 +1,4 @@
-"""Local-only and centralised Tip-Adapter: what their roles mean for training, state and evaluation.
+"""Local-only, Tip-Adapter and the centralised cache: what their roles mean for training, state and evaluation.
 The client host is a plain class, exercised here in process (the runtime makes it a Ray actor)."""
 
 import numpy as np
@@ -70,7 +70,37 @@ def test_training_free_tip_adapter_is_the_cache_formula_and_never_moves(data):
     assert loss == pytest.approx(float(ce), rel=1e-4)
 
 
-def test_tip_adapter_f_fine_tunes_the_keys_on_the_pooled_data(data):
+def test_tip_adapter_trains_on_k_shots_per_class_and_the_centralised_cache_on_everything():
+    """Tip-Adapter as its paper means it: one trainer holding K (seeded) shots per class of the clients'
+    pooled training data, the same shots its `cache_init: shots` keys come from; `centralised_cache` is the
+    pooled-data ceiling."""
+    from raycache.methods.centralised_cache import CentralisedCache
+
+    labels = np.repeat(np.arange(3), 10)
+    parts = [np.arange(0, 30, 3), np.arange(1, 30, 3), np.arange(2, 30, 3)]
+    cfg = MethodConfig(name="tip_adapter", shots=4)
+    (rows,) = TipAdapter.trainer_rows(parts, labels, 3, cfg, seed=0)
+    assert len(rows) == 12 and np.bincount(labels[rows]).tolist() == [4, 4, 4] and len(set(rows)) == 12
+    (again,) = TipAdapter.trainer_rows(parts, labels, 3, cfg, seed=0)
+    np.testing.assert_array_equal(rows, again)
+    (pooled,) = CentralisedCache.trainer_rows(parts, labels, 3, MethodConfig(name="centralised_cache"), seed=0)
+    np.testing.assert_array_equal(pooled, np.arange(30))
+    from raycache.errors import UserError
+
+    with pytest.raises(UserError, match="^method.shots: class 0 has 10 training samples, needs 11"):
+        TipAdapter.trainer_rows(parts, labels, 3, MethodConfig(name="tip_adapter", shots=11), seed=0)
+
+
+def test_shots_in_the_cache_are_refused_for_a_federated_method():
+    from raycache.config import load_config
+    from raycache.errors import UserError
+    from raycache.experiment import prepare
+
+    with pytest.raises(UserError, match="^method.cache_init: shots puts the clients' own images in the cache"):
+        prepare(load_config(None, ["method.name=cachefl", "method.cache_init=shots", "model.name=tiny"]))
+
+
+def test_tip_adapter_f_fine_tunes_the_keys_on_its_data(data):
     task, feats, labels = data
     method = TipAdapter(MethodConfig(name="tip_adapter", shots=K, alpha=2.0, beta=3.0, local_epochs=20), task)
     state = method.init_state(feats, labels)

@@ -52,12 +52,16 @@ def test_a_text_target_on_a_model_without_a_text_tower_is_refused():
         resolve_targets(vision_only, ["text.attn.out_proj"], "vis")
 
 
-def test_lora_adapts_only_its_targets_with_scale_alpha_over_r():
+@pytest.mark.parametrize("scaling,rank", [("reference", 2), ("reference", 4), ("peft", 2), ("peft", 4)])
+def test_lora_adapts_only_its_targets_with_its_scale(scaling, rank):
+    """y = W x + s B A x with s = alpha whatever the rank (FLoRA's code: lora.py's `self.alpha` multiplies
+    the update, no division by r) or s = alpha / r (PEFT, the LoRA paper)."""
+    alpha = 32.0
     model, _, tokenizer = load_clip(ModelSpec("tiny"))
     tokens = tokenizer(["a photo of a cat."])
     base_text = model.encode_text(tokens)
     torch.manual_seed(0)
-    names = add_lora(model, ["text.attn.out_proj"], rank=2, alpha=64.0, model_name="tiny")
+    names = add_lora(model, ["text.attn.out_proj"], rank=rank, alpha=alpha, model_name="tiny", scaling=scaling)
     assert names == [f"transformer.resblocks.{i}.attn.out_proj.lora_{m}.default.weight"
                      for i in (0, 1) for m in "AB"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == names
@@ -67,7 +71,9 @@ def test_lora_adapts_only_its_targets_with_scale_alpha_over_r():
         layer.lora_B["default"].weight.normal_()
     x = torch.randn(4, 64)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, d_in), (d_out, r)
-    expected = layer.base_layer(x) + (64.0 / 2) * x @ a.T @ b.T  # y = W x + (alpha / r) B A x
+    assert a.shape == (rank, 64) and b.shape == (64, rank)
+    scale = alpha if scaling == "reference" else alpha / rank
+    expected = x @ layer.base_layer.weight.T + layer.base_layer.bias + scale * x @ a.T @ b.T
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
 
 

@@ -24,17 +24,31 @@ class Source:
     labels: np.ndarray  # (n,) int64 in [0, len(class_names))
     class_names: list[str]
     fingerprint: str  # changes whenever any image or label changes
-    to_ray: Callable[[], Any] = field(repr=False)
+    to_ray: Callable[..., Any] = field(repr=False)  # to_ray(rows=None): all images, or just these rows
     domains: np.ndarray | None = None  # (n,) int64 into domain_names, for sources with a domain per image
     domain_names: list[str] | None = None
+    splits: dict[str, np.ndarray] | None = None  # the source's own train / val / test positions, if it has them
+    every_class: bool = field(default=True, repr=False)  # each class must have images (false: a subset)
 
     def __post_init__(self) -> None:
         if len(self.labels) == 0:
             raise UserError(f"data.dataset: {self.name} holds no images")
+        if not self.every_class:
+            return
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         empty = [self.class_names[c] for c in np.flatnonzero(counts == 0)]
         if empty:
             raise UserError(f"data.dataset: class {empty[0]!r} in {self.name} has no images")
+
+    def subset(self, rows: np.ndarray) -> "Source":
+        """The images at `rows`, in that order, as a source of their own (fingerprinted by the rows)."""
+        import hashlib
+
+        rows = np.asarray(rows, dtype=np.int64)
+        digest = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+        return Source(f"{self.name}[{len(rows)} rows]", self.labels[rows], self.class_names,
+                      f"{self.fingerprint}/rows-{digest}", lambda: self.to_ray(rows),
+                      None if self.domains is None else self.domains[rows], self.domain_names, every_class=False)
 
 
 def decode_image(data: Any, key: str):

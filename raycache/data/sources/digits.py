@@ -22,9 +22,9 @@ def load(cfg) -> Source:
     h = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
     table = pa.table({"image": encoded, "key": [f"digits[{i}]" for i in range(len(encoded))]})
 
-    def to_ray():
+    def to_ray(rows=None):
         import ray.data
 
-        return ray.data.from_arrow(table)
+        return ray.data.from_arrow(table if rows is None else table.take(rows))
 
     return Source("digits", labels, list(CLASS_NAMES), f"digits-{h}", to_ray)

@@ -64,10 +64,10 @@ def load(cfg) -> Source:
                 labels.append(label)
                 domains.append(d)
 
-    def to_ray():
+    def to_ray(rows=None):
         import ray.data
 
-        ds = ray.data.read_binary_files(paths, include_paths=True)
+        ds = ray.data.read_binary_files(paths if rows is None else [paths[i] for i in rows], include_paths=True)
         return ds.rename_columns({"bytes": "image", "path": "key"})
 
     return Source(str(root), np.asarray(labels, dtype=np.int64), classes, f"folder-{h.hexdigest()[:16]}", to_ray,

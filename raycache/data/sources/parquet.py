@@ -77,9 +77,18 @@ def load(cfg) -> Source:
         domain_names, domains = [str(x) for x in names_], inverse.astype(np.int64)
     image_column = cfg.image_column
 
-    def to_ray():
+    def to_ray(rows=None):
         import ray.data
 
+        if rows is not None:  # a few rows (e.g. cache images): read the column here, take them
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            parts = [pq.read_table(f, columns=[image_column]) for f in files]
+            keys = [f"{f}[{i}]" for f, t in zip(files, parts) for i in range(t.num_rows)]
+            picked = pa.concat_tables(parts).take(rows)
+            return ray.data.from_arrow(pa.table({"image": picked.column(image_column),
+                                                 "key": [keys[i] for i in rows]}))
         ds = ray.data.read_parquet(files, columns=[image_column], include_paths=True)
         return ds.rename_columns({image_column: "image", "path": "key"})
 
