@@ -106,12 +106,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_row("selected round (best validation accuracy)", f"{sel['best_round']:.0f} "
                                                                    f"(val {sel['best_val_accuracy']:.4f})")
         table.add_row("test accuracy at the selected round", f"{sel['selected_accuracy']:.4f}")
-    if "searched_alpha" in sel:
-        table.add_row("alpha, beta searched on validation",
-                      f"{sel['searched_alpha']:.3g}, {sel['searched_beta']:.3g} (test {sel['result_accuracy']:.4f})")
     elif "best_round" in sel:
         table.add_row("best validation round (not the result: federation.selection=final)",
                       f"{sel['best_round']:.0f} (val {sel['best_val_accuracy']:.4f})")
+    if "searched_alpha" in sel:
+        table.add_row("alpha, beta searched on validation",
+                      f"{sel['searched_alpha']:.3g}, {sel['searched_beta']:.3g} (test {sel['result_accuracy']:.4f})")
     table.add_row(label + " (test)", f"{summary.final['accuracy']:.4f}")
     table.add_row("client accuracy, re-weighted test (mean ± std)",
                   f"{summary.final['client_accuracy_mean']:.4f} ± {summary.final['client_accuracy_std']:.4f}")

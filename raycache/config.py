@@ -332,11 +332,18 @@ def check_cache_size(cfg: ExperimentConfig) -> None:
                         f"(the synthetic cache takes K images per class)")
 
 
+MAPPING_KEYS = {"data.class_names"}  # values that are mappings, logged whole (as JSON), not one key per entry
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    import json
+
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if key in MAPPING_KEYS and isinstance(v, dict):
+            out[key] = json.dumps(v, sort_keys=True)
+        elif isinstance(v, dict):
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

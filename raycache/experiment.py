@@ -275,6 +275,7 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
                      "distinct_images": len(y), "num_classes": len(source.class_names),
                      "samples_train": sum(len(p) for p in prep.parts), "samples_val": len(splits.val),
+                     "samples_trained_on": sum(len(t) for t in prep.trainers),  # tip_adapter: its K shots
                      "samples_test": len(splits.test), "samples_server": len(splits.server),
                      "samples_client_test": sum(len(p) for p in prep.client_tests),
                      **client_sizes(prep.parts),
@@ -340,14 +341,22 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
                 _checkpoint(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
                                                           "method": cfg.method.name})
         timings["time_rounds_s"] = time.perf_counter() - t
-        result = fed.result(cfg.federation.selection)
+        try:
+            result = fed.result(cfg.federation.selection)
+        except Exception:  # noqa: BLE001
+            if stopped_by is None:
+                raise
+            # A trial its scheduler stopped may lose its actors to Tune's clean-up before it assembles a
+            # result: it ends as stopped (KILLED, with the reason), with its rounds logged and no result.
+            result = None
     run.log_metrics(timings)
     run.log_metrics({"comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
-                     "final_accuracy": last["accuracy"], **result["metrics"]})
-    _save_result(cfg, run, result)
+                     "final_accuracy": last["accuracy"], **(result["metrics"] if result else {})})
+    if result is not None:
+        _save_result(cfg, run, result)
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, feats.encoded, len(y), history,
-                   stopped_by, messages, result["metrics"])
+                   stopped_by, messages, result["metrics"] if result else {})
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

@@ -74,7 +74,11 @@ def augmentation(preprocess):
     model's input size (scale 0.5-1, bicubic) and a horizontal flip with p = 0.5."""
     from torchvision import transforms as T
 
-    size = next(t.size for t in preprocess.transforms if isinstance(t, T.CenterCrop))
+    sizes = [t.size for t in preprocess.transforms if isinstance(t, (T.CenterCrop, T.Resize))]
+    if not sizes:
+        raise UserError("method.augment_views: the model's preprocessing has no crop or resize to take the "
+                        "input size from; use method.augment_views: 1")
+    size = sizes[-1]
     normalize = next(t for t in preprocess.transforms if isinstance(t, T.Normalize))
     return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(p=0.5), T.ToTensor(), normalize])

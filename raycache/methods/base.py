@@ -80,10 +80,20 @@ class Method(ABC):
     @classmethod
     def trainer_rows(cls, parts: list[np.ndarray], labels: np.ndarray, n_classes: int, cfg,
                      seed: int) -> list[np.ndarray]:
-        """Each trainer's rows of the training pool: one per client (a centralised method pools them)."""
-        if cls.role == "centralised":
-            return [np.sort(np.concatenate(parts))]
-        return parts
+        """Each trainer's rows of the training pool: one per client; a centralised method pools them, or
+        with `cache_init: shots` holds K (seeded) shots per class of the pool, the rows its keys come from."""
+        if cls.role != "centralised":
+            return parts
+        pooled = np.sort(np.concatenate(parts))
+        if cfg.cache_init != "shots":
+            return [pooled]
+        from raycache.errors import UserError
+        from raycache.methods.cache_model import few_shot_rows
+
+        try:
+            return [pooled[few_shot_rows(labels[pooled], n_classes, cfg.shots, seed)]]
+        except ValueError as err:
+            raise UserError(f"method.shots: {err} (K shots per class from the clients' training data)") from None
 
     def tune(self, state: State, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Inference settings searched on the validation split for a trained `state`; {} = none. What it

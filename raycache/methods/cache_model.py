@@ -52,22 +52,36 @@ def search_grid(scale: float, steps: int) -> np.ndarray:
     return np.array([i * (scale - 0.1) / steps + 0.1 for i in range(steps)])
 
 
-def search_alpha_beta(features: torch.Tensor, text_weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      labels: torch.Tensor, scale: tuple[float, float],
-                      steps: tuple[int, int]) -> tuple[float, float, float]:
+def search_alpha_beta(features: torch.Tensor, text_weights: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
+                      scale: tuple[float, float], steps: tuple[int, int], current: tuple[float, float],
+                      chunk: int = 4096) -> tuple[float, float, float]:
     """Tip-Adapter's post-training search (`search_hp`): the (beta, alpha) on the grids of `scale` and
     `steps` (beta first) with the highest accuracy of `cache_logits` on the labelled unit `features`; the
-    first best in (beta, then alpha) order wins ties. Returns (alpha, beta, accuracy)."""
-    zero_shot = 100.0 * features @ text_weights.T  # (n, N)
-    sim = features @ keys.T  # (n, NK)
-    best = (-1.0, 0.0, 0.0)
-    for beta in search_grid(scale[0], steps[0]):
-        residual = torch.exp(-beta * (1.0 - sim)) @ values  # (n, N)
-        for alpha in search_grid(scale[1], steps[1]):
-            acc = float(((zero_shot + alpha * residual).argmax(dim=1) == labels).float().mean())
-            if acc > best[0]:
-                best = (acc, float(alpha), float(beta))
-    return best[1], best[2], best[0]
+    first best in (beta, then alpha) order wins ties, and the `current` (alpha, beta) is kept unless the grid
+    beats it. Keys are class-major, K per class (one-hot values: A @ L sums each class's K affinities).
+    Validation rows go `chunk` at a time, so memory stays (chunk x NK). Returns (alpha, beta, accuracy)."""
+    n_classes = text_weights.shape[0]
+    betas, alphas = search_grid(scale[0], steps[0]), search_grid(scale[1], steps[1])
+    hits = torch.zeros(len(betas), len(alphas), dtype=torch.long)
+    kept = torch.zeros((), dtype=torch.long)
+    for start in range(0, len(labels), chunk):
+        f, y = features[start:start + chunk], labels[start:start + chunk]
+        zero_shot = 100.0 * f @ text_weights.T  # (c, N)
+        sim = f @ keys.T  # (c, NK)
+
+        def residual(beta: float) -> torch.Tensor:  # alpha-free cache logits, (c, N)
+            return torch.exp(-beta * (1.0 - sim)).view(len(f), n_classes, -1).sum(-1)
+
+        kept += ((zero_shot + current[0] * residual(current[1])).argmax(dim=1) == y).sum()
+        for i, beta in enumerate(betas):
+            res = residual(float(beta))
+            for j, alpha in enumerate(alphas):
+                hits[i, j] += ((zero_shot + float(alpha) * res).argmax(dim=1) == y).sum()
+    best = int(torch.argmax(hits))  # the first maximum in (beta, alpha) order
+    i, j = divmod(best, len(alphas))
+    if int(hits[i, j]) <= int(kept):
+        return float(current[0]), float(current[1]), int(kept) / len(labels)
+    return float(alphas[j]), float(betas[i]), int(hits[i, j]) / len(labels)
 
 
 def few_shot_rows(labels: np.ndarray, n_classes: int, shots: int, seed: int) -> np.ndarray:

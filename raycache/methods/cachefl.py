@@ -57,8 +57,8 @@ class CacheFL(Method):
             return {}
         keys = torch.as_tensor(state["cache_keys"], device=self.device)
         alpha, beta, _ = search_alpha_beta(F.normalize(features.to(self.device), dim=-1), self.text_weights, keys,
-                                           self.values, labels.to(self.device), self.cfg.search_scale,
-                                           self.cfg.search_step)
+                                           labels.to(self.device), self.cfg.search_scale, self.cfg.search_step,
+                                           (self.cfg.alpha, self.cfg.beta))
         return {"alpha": alpha, "beta": beta}
 
     def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor, seed: int,

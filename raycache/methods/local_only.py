@@ -2,7 +2,8 @@
 and never shares it. What federation buys is the gap between this and the federated method.
 
 The runtime keeps one state per client on that client's host (`role = "local"`); nothing is uploaded or
-averaged, and each client is evaluated with its own state.
+averaged, and each client is evaluated with its own state. The cache methods' alpha/beta search is not run
+here (`tune` is the base's: none): each client would have to search on its own held-out samples.
 """
 
 from __future__ import annotations

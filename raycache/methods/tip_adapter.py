@@ -13,11 +13,7 @@ One trainer holds the shots (`role = "centralised"`); nothing travels.
 
 from __future__ import annotations
 
-import numpy as np
-
-from raycache.errors import UserError
 from raycache.methods.base import State
-from raycache.methods.cache_model import few_shot_rows
 from raycache.methods.cachefl import CacheFL
 
 
@@ -25,16 +21,6 @@ class TipAdapter(CacheFL):
     name = "tip_adapter"
     role = "centralised"
     defaults = {**CacheFL.defaults, "persist_optimizer": True, "schedule": "cosine_run", "cache_init": "shots"}
-
-    @classmethod
-    def trainer_rows(cls, parts, labels, n_classes, cfg, seed) -> list[np.ndarray]:
-        """One trainer holding K shots per class of the pooled training data (the rows `cache_init: shots`
-        builds its keys from)."""
-        pooled = np.sort(np.concatenate(parts))
-        try:
-            return [pooled[few_shot_rows(labels[pooled], n_classes, cfg.shots, seed)]]
-        except ValueError as err:
-            raise UserError(f"method.shots: {err} (K shots per class from the clients' training data)") from None
 
     def local_train(self, state: State, inputs, labels, seed, memory=None, round_idx=1) -> tuple[State, float]:
         if not self.cfg.training_free:

@@ -33,8 +33,9 @@ def _absolute_paths(tree: dict) -> dict:
     runtime = tree.setdefault("runtime", {})
     runtime["cache_dir"] = str(Path(runtime.get("cache_dir", ".raycache")).resolve())
     data = tree.setdefault("data", {})
-    if "dataset" in data and Path(str(data["dataset"])).exists():
-        data["dataset"] = str(Path(data["dataset"]).resolve())
+    for key in ("dataset", "split_file", "class_names"):  # paths (class_names may be a mapping)
+        if isinstance(data.get(key), str) and Path(data[key]).exists():
+            data[key] = str(Path(data[key]).resolve())
     return tree
 
 
@@ -116,7 +117,7 @@ class SweepResult:
 # Keys whose values change what the shared inputs are: the model and dataset (features), the method
 # settings that decide whether a trial trains on pixels, and what a cache's keys are made from (the split,
 # the shots, the synthetic set, the augmented views).
-_INPUT_KEYS = ("name", "lora_targets", "towers", "shots", "cache_init", "augment_views")
+_INPUT_KEYS = ("name", "lora_targets", "towers", "shots", "cache_init", "augment_views", "local_model")
 _INPUT_SECTIONS = ("model.", "data.", "synth.")
 
 
@@ -150,8 +151,11 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
         if prep.uses_pixels and shared_key("pixels", prep) not in shared:
             shared[shared_key("pixels", prep)] = load_pixels(prep.source, prep.transform)
         if prep.uses_cache:
-            cache_examples(prep.cfg, prep.spec, prep.source, prep.splits, shared[shared_key("features", prep)],
-                           prep.synth_store, prep.splits.train[prep.trainers[0]])
+            try:
+                cache_examples(prep.cfg, prep.spec, prep.source, prep.splits, shared[shared_key("features", prep)],
+                               prep.synth_store, prep.splits.train[prep.trainers[0]])
+            except (UserError, ValueError):  # that trial fails on its own, with its reason on its run
+                continue
     return shared
 
 

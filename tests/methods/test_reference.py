@@ -50,11 +50,13 @@ def test_contrastive_loss_is_clips_symmetric_loss_with_repeated_classes():
     assert abs(got - xent(s)) > 1e-3  # a one-sided loss would be told apart on this batch
 
 
-def _brute_force(f, W, K, L, y, scale, steps):
-    """Tip-Adapter's search_hp, restated: beta outer, alpha inner, the first strictly better pair kept."""
+def _brute_force(f, W, K, L, y, scale, steps, current):
+    """Tip-Adapter's search_hp, restated: beta outer, alpha inner, the first strictly better pair kept,
+    starting from the pair the cache was trained with."""
     betas = [i * (scale[0] - 0.1) / steps[0] + 0.1 for i in range(steps[0])]
     alphas = [i * (scale[1] - 0.1) / steps[1] + 0.1 for i in range(steps[1])]
-    best = (-1.0, None, None)
+    a0, b0 = current
+    best = (float(((100 * f @ W.T + a0 * np.exp(-b0 * (1 - f @ K.T)) @ L).argmax(1) == y).mean()), a0, b0)
     for b in betas:
         for a in alphas:
             logits = 100 * f @ W.T + a * np.exp(-b * (1 - f @ K.T)) @ L
@@ -74,12 +76,20 @@ def test_alpha_beta_search_finds_the_validation_optimum():
     f = unit(centres[y] + 0.6 * rng.normal(size=(60, dim)))
     L = one_hot_values(n_cls, shots).numpy().astype(np.float64)
     scale, steps = (9.0, 4.0), (15, 8)
-    acc, a, b = _brute_force(f, W, K, L, y, scale, steps)
     t = torch.tensor
-    alpha, beta, got_acc = search_alpha_beta(t(f), t(W), t(K), t(L), t(y), scale, steps)
-    assert (alpha, beta) == pytest.approx((a, b)) and got_acc == pytest.approx(acc)
+    for current, chunk in [((0.0, 1.0), 7), ((50.0, 30.0), 4096)]:  # rows in chunks of 7: the same answer
+        acc, a, b = _brute_force(f, W, K, L, y, scale, steps, current)
+        alpha, beta, got_acc = search_alpha_beta(t(f), t(W), t(K), t(y), scale, steps, current, chunk=chunk)
+        assert (alpha, beta) == pytest.approx((a, b)) and got_acc == pytest.approx(acc)
     zero_shot = float(((f @ W.T).argmax(1) == y).mean())
-    assert acc > zero_shot  # the search is not vacuous on this data
+    acc, a, b = _brute_force(f, W, K, L, y, scale, steps, (0.0, 1.0))
+    assert acc > zero_shot and (a, b) != (0.0, 1.0)  # the search is not vacuous on this data
+    # a trained pair better than every grid point is kept: the grid only replaces it when it beats it
+    W_bad = -unit(centres)  # zero-shot rows that point away: a large alpha (off the grid) is what works
+    best_off_grid = _brute_force(f, W_bad, K, L, y, scale, steps, (200.0, 5.0))
+    assert best_off_grid[1:] == (200.0, 5.0)  # this case exercises the keeping
+    got = search_alpha_beta(t(f), t(W_bad), t(K), t(y), scale, steps, (200.0, 5.0))
+    assert got == pytest.approx((best_off_grid[1], best_off_grid[2], best_off_grid[0]))
 
 
 def test_cachefl_tune_returns_the_search_and_logits_use_it():
@@ -87,13 +97,13 @@ def test_cachefl_tune_returns_the_search_and_logits_use_it():
     W = unit(rng.normal(size=(3, 6))).astype(np.float32)
     feats = unit(rng.normal(size=(12, 6))).astype(np.float32)
     labels = np.repeat(np.arange(3), 4)
-    m = CacheFL(MethodConfig(name="cachefl", shots=2, search_scale=(5.0, 4.0), search_step=(10, 10)),
+    m = CacheFL(MethodConfig(name="cachefl", shots=2, search_scale=(5.0, 4.0), search_step=(10, 10), alpha=0.0),
                 Task(list("abc"), W))
     state = m.init_state(feats[[0, 1, 4, 5, 8, 9]], labels[[0, 1, 4, 5, 8, 9]])
     x, y = torch.from_numpy(feats * 7.0), torch.from_numpy(labels)  # raw features: tune normalises them
     tuned = m.tune(state, x, y)
     alpha, beta, _ = search_alpha_beta(torch.from_numpy(feats), m.text_weights, torch.from_numpy(state["cache_keys"]),
-                                       m.values, y, (5.0, 4.0), (10, 10))
+                                       y, (5.0, 4.0), (10, 10), (0.0, 1.0))
     assert tuned == pytest.approx({"alpha": alpha, "beta": beta})
     with_pair = {**state, **{k: np.asarray([v], np.float32) for k, v in tuned.items()}}
     other = CacheFL(m.cfg.model_copy(update={"alpha": tuned["alpha"], "beta": tuned["beta"]}), Task(list("abc"), W))

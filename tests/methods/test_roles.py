@@ -78,7 +78,9 @@ def test_tip_adapter_trains_on_k_shots_per_class_and_the_centralised_cache_on_ev
 
     labels = np.repeat(np.arange(3), 10)
     parts = [np.arange(0, 30, 3), np.arange(1, 30, 3), np.arange(2, 30, 3)]
-    cfg = MethodConfig(name="tip_adapter", shots=4)
+    from raycache.methods import with_defaults
+
+    cfg = with_defaults(MethodConfig(name="tip_adapter", shots=4))  # cache_init: shots, its reference
     (rows,) = TipAdapter.trainer_rows(parts, labels, 3, cfg, seed=0)
     assert len(rows) == 12 and np.bincount(labels[rows]).tolist() == [4, 4, 4] and len(set(rows)) == 12
     (again,) = TipAdapter.trainer_rows(parts, labels, 3, cfg, seed=0)
@@ -88,7 +90,7 @@ def test_tip_adapter_trains_on_k_shots_per_class_and_the_centralised_cache_on_ev
     from raycache.errors import UserError
 
     with pytest.raises(UserError, match="^method.shots: class 0 has 10 training samples, needs 11"):
-        TipAdapter.trainer_rows(parts, labels, 3, MethodConfig(name="tip_adapter", shots=11), seed=0)
+        TipAdapter.trainer_rows(parts, labels, 3, cfg.model_copy(update={"shots": 11}), seed=0)
 
 
 def test_shots_in_the_cache_are_refused_for_a_federated_method():

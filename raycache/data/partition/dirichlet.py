@@ -23,7 +23,7 @@ def _draw(labels: np.ndarray, clients: int, alpha: float, balance: bool,
         idx = rng.permutation(np.flatnonzero(labels == c))
         props = rng.dirichlet(np.full(clients, alpha))  # (clients,)
         if balance:
-            full = np.array([len(p) >= mean for p in parts])
+            full = np.array([len(p) > mean for p in parts])
             if not full.all():
                 props = np.where(full, 0.0, props)
                 props /= props.sum()

@@ -75,6 +75,10 @@ def load(cfg) -> Source:
             images.append(data)
             labels.append(y)
             keys.append(f"{cfg.dataset}[{name}][{i}]")
+        bad = [y for y in labels[start:] if not 0 <= y < label.num_classes]
+        if bad:
+            raise UserError(f"data.label_column: split {name!r} of {cfg.dataset} has label {bad[0]} outside its "
+                            f"{label.num_classes} classes (an unlabelled split?); save the labelled splits only")
         h.update(f"{name}|{ds._fingerprint}\n".encode())
         if name in SPLIT_NAMES:
             positions[SPLIT_NAMES[name]] = np.arange(start, len(labels), dtype=np.int64)

@@ -52,6 +52,8 @@ def load(cfg) -> Source:
             paths.append(str(file.resolve()))
             labels.append(label)
         positions[split] = np.arange(start, len(paths), dtype=np.int64)
+    if not len(positions["train"]) or not len(positions["test"]):
+        raise UserError(f"data.split_file: {path} has an empty 'train' or 'test' list")
     n = max(names) + 1
     missing = sorted(set(range(n)) - set(names))
     if missing:
