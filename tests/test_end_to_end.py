@@ -54,6 +54,9 @@ def test_mlflow_holds_the_run(finished):
     csv = client.download_artifacts(summary.run_id, "partition.csv")
     rows = np.loadtxt(csv, delimiter=",", skiprows=1)
     assert rows.shape == (6, N_CLASSES + 2) and rows[:, -1].sum() == run.data.metrics["samples_train"]
+    sizes = rows[:, -1]  # the clients' sizes, as logged
+    assert (run.data.metrics["client_size_min"], run.data.metrics["client_size_median"],
+            run.data.metrics["client_size_max"]) == (sizes.min(), np.median(sizes), sizes.max())
 
 
 def test_second_run_reuses_features(finished):
@@ -97,7 +100,9 @@ def test_cachefl_with_a_synthetic_cache(finished, store, mlflow_uri):
     assert list(y) == [c for c in range(N_CLASSES) for _ in range(2)]
     # alpha and beta were searched on validation after training, and the result carries them
     m = run.data.metrics
-    assert 0.1 <= m["searched_beta"] < 7 and 0.1 <= m["searched_alpha"] < 3
+    trained = (float(run.data.params["method.alpha"]), float(run.data.params["method.beta"]))
+    on_grid = 0.1 <= m["searched_beta"] < 7 and 0.1 <= m["searched_alpha"] < 3  # the default grid
+    assert on_grid or (m["searched_alpha"], m["searched_beta"]) == trained  # or the trained pair, kept
     assert m["result_val_accuracy"] >= 0 and "presearch_accuracy" in m
     from safetensors.numpy import load_file
 
