@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
-from raycache.config import load_config  # noqa: E402
+from raycache.config_file import load_config  # noqa: E402
 from raycache.experiment import prepare, run_experiment  # noqa: E402
 
 MB = 1024 * 1024

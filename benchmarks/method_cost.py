@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from raycache.config import MethodConfig  # noqa: E402
+from raycache.data.features import input_size  # noqa: E402
 from raycache.methods import method_class  # noqa: E402
 from raycache.methods.base import Task  # noqa: E402
 from raycache.models.clip import ModelSpec, load_clip  # noqa: E402
@@ -44,7 +45,7 @@ def measure(model_name: str, batch: int, classes: int, steps: int) -> list[dict]
     model, preprocess, tokenizer = load_clip(spec)
     names = [f"class {i}" for i in range(classes)]
     task = Task(names, text_classifier(model, tokenizer, names, ["a photo of a {}."]), spec)
-    size = next(t.size for t in preprocess.transforms if hasattr(t, "size") and type(t).__name__ == "CenterCrop")
+    size = input_size(preprocess)
     size = size if isinstance(size, int) else size[0]
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, size, size, generator=gen)

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from raycache.config import load_config  # noqa: E402
+from raycache.config_file import load_config  # noqa: E402
 from raycache.data.features import load_or_encode  # noqa: E402
 from raycache.data.cache_source import cache_examples
 from raycache.experiment import prepare, run_experiment  # noqa: E402

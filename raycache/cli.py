@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from raycache.config import load_config
+    from raycache.config_file import load_config
     from raycache.experiment import run_experiment
 
     cfg = load_config(args.config, args.overrides)
@@ -143,7 +143,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from raycache.config import flatten, load_config
+    from raycache.config import flatten
+
+    from raycache.config_file import load_config
     from raycache.federation.runtime import check_fits, ensure_ray
     from raycache.synth.contact import contact_sheet
     from raycache.synth.generate import fill, prepare, resolve_classes
@@ -240,7 +242,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from raycache.config import load_config
+    from raycache.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
     print(f"config ok: {cfg.method.name} on {cfg.data.dataset}, {cfg.data.clients} clients, "

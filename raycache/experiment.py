@@ -13,13 +13,15 @@ from typing import Callable
 
 import numpy as np
 
-from raycache.config import ExperimentConfig, check_cache_size, dump_config
+from raycache.config import ExperimentConfig, check_cache_size
+
+from raycache.config_file import dump_config
 from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import client_holdout, few_shot, predefined_split, stratified_split
 from raycache.errors import StopRun, UserError
-from raycache.methods import method_class, with_defaults
+from raycache.methods import method_class, weighting, with_defaults
 from raycache.models.clip import ModelSpec, check_spec
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -90,7 +92,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     method = method_class(cfg.method.name)
     fed = cfg.federation  # the run logs concrete settings: the method's reference fills every null
     cfg = cfg.model_copy(update={"method": with_defaults(cfg.method), "federation": fed.model_copy(
-        update={"weighting": fed.weighting or method.weighting})})
+        update={"weighting": weighting(fed, cfg.method.name)})})
     if cfg.method.cache_init == "shots" and method.role != "centralised":
         raise UserError(f"method.cache_init: shots puts the clients' own images in the cache, which only a "
                         f"centralised method may do; {cfg.method.name} is {method.role}")

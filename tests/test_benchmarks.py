@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from raycache.config import load_config
+from raycache.config_file import load_config
 from raycache.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

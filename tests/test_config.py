@@ -1,6 +1,8 @@
 import pytest
 
-from raycache.config import check_cache_size, load_config
+from raycache.config import check_cache_size
+
+from raycache.config_file import load_config
 from raycache.errors import UserError
 from raycache.methods import METHODS
 

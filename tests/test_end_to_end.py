@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raycache.config import load_config
+from raycache.config_file import load_config
 from raycache.experiment import run_experiment
 
 N_CLASSES, SHOTS, DIM = 10, 16, 64

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raycache.config import load_config
+from raycache.config_file import load_config
 from raycache.errors import UserError
 from raycache.experiment import prepare
 from raycache.methods import method_class

@@ -69,16 +69,23 @@ class Features:
     path: Path | None  # None: handed over in memory (a sweep's object store), not read from the store
 
 
+def input_size(preprocess):
+    """The model's input size, from its eval preprocessing (its last crop or resize); None if it has none."""
+    from torchvision import transforms as T
+
+    sizes = [t.size for t in preprocess.transforms if isinstance(t, (T.CenterCrop, T.Resize))]
+    return sizes[-1] if sizes else None
+
+
 def augmentation(preprocess):
     """Tip-Adapter's cache augmentation on top of the model's own normalisation: RandomResizedCrop to the
     model's input size (scale 0.5-1, bicubic) and a horizontal flip with p = 0.5."""
     from torchvision import transforms as T
 
-    sizes = [t.size for t in preprocess.transforms if isinstance(t, (T.CenterCrop, T.Resize))]
-    if not sizes:
+    size = input_size(preprocess)
+    if size is None:
         raise UserError("method.augment_views: the model's preprocessing has no crop or resize to take the "
                         "input size from; use method.augment_views: 1")
-    size = sizes[-1]
     normalize = next(t for t in preprocess.transforms if isinstance(t, T.Normalize))
     return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(p=0.5), T.ToTensor(), normalize])

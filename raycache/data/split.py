@@ -78,11 +78,22 @@ def predefined_split(labels: np.ndarray, class_names: list[str], named: dict[str
                   np.sort(named.get("val", np.zeros(0, np.int64))).astype(np.int64))
 
 
+def few_shot_rows(labels: np.ndarray, n_classes: int, shots: int, seed: int) -> np.ndarray:
+    """K positions per class drawn without replacement (seeded), class-major: CoOp's and Tip-Adapter's
+    few-shot sample of a training split. ValueError naming the class when one has fewer than K."""
+    rng = np.random.default_rng([seed, 0x5407])
+    rows = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots:
+            raise ValueError(f"class {c} has {len(idx)} training samples, needs {shots}")
+        rows.append(np.sort(rng.choice(idx, size=shots, replace=False)))
+    return np.concatenate(rows).astype(np.int64)
+
+
 def few_shot(splits: Splits, labels: np.ndarray, n_classes: int, shots: int, seed: int) -> Splits:
     """Keep K training samples per class (seeded; CoOp's few-shot protocol), before partitioning."""
     from dataclasses import replace
-
-    from raycache.methods.cache_model import few_shot_rows
 
     pool = splits.train
     try:

@@ -31,10 +31,9 @@ class Federation:
         from raycache.federation.host import ClientHost
         from raycache.federation.server import Server
 
-        from raycache.methods import method_class
+        from raycache.methods import weighting
 
         rt = cfg.runtime
-        weighting = cfg.federation.weighting or method_class(cfg.method.name).weighting
         n_hosts = min(rt.client_actors, len(parts))
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
@@ -47,7 +46,8 @@ class Federation:
         specs = [((cfg.method.name, cfg.method, task_ref, train_ref,
                    {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed),
                   {"threads": max(1, int(rt.client_cpus)), "use_gpu": rt.client_gpus > 0, "evals": evals_ref,
-                   "audit": audit, "weighting": weighting}) for h in range(n_hosts)]
+                   "audit": audit, "weighting": weighting(cfg.federation, cfg.method.name)})
+                 for h in range(n_hosts)]
         host_cls = ray.remote(ClientHost)
         for h, (args, kwargs) in enumerate(specs):  # one by one, so that a failure part-way still cleans up
             self.hosts.append(host_cls.options(**{**options, "name": f"{options['name']}-{h}-0"}).remote(

@@ -146,8 +146,9 @@ class Server:
         import ray
 
         memory: dict[int, State] = {}
-        for part in ray.get([h.get_memory.remote() for h in self.hosts]):
-            memory.update(part)
+        if self.method.cfg.persist_optimizer:  # the clients keep optimiser memory: it must resume too
+            for part in ray.get([h.get_memory.remote() for h in self.hosts]):
+                memory.update(part)
         return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory": memory}
 
     def restore(self, snap: dict) -> None:

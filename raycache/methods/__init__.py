@@ -25,6 +25,11 @@ def method_class(name: str) -> type["Method"]:
     return getattr(importlib.import_module(module), attr)
 
 
+def weighting(federation_cfg, method_name: str) -> str:
+    """`federation.weighting`, or the method's reference when it is null."""
+    return federation_cfg.weighting or method_class(method_name).weighting
+
+
 def with_defaults(method_cfg):
     """The `method` section with every null filled from the method's reference `defaults`, and `lr_scale`
     folded into `lr` (then 1: resolving twice changes nothing), so the run logs the rate it trains with."""

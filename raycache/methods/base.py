@@ -87,8 +87,8 @@ class Method(ABC):
         pooled = np.sort(np.concatenate(parts))
         if cfg.cache_init != "shots":
             return [pooled]
+        from raycache.data.split import few_shot_rows
         from raycache.errors import UserError
-        from raycache.methods.cache_model import few_shot_rows
 
         try:
             return [pooled[few_shot_rows(labels[pooled], n_classes, cfg.shots, seed)]]

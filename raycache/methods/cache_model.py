@@ -83,15 +83,3 @@ def search_alpha_beta(features: torch.Tensor, text_weights: torch.Tensor, keys: 
         return float(current[0]), float(current[1]), int(kept) / len(labels)
     return float(alphas[j]), float(betas[i]), int(hits[i, j]) / len(labels)
 
-
-def few_shot_rows(labels: np.ndarray, n_classes: int, shots: int, seed: int) -> np.ndarray:
-    """K positions per class drawn without replacement (seeded), class-major: CoOp's and Tip-Adapter's
-    few-shot sample of a training split. ValueError naming the class when one has fewer than K."""
-    rng = np.random.default_rng([seed, 0x5407])
-    rows = []
-    for c in range(n_classes):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < shots:
-            raise ValueError(f"class {c} has {len(idx)} training samples, needs {shots}")
-        rows.append(np.sort(rng.choice(idx, size=shots, replace=False)))
-    return np.concatenate(rows).astype(np.int64)

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from raycache.config import ExperimentConfig, apply_override, build_config
+from raycache.config import ExperimentConfig
+
+from raycache.config_file import apply_override, build_config
 from raycache.errors import StopRun, UserError
 from raycache.sweep.space import SweepConfig, grid_points, tune_space
 

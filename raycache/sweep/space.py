@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from raycache.config import ExperimentConfig, apply_override, build_config, known_keys, parse_override, read_yaml
+from raycache.config import ExperimentConfig, known_keys
+
+from raycache.config_file import apply_override, build_config, parse_override, read_yaml
 from raycache.errors import UserError
 
 SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform", "randint")

@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from raycache.config import DataConfig, load_config
+from raycache.config import DataConfig
+
+from raycache.config_file import load_config
 from raycache.data.sources import open_source
 from raycache.errors import UserError
 from conftest import write_png

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raycache.config import load_config
+from raycache.config_file import load_config
 from raycache.errors import RunFailed
 from raycache.experiment import run_experiment
 from raycache.federation.faults import delay, plan_faults

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycache.config import load_config
+from raycache.config_file import load_config
 from raycache.federation.runtime import Federation
 from raycache.methods import METHODS, method_class, with_defaults
 from raycache.methods.base import Task

@@ -21,7 +21,8 @@ from raycache.config import MethodConfig
 from raycache.federation.aggregate import fedavg
 from raycache.methods import with_defaults
 from raycache.methods.base import Task, local_steps
-from raycache.methods.cache_model import few_shot_rows, one_hot_values, search_alpha_beta
+from raycache.data.split import few_shot_rows
+from raycache.methods.cache_model import one_hot_values, search_alpha_beta
 from raycache.methods.cachefl import CacheFL
 from raycache.methods.fedclip import FedCLIP, contrastive_loss
 

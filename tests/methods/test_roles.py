@@ -94,7 +94,7 @@ def test_tip_adapter_trains_on_k_shots_per_class_and_the_centralised_cache_on_ev
 
 
 def test_shots_in_the_cache_are_refused_for_a_federated_method():
-    from raycache.config import load_config
+    from raycache.config_file import load_config
     from raycache.errors import UserError
     from raycache.experiment import prepare
 

@@ -1,0 +1,104 @@
+"""Reading an experiment config: a YAML file plus dotted `key=value` overrides, validated on load into
+`raycache.config.ExperimentConfig`. Unknown keys, wrong types and out-of-range values raise `UserError`
+with one line naming the dotted key (the closest known key suggested for a typo).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from raycache.config import ExperimentConfig, known_keys
+from raycache.errors import UserError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; read it as the float every user means (as YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", YAML-parsed value). Numbers, null, booleans and lists parse as YAML does."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected key=value, e.g. --set data.alpha=0.1")
+    try:
+        value = read_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{'.'.join(parts[: i + 1])}: is a value, not a section; cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if not loc:  # a cross-field check: its message names the keys
+        return e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, known_keys(ExperimentConfig), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{loc}: unknown config key{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if msg.startswith(f"{loc}."):  # a section's cross-field check names its own key
+        return msg
+    if e["type"].startswith("value_error") or "input" not in e:
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {e['input']!r})"
+
+
+def build_config(tree: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(f"config error: {_one_line(err)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML experiment (or the defaults when `path` is None) and apply `key=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = read_yaml(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{p}: not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides:
+        apply_override(tree, *parse_override(item))
+    return build_config(tree)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
