@@ -24,19 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from raycache.config import MethodConfig  # noqa: E402
+from raycache.config import settings_for  # noqa: E402
 from raycache.data.features import input_size  # noqa: E402
 from raycache.methods import method_class  # noqa: E402
 from raycache.methods.base import Task  # noqa: E402
 from raycache.models.clip import ModelSpec, load_clip  # noqa: E402
 from raycache.models.text import text_classifier  # noqa: E402
+from raycache.methods.training import LocalRound  # noqa: E402
 
 METHODS = {  # label -> method settings
     "fedavg_full (whole CLIP)": {"name": "fedavg_full", "towers": "both"},
     "fedavg_full (image tower)": {"name": "fedavg_full", "towers": "vision"},
     "flora (text out_proj, r=2)": {"name": "flora"},
     "fedclip (adapter)": {"name": "fedclip"},
-    "cachefl (16 shots)": {"name": "cachefl", "shots": 16},
+    "cachefl (16 shots)": {"name": "cachefl", "shots": 16, "cache_init": "random"},
 }
 
 
@@ -56,15 +57,15 @@ def measure(model_name: str, batch: int, classes: int, steps: int) -> list[dict]
     rows = []
     for label, settings in METHODS.items():
         gc.collect()
-        cfg = MethodConfig(**{"batch_size": batch, "cache_init": "random", **settings})
+        cfg = settings_for(**{"batch_size": batch, **settings})
         method = method_class(cfg.name)(cfg, task)
         keys = np.resize(feats.numpy(), (classes * 16, feats.shape[1]))  # any K=16 rows per class
         state = method.init_state(keys, np.repeat(np.arange(classes), 16))
         inputs = pixels if method.uses_pixels(method.cfg) else feats
-        method.local_train(state, inputs, labels, seed=0)  # warm-up: builds the model, allocates
+        method.local_train(state, inputs, labels, LocalRound(0))  # warm-up: builds the model, allocates
         t0 = time.perf_counter()
         for s in range(steps):
-            method.local_train(state, inputs, labels, seed=s + 1)
+            method.local_train(state, inputs, labels, LocalRound(s + 1))
         rows.append({"method": label, "params": int(sum(v.size for v in state.values())),
                      "step_s": (time.perf_counter() - t0) / steps})
         del method

@@ -27,6 +27,7 @@ from raycache.config_file import load_config  # noqa: E402
 from raycache.data.features import load_or_encode  # noqa: E402
 from raycache.data.cache_source import cache_examples
 from raycache.experiment import prepare, run_experiment  # noqa: E402
+from raycache.methods.training import LocalRound  # noqa: E402
 from raycache.federation.aggregate import WeightedSum  # noqa: E402
 from raycache.federation.evaluate import predict  # noqa: E402
 from raycache.federation.sampling import client_seed, sample_clients  # noqa: E402
@@ -69,7 +70,7 @@ def _floor(cfg, rounds: int) -> tuple[list[float], list[float]]:
         for c in sample_clients(len(parts), cfg.federation.fraction, cfg.seed, r):
             idx = parts[c]
             update, _ = method.local_train(state, torch.from_numpy(train_f[idx]), torch.from_numpy(train_y[idx]),
-                                           client_seed(cfg.seed, r, int(c)), round_idx=r)
+                                           LocalRound(client_seed(cfg.seed, r, int(c)), r, cfg.federation.rounds))
             total.add(update, float(len(idx)))
         state = total.mean()
         # the runtime evaluates every round, on the test and the validation splits

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="Ray address to join (e.g. auto); default: local Ray")
     cmp = sub.add_parser("compare", help="compare the methods of one MLflow experiment (table + plots)")
     cmp.add_argument("experiment", help="MLflow experiment name (tracking.experiment)")
+    methods = sub.add_parser("methods", help="list the registered methods, or one method's settings")
+    methods.add_argument("name", nargs="?", default=None, help="a method: its settings, defaults and help")
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -96,11 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset = PRESETS.get(cfg.model.name)
     chance = " (chance: untrained text tower)" if preset is not None and not preset.text_trained else ""
     table.add_row("zero-shot accuracy", f"{summary.zeroshot_accuracy:.4f}{chance}")
-    from raycache.methods import method_class, with_defaults
+    from raycache.methods import method_class
 
     method = method_class(cfg.method.name)
-    label = {"federated": "final federated accuracy", "local": "final accuracy (mean over clients' own models)",
-             "centralised": "final centralised accuracy"}[method.role]
+    label = method.flow.result_label
     sel = summary.selection
     if "best_round" in sel and cfg.federation.selection == "best_val":
         table.add_row("selected round (best validation accuracy)", f"{sel['best_round']:.0f} "
@@ -122,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_row(f"rounds / bytes to val accuracy {cfg.federation.target_accuracy:g}",
                       f"{sel['rounds_to_target']:.0f} / {_fmt_bytes(sel['bytes_to_target'])}")
     if method.uses_cache(cfg.method):
-        init = with_defaults(cfg.method).cache_init
+        init = cfg.method.cache_init
         cache = init + (f" ({cfg.synth.generator})" if init == "synthetic" else "")
         table.add_row("cache keys from", cache)
     table.add_row("trainable params", f"{summary.final.get('trainable_params', 0):,.0f}")
@@ -250,6 +251,36 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from raycache.errors import UserError
+    from raycache.methods import BUILTIN, method_class, method_names
+    from raycache.methods.settings import settings_help
+
+    console = Console(width=max(Console().width, 140))
+    if args.name is None:
+        table = Table(title="raycache methods (raycache methods NAME: its settings)")
+        for col in ("method", "flow", "averaged", "source", "what it is"):
+            table.add_column(col)
+        for name in method_names():
+            cls = method_class(name)
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            table.add_row(name, cls.flow.name, cls.weighting if cls.flow.aggregates else "-",
+                          "built-in" if name in BUILTIN else "entry point", doc)
+        console.print(table)
+        return 0
+    if args.name not in method_names():
+        raise UserError(f"method: unknown method {args.name!r}; choose one of: {', '.join(method_names())}")
+    table = Table(title=f"method.* settings of {args.name}")
+    for col in ("key", "default", "help"):
+        table.add_column(col)
+    for key, (default, text) in settings_help(method_class(args.name).Settings).items():
+        table.add_row(f"method.{key}", repr(default), text)
+    console.print(table)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from raycache.tracking import tracking_uri
 
@@ -261,7 +292,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "check": cmd_check, "synth": cmd_synth, "sweep": cmd_sweep, "compare": cmd_compare, "ui": cmd_ui}
+        commands = {"run": cmd_run, "check": cmd_check, "synth": cmd_synth, "sweep": cmd_sweep, "compare": cmd_compare,
+                    "methods": cmd_methods, "ui": cmd_ui}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,15 +1,17 @@
 """The typed experiment config: its sections and fields, each with a type, a default, a help string and its
-own checks. Registries are checked by name only, so validating a config never imports torch or Ray.
-Reading it from YAML and `key=value` overrides is `raycache.config_file`.
+own checks. The `method` section is the chosen method's own settings class (`Method.Settings`, see
+`raycache.methods.settings`): its keys are checked against that method's. Reading it from YAML and
+`key=value` overrides is `raycache.config_file`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from raycache.errors import UserError
+from raycache.methods.settings import MethodSettings, settings_help
 
 
 def _with_slot(templates: list[str], what: str) -> list[str]:
@@ -93,104 +95,6 @@ class DataConfig(_Section):
         return self
 
 
-class MethodConfig(_Section):
-    name: str = Field("cachefl", description="federated method; see `raycache methods`")
-    shots: int = Field(16, ge=1, description="cache size K per class")
-    cache_init: Literal["synthetic", "real", "shots", "random"] | None = Field(
-        None, description="where the cache keys come from: 'synthetic' = class-balanced images from a "
-                          "text-to-image model (see synth.*; CacheFL's choice), 'real' = the server's held-out "
-                          "labelled images, 'shots' = K per class drawn from the training pool, which is then "
-                          "also all the method trains on (Tip-Adapter's few-shot setting; centralised methods "
-                          "only), 'random' = random unit vectors; null = the method's reference")
-    alpha: float = Field(1.0, ge=0, description="Tip-Adapter residual ratio (weight of the cache logits)")
-    beta: float = Field(1.0, gt=0, description="Tip-Adapter sharpness of the affinity exp(-beta(1-f.k))")
-    # null = the method's reference setting (its `defaults`), filled in before the run is logged
-    lr: float | None = Field(None, gt=0, description="local learning rate (null: the method's reference)")
-    lr_scale: float = Field(1.0, gt=0, description="multiplies the learning rate (the method's reference when "
-                                                   "lr is null): a sweep over it tunes every method around its "
-                                                   "own reference; folded into lr (and reset to 1) when resolved")
-    betas: tuple[float, float] | None = Field(None, strict=False, description="Adam(W) betas (null: the method's reference)")
-    eps: float | None = Field(None, gt=0, description="Adam(W) epsilon (null: the method's reference)")
-    weight_decay: float | None = Field(None, ge=0, description="weight decay (null: the method's reference)")
-    local_epochs: int | None = Field(None, ge=1, description="local epochs per round (null: the method's "
-                                                             "reference)")
-    batch_size: int | None = Field(None, ge=1, description="local minibatch size (null: the method's reference)")
-    schedule: Literal["cosine", "cosine_run", "constant"] | None = Field(
-        None, description="local learning-rate schedule: cosine over a client's steps in a round, cosine_run = one "
-                          "cosine over the whole run (round r continues where round r-1 stopped: Tip-Adapter-F's "
-                          "one schedule over its epochs), or constant")
-    persist_optimizer: bool | None = Field(None, description="keep each client's Adam(W) moments and step count "
-                                                             "across rounds (private to the client, never sent; "
-                                                             "FLoRA's reference builds each client's optimiser "
-                                                             "once); false = a fresh optimiser every round "
-                                                             "(FedCLIP's reference); null = the method's reference")
-    loss: Literal["ce", "contrastive"] | None = Field(None, description="adapter loss: cross-entropy over class "
-                                                                       "logits, or the symmetric CLIP "
-                                                                       "contrastive loss (FedCLIP's reference)")
-    local_model: Literal["cache", "adapter"] = Field("cache", description="local_only: what each client trains "
-                                                                          "alone: a CacheFL cache or a FedCLIP "
-                                                                          "adapter")
-    training_free: bool = Field(False, description="tip_adapter: keep the cache keys fixed (Tip-Adapter); "
-                                                   "false = fine-tune them (Tip-Adapter-F)")
-    lora_rank: int = Field(2, ge=1, description="flora: LoRA rank r")
-    lora_alpha: float = Field(32.0, gt=0, description="flora: LoRA alpha; the update B A x is scaled by it "
-                                                      "(lora_scaling: reference) or by alpha / rank (peft)")
-    lora_scaling: Literal["reference", "peft"] = Field(
-        "reference", description="flora: reference = scale alpha whatever the rank (FLoRA's code: a rank sweep "
-                                 "keeps the scale), peft = alpha / rank (PEFT's and the LoRA paper's)")
-    lora_targets: list[str] = Field(["text.attn.out_proj"], min_length=1,
-                                    description="flora: modules to adapt, as <tower>.<module> with tower text or "
-                                                "vision, in every layer (e.g. text.attn.out_proj, "
-                                                "vision.attn.q_proj, text.mlp.c_fc); an unknown one lists the "
-                                                "model's choices")
-
-    towers: Literal["both", "vision", "text"] = Field(
-        "both", description="fedavg_full: which CLIP towers train and travel; both = the whole CLIP (FLoRA's "
-                            "FedFFT and FedCLIP's cost ratios count it), vision = the image encoder only")
-    augment_views: int = Field(10, ge=1, description="cache methods: each cache key is the mean of this many "
-                                                     "augmented views' raw features (RandomResizedCrop scale "
-                                                     "0.5-1 + horizontal flip), then normalised; Tip-Adapter's "
-                                                     "reference: 10; 1 = the plain centre crop")
-    search: bool = Field(True, description="cache methods: after training, grid-search alpha and beta on the "
-                                           "validation split (Tip-Adapter's search) and report the result "
-                                           "with the best pair")
-    search_scale: tuple[float, float] = Field((7.0, 3.0), strict=False, description="cache methods: the search's upper ends "
-                                                                       "(beta, alpha); both grids start at 0.1 "
-                                                                       "(Tip-Adapter's per-dataset search_scale)")
-    search_step: tuple[int, int] = Field((200, 20), strict=False, description="cache methods: grid points for (beta, alpha) "
-                                                                "(Tip-Adapter's search_step)")
-
-    @field_validator("search_scale")
-    @classmethod
-    def _scale_above_start(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if min(v) <= 0.1:
-            raise ValueError(f"both upper ends must exceed the grids' start 0.1, got {list(v)}")
-        return v
-
-    @field_validator("search_step")
-    @classmethod
-    def _positive_steps(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 1:
-            raise ValueError(f"both step counts must be at least 1, got {list(v)}")
-        return v
-
-    @field_validator("name")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        from raycache.methods import METHODS
-
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
-        return v
-
-    @model_validator(mode="after")
-    def _variant_fits_method(self) -> "MethodConfig":
-        if self.training_free and self.name != "tip_adapter":
-            raise ValueError(f"method.training_free: only tip_adapter has a training-free variant, not "
-                             f"{self.name!r}")
-        return self
-
-
 class SynthConfig(_Section):
     generator: str = Field("stabilityai/stable-diffusion-2-1-base",
                            description="diffusers text-to-image pipeline: a hub id or local folder for "
@@ -238,6 +142,16 @@ class StragglerConfig(_Section):
     sigma: float = Field(1.0, gt=0, description="lognormal: spread of log(delay)")
 
 
+class DPConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg): clip each client's update, noise the average."""
+
+    clip_norm: float = Field(gt=0, description="L2 bound S on each client's whole update (all keys together)")
+    noise_multiplier: float = Field(gt=0, description="z: the average gets N(0, (z S / m)^2) per coordinate for "
+                                                      "m clients")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the (epsilon, delta) spent, logged every "
+                                                      "round as dp_epsilon (Opacus' RDP accountant)")
+
+
 class FederationConfig(_Section):
     rounds: int = Field(5, ge=1, description="federated rounds")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round")
@@ -252,6 +166,20 @@ class FederationConfig(_Section):
     weighting: Literal["samples", "uniform"] | None = Field(
         None, description="how client updates are averaged: by sample count (FedAvg) or uniformly (FedCLIP's "
                           "reference); null = the method's reference")
+    strategy: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "classwise"] = Field(
+        "fedavg", description="what the server makes of the clients' average: fedavg = take it; fedavgm = server "
+                              "momentum; fedadagrad / fedadam / fedyogi = Reddi et al.'s adaptive server "
+                              "optimisers on the pseudo-gradient (average - global); classwise = cache rows "
+                              "averaged per class by the clients' samples of that class (cache methods)")
+    server_lr: float = Field(1.0, gt=0, description="server learning rate: x += server_lr * step (fedavgm and the "
+                                                    "adaptive strategies; Reddi et al. tune it, e.g. 0.01-1)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: momentum of the pseudo-gradient")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adaptive strategies: first-moment decay")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam / fedyogi: second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="adaptive strategies: adaptivity (v starts at tau^2)")
+    prox_mu: float = Field(0.0, ge=0, description="FedProx: each client adds mu/2 ||w - w_global||^2 to its loss "
+                                                  "(any strategy; 0 = off)")
+    dp: DPConfig | None = Field(None, description="client-level differential privacy (null = off)")
     checkpoint: bool = Field(True, description="checkpoint the full server state after every round")
     selection: Literal["best_val", "final"] = Field(
         "best_val", description="which round's state is the run's result (checkpointed as final, reported by "
@@ -259,6 +187,16 @@ class FederationConfig(_Section):
     target_accuracy: float | None = Field(None, gt=0, le=1,
                                           description="validation accuracy whose first reach is logged as "
                                                       "rounds_to_target and bytes_to_target (null = none)")
+
+    @model_validator(mode="after")
+    def _dp_fits(self) -> "FederationConfig":
+        if self.dp is not None and self.strategy == "classwise":
+            raise ValueError("federation.dp: the noise is calibrated to a uniform average of clipped updates; "
+                             "strategy classwise weighs rows by class counts (use another strategy)")
+        if self.dp is not None and self.weighting == "samples":
+            raise ValueError("federation.dp: the noise is calibrated to a uniform average of clipped updates; "
+                             "set federation.weighting to uniform (or null)")
+        return self
 
     @model_validator(mode="after")
     def _deadline_with_straggler(self) -> "FederationConfig":
@@ -287,15 +225,61 @@ class TrackingConfig(_Section):
     run_name: str | None = Field(None, description="MLflow run name (null = generated)")
 
 
+DEFAULT_METHOD = "cachefl"
+
+
+def method_settings(section) -> MethodSettings:
+    """A `method` section (a mapping) validated by its method's settings class; a ValueError naming the
+    dotted key otherwise (an unknown key lists the method's own keys)."""
+    from raycache.methods import method_class, method_names
+
+    if not isinstance(section, dict):
+        raise ValueError(f"method: expected a mapping of settings, got {type(section).__name__}")
+    name = section.get("name", DEFAULT_METHOD)
+    section = {**section, "name": name}
+    if not isinstance(name, str) or name not in method_names():
+        raise ValueError(f"method.name: unknown method {name!r}; choose one of: {', '.join(method_names())}")
+    settings_cls = method_class(name).Settings
+    keys = settings_help(settings_cls)
+    for key in section:
+        if key != "name" and key not in keys:
+            have = f"its settings: {', '.join(sorted(keys))}" if keys else "it has no settings"
+            raise ValueError(f"method.{key}: {name} has no setting {key!r}; {have}")
+    try:
+        return settings_cls.model_validate(section)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if msg.startswith("method."):
+            raise ValueError(msg) from None
+        where = f"method.{loc}" if loc else "method"
+        got = f" (got {e['input']!r})" if loc and "input" in e and not e["type"].startswith("value_error") else ""
+        raise ValueError(f"{where}: {msg}{got}") from None
+
+
+def settings_for(name: str = DEFAULT_METHOD, **settings) -> MethodSettings:
+    """The settings of method `name` (its reference where not given), e.g. `settings_for("flora", lora_rank=4)`."""
+    return method_settings({"name": name, **settings})
+
+
 class ExperimentConfig(_Section):
     seed: int = Field(0, description="seed for splits, partitions, client sampling and local training")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: MethodConfig = MethodConfig()
+    method: SerializeAsAny[MethodSettings] = Field({"name": DEFAULT_METHOD}, validate_default=True)
     synth: SynthConfig = SynthConfig()
     federation: FederationConfig = FederationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_settings(cls, v):
+        """The chosen method's own settings class validates the section."""
+        if isinstance(v, MethodSettings):
+            return v
+        return method_settings(v)
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> "ExperimentConfig":
@@ -315,9 +299,7 @@ class ExperimentConfig(_Section):
 
 def check_cache_size(cfg: ExperimentConfig) -> None:
     """K images per class must exist where the cache draws them from (for methods that build a cache)."""
-    from raycache.methods import with_defaults
-
-    m = with_defaults(cfg.method)
+    m = cfg.method
     if m.cache_init == "real" and m.shots > cfg.data.server_per_class:
         raise UserError(f"config error: method.shots={m.shots} needs data.server_per_class >= {m.shots} "
                         f"(the real-image cache draws K per class from the server's held-out split)")
@@ -345,10 +327,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of `model`; the `method` section's are those of every registered method."""
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if name == "method" and model is ExperimentConfig:
+            from raycache.methods import method_class, method_names
+
+            keys += sorted({f"method.{k}" for m in method_names() for k in method_class(m).Settings.model_fields})
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += known_keys(ann, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")

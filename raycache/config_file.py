@@ -60,6 +60,8 @@ def _one_line(err: ValidationError) -> str:
     loc = ".".join(str(p) for p in e["loc"])
     if not loc:  # a cross-field check: its message names the keys
         return e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden" and loc == PER_METHOD:
+        return f"{loc}: unknown config key"
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, known_keys(ExperimentConfig), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -72,7 +74,43 @@ def _one_line(err: ValidationError) -> str:
     return f"{loc}: {msg} (got {e['input']!r})"
 
 
+PER_METHOD = "per_method"
+
+
+def with_per_method(tree: dict[str, Any]) -> dict[str, Any]:
+    """An experiment may hold settings for several methods, `per_method: {<method>: {<key>: value}}` (e.g. a
+    sweep's base, where `method.name` varies): the chosen method's entry fills its `method` section (keys set
+    there win); every entry must name a method and that method's own keys."""
+    from raycache.methods import method_class, method_names
+    from raycache.methods.settings import settings_help
+
+    if PER_METHOD not in tree:
+        return tree
+    tree = dict(tree)
+    per = tree.pop(PER_METHOD)
+    if not isinstance(per, dict):
+        raise UserError(f"config error: {PER_METHOD}: expected a mapping of method name to its settings")
+    for name, settings in per.items():
+        if name not in method_names():
+            raise UserError(f"config error: {PER_METHOD}.{name}: unknown method; choose one of: "
+                            f"{', '.join(method_names())}")
+        if not isinstance(settings, dict):
+            raise UserError(f"config error: {PER_METHOD}.{name}: expected a mapping of settings")
+        keys = settings_help(method_class(name).Settings)
+        for key in settings:
+            if key not in keys:
+                raise UserError(f"config error: {PER_METHOD}.{name}.{key}: {name} has no setting {key!r}; its "
+                                f"settings: {', '.join(sorted(keys)) or 'none'}")
+    method = tree.get("method") or {}
+    if not isinstance(method, dict):
+        return tree
+    chosen = method.get("name", "cachefl")
+    tree["method"] = {**per.get(chosen, {}), **method}
+    return tree
+
+
 def build_config(tree: dict[str, Any]) -> ExperimentConfig:
+    tree = with_per_method(tree)
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:

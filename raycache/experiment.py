@@ -1,7 +1,15 @@
-"""One federated experiment, top to bottom: check inputs, split and partition, encode once, train, log.
+"""One federated experiment, as named stages read top to bottom (`run_experiment`):
 
-Everything that can be checked without compute (config, model name, dataset, splits, partition) is checked
-before the MLflow run starts; anything that fails after is recorded on the run as FAILED with the reason.
+    prepare   check every input and derive the split, partition and text task (no Ray, no run yet)
+    open      the MLflow run (a new one, or a resumed one with its checkpoint)
+    log       the config, the partition and the data's sizes
+    encode    image features once per model and dataset (and the cache's source, and pixels if trained on)
+    federate  the rounds, each checkpointed; the selected result
+    finish    the result file and the run's end metrics
+
+Everything that can be checked without compute is checked before the run opens; anything that fails after is
+recorded on the run as FAILED with the reason. MLflow itself is `raycache.tracking`; checkpoints and resume
+are `raycache.resume`.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import client_holdout, few_shot, predefined_split, stratified_split
 from raycache.errors import StopRun, UserError
-from raycache.methods import method_class, weighting, with_defaults
+from raycache.methods import method_class, weighting
 from raycache.models.clip import ModelSpec, check_spec
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -87,15 +95,23 @@ class Prepared:
     timings: dict[str, float]
 
 
+@dataclass
+class Encoded:
+    """What the encode stage made: the features, the cache's source, the inputs clients train on."""
+
+    features: object  # raycache.data.features.Features
+    cache: tuple[np.ndarray, np.ndarray]  # (features, labels) the initial state is built from
+    inputs: np.ndarray  # features, or preprocessed images for a method that trains through the encoder
+    zeroshot_accuracy: float
+
+
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here."""
     method = method_class(cfg.method.name)
-    fed = cfg.federation  # the run logs concrete settings: the method's reference fills every null
-    cfg = cfg.model_copy(update={"method": with_defaults(cfg.method), "federation": fed.model_copy(
+    fed = cfg.federation  # the run logs concrete settings: derived values folded in, every null resolved
+    cfg = cfg.model_copy(update={"method": cfg.method.resolved(), "federation": fed.model_copy(
         update={"weighting": weighting(fed, cfg.method.name)})})
-    if cfg.method.cache_init == "shots" and method.role != "centralised":
-        raise UserError(f"method.cache_init: shots puts the clients' own images in the cache, which only a "
-                        f"centralised method may do; {cfg.method.name} is {method.role}")
+    _check_federation(cfg, method)
     spec = ModelSpec.from_config(cfg.model)
     check_spec(spec)
     source = open_source(cfg.data)
@@ -123,7 +139,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     parts = partition(train_labels, cfg.data, cfg.seed, train_domains)
     parts, client_tests = client_holdout(parts, train_labels, cfg.data.client_test_fraction, cfg.seed)
     counts = class_counts(parts, train_labels, len(source.class_names))
-    trainers = method.trainer_rows(parts, train_labels, len(source.class_names), cfg.method, cfg.seed)
+    trainers = method.flow.trainer_rows(parts, train_labels, len(source.class_names), cfg.method, cfg.seed)
     uses_cache = method.uses_cache(cfg.method)
     synth_store = None
     if uses_cache:
@@ -142,6 +158,20 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
                     method.uses_pixels(cfg.method), {"time_text_s": time.perf_counter() - t})
 
 
+def _check_federation(cfg: ExperimentConfig, method) -> None:
+    """What the federation section asks of the method's flow and state."""
+    fed = cfg.federation
+    flow = method.flow
+    if not flow.aggregates and (fed.strategy != "fedavg" or fed.dp is not None):
+        what = "federation.dp" if fed.dp is not None else f"federation.strategy: {fed.strategy}"
+        raise UserError(f"{what} acts on the server's average of client updates, and {cfg.method.name} "
+                        f"aggregates none (its flow is {flow.name})")
+    if fed.strategy == "classwise":
+        if not method.class_rows(cfg.method, 1):
+            raise UserError(f"federation.strategy: classwise averages per-class rows of a cache; "
+                            f"{cfg.method.name}'s state has none (use it with a cache method)")
+
+
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
                    shared: dict[str, np.ndarray] | None = None, resume: str | None = None,
@@ -155,18 +185,13 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     features and preprocessed images in the object store once; every trial reads them from there)."""
     stage = on_stage or (lambda s: None)
     prep = prepare(cfg)  # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
-
-    from raycache.tracking import Run
-
-    if resume is not None:
-        ckpt = _resumable(prep.cfg, resume)
-        run = Run.reopen(resume)
-    else:
-        ckpt = None
-        run = Run(prep.cfg.tracking.experiment, prep.cfg.tracking.run_name,
-                  tags={"raycache.method": prep.cfg.method.name, **(tags or {})})
+    run, ckpt = open_run(prep, tags, resume)
     try:
-        summary = _run(prep, run, on_round, stage, shared or {}, ckpt, audit)
+        if ckpt is None:  # a resumed run has these already
+            log_inputs(prep, run)
+        start_ray(prep, stage)
+        encoded = encode(prep, run, stage, shared or {})
+        summary = federate(prep, encoded, run, on_round, stage, ckpt, audit)
     except BaseException as err:
         from raycache.errors import find_run_failure, find_user_error
 
@@ -177,6 +202,24 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     else:
         run.finish()
     return summary
+
+
+def open_run(prep: Prepared, tags: dict[str, str] | None, resume: str | None):
+    """(the MLflow run, the checkpoint to continue from or None)."""
+    from raycache.resume import resumable
+    from raycache.tracking import Run
+
+    if resume is not None:
+        ckpt = resumable(prep.cfg, resume)
+        return Run.reopen(resume), ckpt
+    return Run(prep.cfg.tracking.experiment, prep.cfg.tracking.run_name,
+               tags={"raycache.method": prep.cfg.method.name, **(tags or {})}), None
+
+
+def log_inputs(prep: Prepared, run) -> None:
+    run.log_params(prep.cfg.flat())
+    run.log_text(dump_config(prep.cfg), "config.yaml")
+    run.log_text(partition_table(prep.counts, prep.source.class_names), "partition.csv")
 
 
 def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str], rounds: int = 1):
@@ -190,47 +233,6 @@ def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str], ro
     return task, model, transform
 
 
-CHECKPOINT_TAG = "raycache.checkpoint"
-
-
-def checkpoint_path(cfg: ExperimentConfig, run_id: str):
-    from pathlib import Path
-
-    return (Path(cfg.runtime.cache_dir) / "checkpoints" / run_id / "latest.safetensors").resolve()
-
-
-def _resumable(cfg: ExperimentConfig, run_id: str):
-    """The checkpoint to resume `run_id` from, after checking that the run can be resumed with `cfg`."""
-    from pathlib import Path
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from raycache.federation import checkpoint
-    from raycache.tracking import tracking_uri
-
-    try:
-        old = MlflowClient(tracking_uri()).get_run(run_id)
-    except MlflowException:
-        raise UserError(f"--resume: no MLflow run {run_id!r} in {tracking_uri()}") from None
-    if old.info.status == "FINISHED":
-        raise UserError(f"--resume: run {run_id} already finished")
-    for key, value in cfg.flat().items():  # the same experiment, or the result would be neither run
-        logged = old.data.params.get(key)
-        if logged is not None and logged != str(value)[:6000] and not key.startswith("tracking."):
-            raise UserError(f"--resume: {key}={value!r} differs from the run's {key}={logged!r}; resume with "
-                            f"the run's config")
-    path = old.data.tags.get(CHECKPOINT_TAG)
-    if path is None:
-        raise UserError(f"--resume: run {run_id} has no checkpoint (it stopped before its first round ended, "
-                        f"or ran with federation.checkpoint=false)")
-    ckpt = checkpoint.load(Path(path))
-    if "selection" not in ckpt.snapshot:  # its split had no validation set: resuming would change its data
-        raise UserError(f"--resume: run {run_id} predates validation-based selection (its checkpoint has no "
-                        f"selection record); start it again")
-    return ckpt
-
-
 def shared_key(kind: str, prep: Prepared) -> str:
     """The key of a shared input: its kind ("features" or "pixels") and what it is made from."""
     from raycache.data.features import feature_key
@@ -238,19 +240,11 @@ def shared_key(kind: str, prep: Prepared) -> str:
     return f"{kind}/{feature_key(prep.spec, prep.source)}"
 
 
-def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[str], None],
-         shared: dict[str, np.ndarray], ckpt=None, audit: bool = False) -> Summary:
-    from raycache.data.features import Features, load_or_encode
-    from raycache.federation.evaluate import predict
-    from raycache.federation.runtime import Federation, check_fits, ensure_ray
-    from raycache.methods.zeroshot import ZeroShot
+def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
+    """Join or start Ray; on a local Ray, every actor pool must fit."""
+    from raycache.federation.runtime import check_fits, ensure_ray
 
-    cfg, spec, source, splits, task, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.task, prep.timings
-    if ckpt is None:  # a resumed run has these already
-        run.log_params(cfg.flat())
-        run.log_text(dump_config(cfg), "config.yaml")
-        run.log_text(partition_table(prep.counts, source.class_names), "partition.csv")
-
+    cfg = prep.cfg
     stage("starting Ray")
     t = time.perf_counter()
     ensure_ray(cfg.runtime)
@@ -260,8 +254,16 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
         check_fits("runtime.encoder", rt.encoder_actors, rt.encoder_cpus, rt.encoder_gpus)
         if prep.synth_store is not None:
             check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
-    timings["time_ray_start_s"] = time.perf_counter() - t
+    prep.timings["time_ray_start_s"] = time.perf_counter() - t
 
+
+def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, np.ndarray]) -> Encoded:
+    """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on."""
+    from raycache.data.features import Features, load_or_encode
+    from raycache.federation.evaluate import predict
+    from raycache.methods.zeroshot import ZeroShot
+
+    cfg, spec, source, splits, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.timings
     stage("encoding images (once per model and dataset)")
     t = time.perf_counter()
     features_shared = shared_key("features", prep) in shared
@@ -272,7 +274,8 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     timings["time_encode_s"] = time.perf_counter() - t
 
     f, y = feats.features, source.labels
-    zs_pred = predict(lambda x: ZeroShot(cfg.method, task).logits({}, x), f[splits.test])
+    zeroshot = ZeroShot(ZeroShot.Settings(name="zeroshot"), prep.task)
+    zs_pred = predict(lambda x: zeroshot.logits({}, x), f[splits.test])
     zeroshot_accuracy = float((zs_pred == y[splits.test]).mean())
     run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
                      "distinct_images": len(y), "num_classes": len(source.class_names),
@@ -283,12 +286,13 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
                      **client_sizes(prep.parts),
                      "features_shared": float(features_shared)})
 
-    cache_f, cache_y = f[splits.server], y[splits.server]  # the server's labelled hold-out
+    cache = (f[splits.server], y[splits.server])  # the server's labelled hold-out
     if prep.uses_cache:
         stage(f"building the cache source ({cfg.method.cache_init})")
         t = time.perf_counter()
         cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store,
                                                          splits.train[prep.trainers[0]])
+        cache = (cache_f, cache_y)
         run.log_metrics(cache_metrics)
         timings["time_cache_source_s"] = time.perf_counter() - t
 
@@ -302,19 +306,28 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
         if inputs is None:
             inputs = load_pixels(source, prep.transform)
         timings["time_pixels_s"] = time.perf_counter() - t
+    return Encoded(feats, cache, inputs, zeroshot_accuracy)
 
+
+def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, stage: Callable[[str], None],
+             ckpt=None, audit: bool = False) -> Summary:
+    """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
+    from raycache.federation.runtime import Federation
+    from raycache.resume import save_result, save_round
+
+    cfg, splits, timings = prep.cfg, prep.splits, prep.timings
+    y = prep.source.labels
     stage("starting client actors")
     t = time.perf_counter()
-    train = (np.ascontiguousarray(inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
-    evals = _eval_sets(inputs, y, splits, prep.client_tests)
-    parts = prep.trainers
+    train = (np.ascontiguousarray(enc.inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
+    evals = _eval_sets(enc.inputs, y, splits, prep.client_tests)
     history: list[dict[str, float]] = []
     messages: list[dict] = []
     stopped_by = None
     first = 1 if ckpt is None else ckpt.round + 1
     totals = {"up": 0.0, "down": 0.0} if ckpt is None else {"up": ckpt.meta["up"], "down": ckpt.meta["down"]}
     last = None if ckpt is None else ckpt.meta["last"]
-    with Federation(cfg, task, train, parts, evals, (cache_f, cache_y), prep.counts, audit=audit) as fed:
+    with Federation(cfg, prep.task, train, prep.trainers, evals, enc.cache, prep.counts, audit=audit) as fed:
         run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes))})  # nodes the client actors span
         if ckpt is None:
             run.log_metrics(fed.start(), step=0)
@@ -340,8 +353,8 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
                     stopped_by = stop.reason
                     break
             if cfg.federation.checkpoint:
-                _checkpoint(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
-                                                          "method": cfg.method.name})
+                save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
+                                                         "method": cfg.method.name})
         timings["time_rounds_s"] = time.perf_counter() - t
         try:
             result = fed.result(cfg.federation.selection)
@@ -355,10 +368,10 @@ def _run(prep: Prepared, run, on_round: RoundCallback | None, stage: Callable[[s
     run.log_metrics({"comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
                      "final_accuracy": last["accuracy"], **(result["metrics"] if result else {})})
     if result is not None:
-        _save_result(cfg, run, result)
-    return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, zeroshot_accuracy,
-                   last, len(history), totals["up"], totals["down"], timings, feats.encoded, len(y), history,
-                   stopped_by, messages, result["metrics"] if result else {})
+        save_result(cfg, run, result)
+    return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
+                   last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
+                   history, stopped_by, messages, result["metrics"] if result else {})
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):
@@ -373,26 +386,3 @@ def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: lis
         owner = np.concatenate([np.full(len(t), k, np.int64) for k, t in enumerate(client_tests)])
         client = (inputs[rows], labels[rows], owner)
     return EvalSets((inputs[splits.test], labels[splits.test]), val, client)
-
-
-RESULT_TAG = "raycache.result_checkpoint"
-
-
-def _save_result(cfg: ExperimentConfig, run, result: dict) -> None:
-    """The run's result (the state `federation.selection` chose) as `final.safetensors` beside the round
-    checkpoints, linked from the run."""
-    from raycache.federation import checkpoint
-
-    path = checkpoint_path(cfg, run.run_id).with_name("final.safetensors")
-    checkpoint.save(path, result["round"], result["snapshot"],
-                    {"selection": cfg.federation.selection, "method": cfg.method.name, "seed": cfg.seed})
-    run.set_tags({RESULT_TAG: str(path), "raycache.selection": cfg.federation.selection,
-                  "raycache.result_round": result["round"]})
-
-
-def _checkpoint(cfg: ExperimentConfig, run, round_idx: int, snapshot: dict, meta: dict) -> None:
-    """Write this round's checkpoint (atomically, replacing the last) and link it from the run."""
-    from raycache.federation import checkpoint
-
-    path = checkpoint.save(checkpoint_path(cfg, run.run_id), round_idx, snapshot, meta)
-    run.set_tags({CHECKPOINT_TAG: str(path), "raycache.checkpoint_round": round_idx})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,25 @@ UI_QUERY = "workflowType=machine_learning"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@dataclass
+class LoggedRun:
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+
+
+def logged_run(run_id: str) -> LoggedRun | None:
+    """A run's status, params and tags as the store has them (None: no such run)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri()).get_run(run_id)
+    except MlflowException:
+        return None
+    return LoggedRun(run.info.status, dict(run.data.params), dict(run.data.tags))
 
 
 class Run:

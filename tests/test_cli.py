@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raycache.cli import main
-from raycache.methods import METHODS
+from raycache.methods import method_names
 
 QUICK = "experiments/quickstart.yaml"
 
@@ -24,8 +24,8 @@ def run_cli(capsys, *args):
     ("data.alpha=0", "data.alpha: Input should be greater than 0"),
     ("method.shots=0", "method.shots: Input should be greater than or equal to 1"),
     ("federation.fraction=2", "federation.fraction: Input should be less than or equal to 1"),
-    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: " + ", ".join(sorted(METHODS))),
-    ("method.training_free=true", "method.training_free: only tip_adapter has a training-free variant"),
+    ("method.name=nope", "method.name: unknown method 'nope'; choose one of: " + ", ".join(method_names())),
+    ("method.training_free=true", "method.training_free: cachefl has no setting 'training_free'"),
     ("data.partition=domain", "data.partition: domain needs a source with domains"),
     ("data.test_domain=sketch", "data.test_domain: 'sketch' is not a domain of digits (domains: none)"),
     ("model.name=ViT-Q-99", "model.name: unknown model 'ViT-Q-99'"),
@@ -138,7 +138,7 @@ def test_an_unreachable_ray_address_is_one_line_exit_2(command, tmp_path):
     (["data.val_fraction=0", "federation.selection=final", "federation.target_accuracy=0.5"],
      "federation.target_accuracy: is measured on validation accuracy, but data.val_fraction is 0"),
     (["data.client_test_fraction=1"], "data.client_test_fraction: Input should be less than 1"),
-    (["method.name=zeroshot", "method.lr=null", "method.lr_scale=10"], "method.lr_scale: zeroshot has no learning rate to scale"),
+    (["method.name=zeroshot", "method.lr_scale=10"], "method.lr_scale: zeroshot has no setting 'lr_scale'"),
     (["data.val_fraction=0.5", "data.server_per_class=60"], "class 'zero' has 178 images in all; needs at least "
                                                              "186 (data.test_fraction 36 + data.val_fraction 89 + "
                                                              "data.server_per_class 60 + 1 for training)"),

@@ -102,6 +102,7 @@ def two_nodes(tmp_path_factory):
         assert not ours(), "processes of the test cluster survived"
 
 
+@pytest.mark.slow
 def test_an_experiment_spreads_its_client_actors_over_two_nodes(two_nodes, tmp_path, mlflow_uri):
     import os
     import subprocess

@@ -4,7 +4,7 @@ from raycache.config import check_cache_size
 
 from raycache.config_file import load_config
 from raycache.errors import UserError
-from raycache.methods import METHODS
+from raycache.methods import method_names
 
 
 def test_defaults_are_valid():
@@ -45,9 +45,9 @@ def test_flat_has_every_dotted_key():
     ("federation.fraction=0", "federation.fraction"),
     ("federation.fraction=1.5", "federation.fraction"),
     ("data.partition=random", "data.partition"),
-    ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: " + ", ".join(sorted(METHODS))),
-    ("method.lora_rank=0", "method.lora_rank: Input should be greater than or equal to 1"),
-    ("method.local_model=both", "method.local_model: Input should be 'cache' or 'adapter'"),
+    ("method.name=fedprox9", "method.name: unknown method 'fedprox9'; choose one of: " + ", ".join(method_names())),
+    ("method.lora_rank=4", "method.lora_rank: cachefl has no setting 'lora_rank'; its settings: alpha, "
+                           "augment_views, batch_size, beta, betas, cache_init, eps, local_epochs, lr, lr_scale, "),
     ("seed.x=1", "seed: Input should be a valid integer"),
 ])
 def test_bad_values_name_the_key(override, names):
@@ -55,6 +55,42 @@ def test_bad_values_name_the_key(override, names):
         load_config(None, [override])
     msg = str(info.value)
     assert names in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["method.name=flora", "method.lora_rank=0"], "method.lora_rank: Input should be greater than or equal to 1"),
+    (["method.name=local_only", "method.local_model=both"], "method.local_model: Input should be 'cache' or 'adapter'"),
+    (["method.name=fedclip", "method.shots=4"], "method.shots: fedclip has no setting 'shots'"),
+    (["method.name=zeroshot", "method.lr=0.1"], "method.lr: zeroshot has no setting 'lr'; it has no settings"),
+    (["method.name=tip_adapter", "method.training_free=maybe"], "method.training_free: Input should be a valid boolean"),
+])
+def test_method_keys_are_checked_against_the_chosen_methods_settings(overrides, names):
+    with pytest.raises(UserError) as info:
+        load_config(None, overrides)
+    assert names in str(info.value) and "\n" not in str(info.value)
+
+
+def test_each_method_carries_its_reference_defaults_once():
+    """Reference settings live with the method: choosing it is enough (no nulls to resolve)."""
+    cachefl, fedclip = load_config(None).method, load_config(None, ["method.name=fedclip"]).method
+    assert (cachefl.optimizer, cachefl.lr, cachefl.eps, cachefl.batch_size) == ("adamw", 1e-3, 1e-4, 256)
+    assert (fedclip.optimizer, fedclip.lr, fedclip.betas, fedclip.loss) == ("adam", 5e-5, (0.9, 0.98), "contrastive")
+    alone = load_config(None, ["method.name=local_only", "method.local_model=adapter"]).method
+    assert (alone.lr, alone.batch_size, alone.loss) == (5e-5, 32, "contrastive")  # FedCLIP's, the model it trains
+    scaled = load_config(None, ["method.lr_scale=10"]).method.resolved()
+    assert (scaled.lr, scaled.lr_scale) == (pytest.approx(1e-2), 1.0) and scaled.resolved() == scaled
+
+
+def test_per_method_settings_fill_the_chosen_method(tmp_path):
+    """A sweep's base can carry settings for several methods: only the chosen one's apply."""
+    path = tmp_path / "e.yaml"
+    path.write_text("method: {name: fedclip}\nper_method:\n  cachefl: {shots: 4}\n  fedclip: {lr: 0.01}\n")
+    assert load_config(path).method.lr == 0.01
+    assert load_config(path, ["method.name=cachefl"]).method.shots == 4
+    assert load_config(path, ["method.name=fedclip", "method.lr=0.1"]).method.lr == 0.1  # method.* wins
+    path.write_text("per_method:\n  fedclip: {shots: 4}\n")
+    with pytest.raises(UserError, match="per_method.fedclip.shots: fedclip has no setting 'shots'"):
+        load_config(path)
 
 
 def test_bad_files(tmp_path):

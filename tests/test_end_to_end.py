@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raycache.config import settings_for
 from raycache.config_file import load_config
 from raycache.experiment import run_experiment
 
@@ -141,7 +142,7 @@ def test_zeroshot_needs_no_cache_source(finished):
 def test_fedclip_runs_on_ray_with_its_reference_settings(finished):
     cfg, _, _, client = finished
     fc = cfg.model_copy(update={
-        "method": cfg.method.model_copy(update={"name": "fedclip", "lr": None, "local_epochs": None}),
+        "method": settings_for("fedclip"),
         "federation": cfg.federation.model_copy(update={"rounds": 1})})
     summary = run_experiment(fc)
     run = client.get_run(summary.run_id)

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mlflow.tracking import MlflowClient
 
 from raycache.federation import checkpoint
@@ -18,6 +20,7 @@ EXACT = ("accuracy", "loss", "client_accuracy_mean", "client_accuracy_std", "com
          "selected_accuracy", "result_accuracy", "result_round", "rounds_to_target", "bytes_to_target")
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
@@ -79,3 +82,37 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     again = subprocess.run(cmd + ["--resume", killed.info.run_id], env=env, cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith("already finished")
+
+
+def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_session, mlflow_uri):
+    """local_only keeps one state per client on the hosts: a run that dies after round 2 (before that round's
+    checkpoint) resumes from round 1's with every client's own state and optimiser, and ends exactly where
+    an uninterrupted run ends."""
+    from raycache.config_file import load_config
+    from raycache.experiment import run_experiment
+
+    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), [
+        "method.name=local_only", "per_method.local_only.cache_init=real", "per_method.local_only.lr=1.0e-5",
+        "per_method.local_only.beta=100", "per_method.local_only.alpha=10", "data.clients=4",
+        "runtime.client_actors=2", "federation.rounds=3", "federation.fraction=0.5",
+        f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=resume-local"])
+    whole = run_experiment(cfg)
+
+    class Crash(Exception):
+        pass
+
+    def crash(r, metrics):
+        if r == 2:
+            raise Crash("driver died")
+
+    with pytest.raises(Crash):
+        run_experiment(cfg, on_round=crash)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("resume-local").experiment_id
+    died = client.search_runs([exp], "attributes.status = 'FAILED'")[0]
+    assert died.data.tags["raycache.checkpoint_round"] == "1"
+    resumed = run_experiment(cfg, resume=died.info.run_id)
+    assert resumed.rounds == 2  # rounds 2 and 3
+    for k in ("accuracy", "loss", "client_accuracy_mean", "val_accuracy", "comm_bytes_down"):
+        assert [m[k] for m in resumed.history] == [m[k] for m in whole.history[1:]], k
+    assert resumed.selection["result_accuracy"] == whole.selection["result_accuracy"]

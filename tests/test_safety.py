@@ -61,6 +61,10 @@ def test_checkpoints_round_trip_and_a_pickle_is_refused(tmp_path):
     back = checkpoint.load(checkpoint.save(tmp_path / "c" / "latest.safetensors", 4, {**snap, "memory": memory}, {}))
     assert set(back.snapshot["memory"]) == {2, 7} and set(back.snapshot["memory"][2]) == set(memory[2])
     assert back.snapshot["memory"][2]["step/fc1.weight"].tolist() == [3.0]
+    server = {"m/cache_keys": np.full((2, 3), 0.5, np.float32), "v/cache_keys": np.ones((2, 3), np.float32)}
+    back = checkpoint.load(checkpoint.save(tmp_path / "c" / "latest.safetensors", 4, {**snap, "strategy": server}, {}))
+    assert set(back.snapshot["strategy"]) == set(server)  # the server optimiser's moments resume too
+    assert np.array_equal(back.snapshot["strategy"]["m/cache_keys"], server["m/cache_keys"])
     evil = tmp_path / "evil.safetensors"
     torch.save({"state": snap["state"]}, evil)  # a pickle: must never be unpickled
     with pytest.raises(UserError, match="evil.safetensors is damaged or not a checkpoint"):

@@ -59,6 +59,7 @@ def test_a_trial_larger_than_the_cluster_is_refused(tmp_path, capsys, ray_sessio
     assert code == 2 and err[-1].startswith("error: runtime.client_actors: one trial needs 2.86 CPUs"), err
 
 
+@pytest.mark.slow
 def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path, capsys, ray_session, mlflow_uri):
     # data.clients=5000 passes the type check but cannot be partitioned: that trial fails, the others run
     path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.1, 1.0]}, "data.clients": {"grid": [4, 5000]}},
@@ -117,6 +118,7 @@ def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_asha_stops_a_weak_trial_by_round(tmp_path, ray_session, mlflow_uri):
     """Trials run one at a time, the strong one first: ASHA (halving at round 1) must stop the weak one
     (zero-shot, which does not learn) after its first round, and let the strong one run every round."""
@@ -139,6 +141,7 @@ def test_asha_stops_a_weak_trial_by_round(tmp_path, ray_session, mlflow_uri):
     assert result.best["run_id"] == strong["run_id"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, mlflow_uri):
     import os
     import signal

@@ -3,7 +3,8 @@ a rename), read back only through safetensors (no pickle, nothing executable).
 
 Layout: tensors `global/<key>` (the global state), `client/<id>/<key>` (a local method's per-client states),
 `reached` (which clients already hold the initial state) and the same under `best/` (the state at the best
-validation round so far), and `memory/<id>/<key>` (each client's private optimiser memory, when kept); the metadata holds the round, the seed, the method, running totals and the
+validation round so far), `memory/<id>/<key>` (each client's private optimiser memory, when kept) and
+`strategy/<key>` (the server optimiser's moments: FedAvgM, FedAdam, ...); the metadata holds the round, the seed, the method, running totals and the
 selection record as JSON. Sampling, faults and local training draw from (seed, round, client), so
 the round number is the whole RNG state.
 """
@@ -35,6 +36,7 @@ def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
     tensors = _tensors(snapshot)
     if "best" in snapshot:
         tensors.update({f"best/{k}": v for k, v in _tensors(snapshot["best"]).items()})
+    tensors.update({f"strategy/{k}": np.ascontiguousarray(v) for k, v in snapshot.get("strategy", {}).items()})
     for cid, memory in snapshot.get("memory", {}).items():
         tensors.update({f"memory/{int(cid)}/{k}": np.ascontiguousarray(v) for k, v in memory.items()})
     info = {"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)}
@@ -85,6 +87,7 @@ def load(path: Path) -> Checkpoint:
         raise UserError(f"--resume: {path} is not a raycache checkpoint")
     snap = _states(tensors)
     snap["memory"] = _per_client(tensors, "memory/")
+    snap["strategy"] = {k.removeprefix("strategy/"): v for k, v in tensors.items() if k.startswith("strategy/")}
     if "selection" in info:
         snap["selection"] = json.loads(info["selection"])
         snap["best"] = _states({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")})

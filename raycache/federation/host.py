@@ -2,9 +2,9 @@
 
 It holds a read-only view of the shared training inputs (features, or images for a method that trains
 through the encoder: one object-store copy for every host) and each of its clients' sample indices. Per
-round it trains each requested client from the broadcast state and folds the results into one partial
-FedAvg sum, so what returns to the server is one message per host. For a `local` method it instead keeps
-each client's own state and evaluates it; nothing is uploaded.
+round it trains each requested client and hands the update to the method's flow
+(`raycache.federation.flows`), which folds it into one partial sum (what returns to the server is one
+message per host) or keeps it on the client. Each client's report is a declared `ClientMessage`.
 """
 
 from __future__ import annotations
@@ -21,24 +21,56 @@ from raycache.methods.base import State, state_nbytes
 
 
 @dataclass
+class ClientMessage:
+    """Everything one client sends the server about a round, besides its update (folded into the host's
+    partial sum). `MESSAGE_FIELDS` declares them; nothing else leaves a client."""
+
+    client: int
+    samples: int  # its training samples (the metrics' loss weighting; FedAvg's weight)
+    loss: float  # its mean local training loss
+    seconds: float  # its local compute time
+    weight: float | None = None  # its aggregation weight (a flow that aggregates)
+    class_counts: np.ndarray | None = None  # its samples per class (a per-class strategy only)
+    nbytes: int | None = None  # its update's bytes (None: it sent no update)
+
+    def fields(self) -> list[str]:
+        """The fields this message carries (those set), plus `update` if it sent one."""
+        out = [f for f in MESSAGE_FIELDS if getattr(self, f) is not None]
+        return out + (["update"] if self.nbytes is not None else [])
+
+
+MESSAGE_FIELDS = ("client", "samples", "loss", "seconds", "weight", "class_counts")
+
+
+@dataclass
 class HostReport:
     partial: WeightedSum
-    clients: np.ndarray  # (c,) client ids that reported (trained within the time limit)
-    samples: np.ndarray  # (c,) their sample counts
-    losses: np.ndarray  # (c,) mean local training loss
-    seconds: np.ndarray  # (c,) compute seconds per client
+    messages: list[ClientMessage]  # one per client that reported (trained within the time limit)
     bytes_up: int  # exact bytes of every reported client's update
-    peak_rss_mb: float
+    peak_rss_mb: float  # the host process's peak memory (the host's, not a client's)
     timed_out: np.ndarray  # client ids whose local training exceeded federation.client_timeout_s: dropped
+
+    def column(self, name: str, dtype=np.float64) -> np.ndarray:
+        return np.asarray([getattr(m, name) for m in self.messages], dtype)
+
+
+@dataclass(frozen=True)
+class ClientRules:
+    """How clients treat their updates, from the federation section: the aggregation weight (`samples` or
+    `uniform`), whether class counts weigh each class's rows (a per-class strategy), the DP clipping norm,
+    and FedProx's mu."""
+
+    weighting: str = "samples"
+    per_class: bool = False
+    clip_norm: float | None = None
+    prox_mu: float = 0.0
 
 
 class ClientHost:
-    def __init__(self, method_name: str, method_cfg, task, train, clients: dict[int, np.ndarray], seed: int,
+    def __init__(self, method_cls, settings, task, train, clients: dict[int, np.ndarray], seed: int,
                  threads: int = 1, use_gpu: bool = False, evals=None, audit: bool = False,
-                 weighting: str = "samples") -> None:
+                 rules: ClientRules = ClientRules()) -> None:
         import torch
-
-        from raycache.methods import method_class
 
         torch.set_num_threads(max(1, threads))
         # torch loads its compiler stack on a process's first optimizer step (~2 s here): pay that at
@@ -47,38 +79,42 @@ class ClientHost:
         param.sum().backward()
         torch.optim.AdamW([param], fused=True).step()
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.method = method_class(method_name)(method_cfg, task).to(self.device)
+        self.method = method_cls(settings, task).to(self.device)
+        self.flow = self.method.flow
         self.features, self.labels = train  # read-only, zero-copy views of the shared object
         self.clients = clients
         self.seed = seed
-        self.evals = evals  # EvalSets: test, validation, client tests (for evaluating local states)
-        self.local = self.method.role == "local"
-        self.states: dict[int, State] = {}  # a local method's per-client states (clients trained so far)
+        self.evals = evals  # EvalSets: test, validation, client tests (for evaluating personal states)
+        self.rules = rules
+        self.class_rows = self.method.class_rows(self.method.cfg, task.n_classes) if rules.per_class else {}
+        self.states: dict[int, State] = {}  # a personal flow's per-client states (clients trained so far)
         self.memory: dict[int, State] = {}  # each client's private memory across rounds (optimiser moments)
-        self.weighting = weighting  # "samples": FedAvg weight = the client's sample count; "uniform": 1
         self.audit: list[dict] | None = [] if audit else None  # a record of every client message (tests)
         self.bytes_up = 0
 
     def train(self, state: State, client_ids: list[int], round_idx: int,
               timeout_s: float | None = None) -> HostReport:
-        """Train each client from `state` and fold the updates of those that finish within `timeout_s` into
-        one partial sum. Every client's message to the server passes through `_upload`."""
+        """Train each client from `state` (or what its flow starts it from) and hand each update to the
+        flow; updates of clients that finish within `timeout_s` are folded into one partial sum. Every
+        client's message to the server passes through `upload`."""
         import resource
 
         import torch
 
+        from raycache.methods.training import LocalRound
+
         partial = WeightedSum()
-        reported, samples, losses, seconds, timed_out = [], [], [], [], []
+        messages, timed_out = [], []
         self.bytes_up = 0
         for cid in client_ids:
             t0 = time.perf_counter()
             idx = self.clients[cid]
             feats = torch.from_numpy(self.features[idx]).to(self.device)  # fancy indexing copies: (n_c, D)
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
-            start = self.states.get(cid, state) if self.local else state
             memory = dict(self.memory.get(cid, {}))  # a copy: a client that times out keeps last round's
-            update, loss = self.method.local_train(start, feats, labels, client_seed(self.seed, round_idx, cid),
-                                                   memory, round_idx)
+            ctx = LocalRound(client_seed(self.seed, round_idx, cid), round_idx, self.method.task.rounds, memory,
+                             self.rules.prox_mu)
+            update, loss = self.method.local_train(self.flow.start(self, cid, state), feats, labels, ctx)
             took = time.perf_counter() - t0
             if timeout_s is not None and took > timeout_s:
                 timed_out.append(cid)  # too slow: this round goes on without it
@@ -86,32 +122,29 @@ class ClientHost:
             _check_finite(update, cid, round_idx)
             if memory:
                 self.memory[cid] = memory
-            weight = float(len(idx)) if self.weighting == "samples" else 1.0
-            if self.local:
-                self.states[cid] = update  # kept on the client; nothing leaves it
-            elif self.method.role == "centralised":
-                partial.add(update, weight)  # the server's own pooled trainer: no client message
-            else:
-                self._upload(partial, cid, update, weight)
-            reported.append(cid)
-            samples.append(len(idx))
-            losses.append(loss)
-            seconds.append(took)
+            msg = ClientMessage(cid, len(idx), float(loss), took)
+            self.flow.keep(self, cid, state, update, msg, partial)
+            messages.append(msg)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return HostReport(partial, np.asarray(reported, np.int64), np.asarray(samples, np.int64),
-                          np.asarray(losses, np.float64), np.asarray(seconds, np.float64), self.bytes_up, peak,
-                          np.asarray(timed_out, np.int64))
+        return HostReport(partial, messages, self.bytes_up, peak, np.asarray(timed_out, np.int64))
 
-    def _upload(self, partial: WeightedSum, cid: int, update: State, weight: float) -> None:
-        """A client's one message to the server: its update and its sample count, nothing else."""
+    def upload(self, partial: WeightedSum | None, msg: ClientMessage, update: State | None,
+               row_weights: dict[str, np.ndarray] | None) -> None:
+        """A client's one message to the server: its update (if any), folded with its weight, and the
+        declared fields of `msg`, nothing else."""
+        if update is not None:
+            msg.nbytes = state_nbytes(update)
+            partial.add(update, msg.weight, row_weights)
+            self.bytes_up += msg.nbytes
         if self.audit is not None:
-            self.audit.append({"client": cid, "keys": sorted(update),
-                               "shapes": {k: list(np.shape(v)) for k, v in update.items()},
-                               "dtypes": {k: str(np.asarray(v).dtype) for k, v in update.items()},
-                               "nbytes": state_nbytes(update), "weight": weight,
-                               "fields": ["update", "weight"]})
-        partial.add(update, weight)
-        self.bytes_up += state_nbytes(update)
+            record = {"client": msg.client, "fields": msg.fields(), "nbytes": msg.nbytes, "weight": msg.weight,
+                      "samples": msg.samples, "loss": msg.loss, "seconds": msg.seconds}
+            if msg.class_counts is not None:
+                record["class_counts"] = msg.class_counts.tolist()
+            if update is not None:
+                record.update({"keys": sorted(update), "shapes": {k: list(np.shape(v)) for k, v in update.items()},
+                               "dtypes": {k: str(np.asarray(v).dtype) for k, v in update.items()}})
+            self.audit.append(record)
 
     def audit_log(self) -> list[dict]:
         """The messages recorded since the last call (with `audit`), then cleared."""
@@ -121,7 +154,7 @@ class ClientHost:
         return out
 
     def get_states(self) -> dict[int, State]:
-        """A local method's per-client states (for a checkpoint)."""
+        """A personal flow's per-client states (for a checkpoint)."""
         return self.states
 
     def set_states(self, states: dict[int, State]) -> None:
@@ -135,7 +168,7 @@ class ClientHost:
         self.memory = {int(c): m for c, m in memory.items() if int(c) in self.clients}
 
     def evaluate(self, state: State) -> dict[str, dict[int, np.ndarray]]:
-        """A local method's predictions, each client under its own state (or the initial `state` if it has
+        """A personal flow's predictions, each client under its own state (or the initial `state` if it has
         not trained yet): {"test": {client: pred}, "val": ..., "local": {client: pred on its own held-out
         samples}}. Clients still on the initial state share one global prediction."""
         from raycache.federation.evaluate import predict
@@ -160,6 +193,12 @@ class ClientHost:
             if ev.client is not None:
                 out["local"][cid] = run(state if own is None else own, ev.client_rows(cid)[0])
         return out
+
+    def pid(self) -> int:
+        """This host's process id (operators and fault tests signal it)."""
+        import os
+
+        return os.getpid()
 
     def node(self) -> str:
         """The Ray node this host runs on (answers once the host has started)."""

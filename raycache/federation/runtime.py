@@ -31,9 +31,15 @@ class Federation:
         from raycache.federation.host import ClientHost
         from raycache.federation.server import Server
 
-        from raycache.methods import weighting
+        from raycache.federation.host import ClientRules
+        from raycache.federation.strategies import strategy_class
+        from raycache.methods import method_class, weighting
 
         rt = cfg.runtime
+        fed = cfg.federation
+        method_cls = method_class(cfg.method.name)  # the class travels to the actors, not its name
+        rules = ClientRules(weighting(fed, cfg.method.name), strategy_class(fed.strategy).per_class,
+                            None if fed.dp is None else fed.dp.clip_norm, fed.prox_mu)
         n_hosts = min(rt.client_actors, len(parts))
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
@@ -43,10 +49,10 @@ class Federation:
         # Named (raycache-host-<federation>-<host>-<generation>) so that operators and tests can find them.
         options = {"num_cpus": rt.client_cpus, "num_gpus": rt.client_gpus,
                    "name": f"raycache-host-{uuid.uuid4().hex[:8]}"}
-        specs = [((cfg.method.name, cfg.method, task_ref, train_ref,
+        specs = [((method_cls, cfg.method, task_ref, train_ref,
                    {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed),
                   {"threads": max(1, int(rt.client_cpus)), "use_gpu": rt.client_gpus > 0, "evals": evals_ref,
-                   "audit": audit, "weighting": weighting(cfg.federation, cfg.method.name)})
+                   "audit": audit, "rules": rules})
                  for h in range(n_hosts)]
         host_cls = ray.remote(ClientHost)
         for h, (args, kwargs) in enumerate(specs):  # one by one, so that a failure part-way still cleans up
@@ -54,7 +60,7 @@ class Federation:
                 *args, **kwargs))
         server_cls = ray.remote(Server).options(num_cpus=0)
         # The server can replace a host that dies or times out: it gets the same options and arguments.
-        self.server = server_cls.remote(cfg.method.name, cfg.method, task_ref, evals_ref, server_data,
+        self.server = server_cls.remote(method_cls, cfg.method, task_ref, evals_ref, server_data,
                                         class_counts, self.hosts, len(parts), cfg.federation, cfg.seed,
                                         (options, specs))
         self.nodes: list[str] = ray.get([h.node.remote() for h in self.hosts])  # waits until all have started

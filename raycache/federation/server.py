@@ -1,9 +1,7 @@
-"""The server (driver/aggregator) actor: holds the global state, samples clients, broadcasts the state with
-one `ray.put` per round, merges the hosts' partial sums (FedAvg by sample count) and evaluates.
-
-What travels follows the method's `role`: a `federated` method sends the state down and each update up; a
-`local` method sends its initial state once to each client and nothing after; a `centralised` method has one
-trainer on the pooled data and nothing travels."""
+"""The server (driver/aggregator) actor: holds the global state and the server strategy's memory, samples
+clients, broadcasts with one `ray.put` per round, lets the method's flow merge the hosts' reports (FedAvg,
+FedAdam, ... for a federated flow; nothing for a personal one) and evaluates.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ import time
 import numpy as np
 
 from raycache.errors import RunFailed
-from raycache.federation.aggregate import WeightedSum
 from raycache.federation.evaluate import (EvalSets, client_accuracy, owner_accuracy, per_class_accuracy, predict,
                                           summarise)
 from raycache.federation.sampling import sample_clients
@@ -21,65 +18,52 @@ from raycache.methods.base import State, state_nbytes, state_params
 
 
 class Server:
-    def __init__(self, method_name: str, method_cfg, task, evals: EvalSets, server_data, class_counts: np.ndarray,
+    def __init__(self, method_cls, settings, task, evals: EvalSets, server_data, class_counts: np.ndarray,
                  hosts: list, trainers: int, federation, seed: int, host_spec: tuple | None = None) -> None:
         """`evals`: the test, validation and client-test sets. `host_spec` = (actor options, [(args, kwargs)
         per host]): how to start a replacement for a host that died or timed out."""
-        from raycache.methods import method_class
+        from raycache.federation.strategies import strategy_class
 
-        self.method = method_class(method_name)(method_cfg, task)
-        self.role = self.method.role
+        self.method = method_cls(settings, task)
+        self.flow = self.method.flow
+        self.strategy = strategy_class(federation.strategy)
+        self.strategy_memory: State = {}  # the server optimiser's moments (FedAvgM, FedAdam, ...)
         self.evals = evals
         self.state = self.method.init_state(*server_data)
         self.class_counts = class_counts  # (clients, classes): the clients' label mixes, for client accuracy
         self.hosts = hosts
-        self.trainers = trainers  # virtual clients that train (1 for a centralised method)
+        self.trainers = trainers  # virtual clients that train (1 for a pooled flow)
         self.federation = federation
         self.fraction = federation.fraction
         self.seed = seed
         self.host_spec = host_spec
         self.restarts = 0
-        self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (local role)
+        self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (personal flow)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
 
     def evaluate(self, state: State | None = None) -> dict[str, float]:
-        """Test, validation and local-test accuracy of `state` (the current one by default; each client's
-        own, for a local method)."""
-        state = self.state if state is None else state
+        """Test, validation and local-test accuracy of `state` (the current one by default), as the flow
+        evaluates it (a personal flow: each client under its own state)."""
+        return self.flow.evaluate(self, self.state if state is None else state)
+
+    def evaluate_global(self, state: State) -> dict[str, float]:
+        """Every split under the one `state`."""
         n_classes = self.method.task.n_classes
-        n_clients = len(self.class_counts)
         ev = self.evals
-        test_y = ev.test[1]
+
+        def run(inputs):
+            return predict(lambda x: self.method.logits(state, x), inputs, self.method.eval_batch)
+
+        pred = run(ev.test[0])
+        client_acc = client_accuracy(self.class_counts, per_class_accuracy(pred, ev.test[1], n_classes))
         val_acc = local_acc = None
-        if self.role == "local":  # every client under its own state: means over clients
-            import ray
-
-            preds: dict[str, dict[int, np.ndarray]] = {"test": {}, "val": {}, "local": {}}
-            for part in ray.get([h.evaluate.remote(state) for h in self.hosts]):
-                for name, by_client in part.items():
-                    preds[name].update(by_client)
-            clients = range(n_clients)
-            per_class = np.stack([per_class_accuracy(preds["test"][c], test_y, n_classes) for c in clients])
-            client_acc = client_accuracy(self.class_counts, per_class)
-            test_acc = np.mean([(preds["test"][c] == test_y).mean() for c in clients])
-            if ev.val is not None:
-                val_acc = np.mean([(preds["val"][c] == ev.val[1]).mean() for c in clients])
-            if ev.client is not None:
-                local_acc = np.array([(preds["local"][c] == ev.client_rows(c)[1]).mean() for c in clients])
-        else:
-            def run(inputs):
-                return predict(lambda x: self.method.logits(state, x), inputs, self.method.eval_batch)
-
-            pred = run(ev.test[0])
-            client_acc = client_accuracy(self.class_counts, per_class_accuracy(pred, test_y, n_classes))
-            test_acc = (pred == test_y).mean()
-            if ev.val is not None:
-                val_acc = (run(ev.val[0]) == ev.val[1]).mean()
-            if ev.client is not None:
-                inputs, labels, owner = ev.client
-                local_acc = owner_accuracy(run(inputs), labels, owner, n_clients)
-        return summarise(test_acc, val_acc, client_acc, local_acc)
+        if ev.val is not None:
+            val_acc = (run(ev.val[0]) == ev.val[1]).mean()
+        if ev.client is not None:
+            inputs, labels, owner = ev.client
+            local_acc = owner_accuracy(run(inputs), labels, owner, len(self.class_counts))
+        return summarise((pred == ev.test[1]).mean(), val_acc, client_acc, local_acc)
 
     def start(self) -> dict[str, float]:
         """Evaluate the initial state (round 0): it is a candidate for selection like every round."""
@@ -92,14 +76,8 @@ class Server:
             self.best = {"state": self.state, "clients": self._client_states(), "reached": self.reached.copy()}
 
     def _client_states(self) -> dict[int, State]:
-        """A local method's per-client states, gathered from the hosts ({} for other roles)."""
-        import ray
-
-        clients: dict[int, State] = {}
-        if self.role == "local":
-            for part in ray.get([h.get_states.remote() for h in self.hosts]):
-                clients.update(part)
-        return clients
+        """The clients' own states, where the flow keeps them ({} otherwise)."""
+        return self.flow.client_states(self)
 
     def result(self, selection: str) -> dict:
         """The run's result: the state at the selected round (`best_val` or `final`), with its round and the
@@ -125,23 +103,23 @@ class Server:
         return self.method.tune(state, torch.from_numpy(np.asarray(inputs)), torch.from_numpy(np.asarray(labels)))
 
     def _current(self) -> dict:
-        """The current state, with a local method's per-client states (reused from `best` when this round
+        """The current state, with the clients' own states (a personal flow) (reused from `best` when this round
         just became the best: nothing trained since, so they are the same states)."""
         just_best = self.selection.best_round is not None and self.selection.best_round == self.selection.last_round
         clients = self.best["clients"] if just_best else self._client_states()
         return {"state": self.state, "clients": clients, "reached": self.reached.copy()}
 
     def get_state(self):
-        """The global state (the initial state, for a local method): what a checkpoint would hold."""
+        """The global state (the initial state, for a personal flow): what a checkpoint would hold."""
         return self.state
 
     def info(self) -> dict[str, int]:
         return {"trainable_params": state_params(self.state), "payload_bytes": state_nbytes(self.state)}
 
     def snapshot(self) -> dict:
-        """The full server state for a checkpoint: the global state, which clients already hold the initial
-        state, a local method's per-client states, and the selection so far (its record and the best
-        state). (Client sampling, faults and local training draw from (seed, round, client), so the round
+        """The full server state for a checkpoint: the global state, the server strategy's memory, which
+        clients already hold the initial state, their own states (a personal flow), their optimiser memories,
+        and the selection so far (its record and the best state). (Client sampling, faults and local training draw from (seed, round, client), so the round
         number is all the RNG state there is.)"""
         import ray
 
@@ -149,18 +127,19 @@ class Server:
         if self.method.cfg.persist_optimizer:  # the clients keep optimiser memory: it must resume too
             for part in ray.get([h.get_memory.remote() for h in self.hosts]):
                 memory.update(part)
-        return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory": memory}
+        return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory": memory,
+                "strategy": self.strategy_memory}
 
     def restore(self, snap: dict) -> None:
         import ray
 
         self.state = snap["state"]
-        self.reached = np.asarray(snap["reached"], dtype=bool)
+        self.reached = np.array(snap["reached"], dtype=bool)  # a writable copy (ray.get gives read-only views)
         if "selection" in snap:
             self.selection = Selection.from_json(snap["selection"])
             self.best = snap["best"]
-        if self.role == "local":
-            ray.get([h.set_states.remote(snap["clients"]) for h in self.hosts])
+        self.strategy_memory = dict(snap.get("strategy", {}))
+        self.flow.restore(self, snap)
         if snap.get("memory"):
             ray.get([h.set_memory.remote(snap["memory"]) for h in self.hosts])
 
@@ -183,6 +162,8 @@ class Server:
         self.restarts += 1
         name = f"{options['name']}-{h}-{self.restarts}"
         self.hosts[h] = ray.remote(ClientHost).options(**{**options, "name": name}).remote(*args, **kwargs)
+        # Wait until it has started (imports, model build): the next round's deadline must not pay for that.
+        ray.get(self.hosts[h].node.remote())
 
     def _collect(self, calls: dict[int, tuple], round_idx: int) -> tuple[list, int, int]:
         """Wait for the hosts' reports. A host that died, or is still busy past its deadline, loses its
@@ -220,7 +201,7 @@ class Server:
         sampled = sample_clients(self.trainers, self.fraction, self.seed, round_idx)
         faults = plan_faults(sampled, self.seed, round_idx, self.federation)
         reporting = sampled[faults.reporting]  # the rest dropped out or missed the deadline: no work asked
-        state_ref = ray.put(self.state)  # the one broadcast of this round
+        state_ref = ray.put(self.flow.broadcast(self))  # the one broadcast of this round
         n_hosts = len(self.hosts)
         calls = {}
         for h, host in enumerate(self.hosts):
@@ -228,7 +209,7 @@ class Server:
             if mine:
                 calls[h] = (host.train.remote(state_ref, mine, round_idx, self.federation.client_timeout_s), mine)
         reports, failed, timed_out = self._collect(calls, round_idx) if calls else ([], 0, 0)
-        succeeded = int(sum(len(r.clients) for r in reports))
+        succeeded = int(sum(len(r.messages) for r in reports))
         counts = {"clients_sampled": float(len(sampled)), "clients_succeeded": float(succeeded),
                   "clients_failed": float(failed + timed_out), "clients_dropped": float(faults.dropped.sum()),
                   "clients_late": float(faults.late.sum()), "host_restarts": float(self.restarts)}
@@ -236,35 +217,27 @@ class Server:
             raise RunFailed(f"round {round_idx}: {succeeded} of {len(sampled)} sampled clients reported, fewer "
                               f"than federation.min_clients={self.federation.min_clients} (failed {failed + timed_out}"
                               f", dropped {int(faults.dropped.sum())}, late {int(faults.late.sum())})")
-        if self.role == "federated":
-            total = WeightedSum()
-            for rep in reports:
-                total.merge(rep.partial)
-            bytes_down = len(reporting) * state_nbytes(self.state)
-            self.state = total.mean()
-        elif self.role == "centralised":  # the one trainer's state is the model; nothing travelled
-            self.state = reports[0].partial.mean()
-            bytes_down = 0
-        else:  # local: each client's state stays on its host; the initial state reaches each client once
-            fresh = reporting[~self.reached[reporting]]
-            self.reached[fresh] = True
-            bytes_down = len(fresh) * state_nbytes(self.state)
+        bytes_down, bytes_up = self.flow.merge(self, reports, reporting, round_idx)
         train_seconds = time.perf_counter() - t0
-        order = np.argsort(np.concatenate([r.clients for r in reports]))  # client order: whatever the hosts
-        samples = np.concatenate([r.samples for r in reports])[order]
-        losses = np.concatenate([r.losses for r in reports])[order]
+        order = np.argsort(np.concatenate([r.column("client", np.int64) for r in reports]))  # whatever the hosts
+        samples = np.concatenate([r.column("samples") for r in reports])[order]
+        losses = np.concatenate([r.column("loss") for r in reports])[order]
         metrics = self.evaluate()
-        bytes_up = float(sum(r.bytes_up for r in reports)) if self.role == "federated" else 0.0
         metrics.update({
             "loss": float((losses * samples).sum() / samples.sum()),
             "comm_bytes_up": bytes_up,
-            "comm_bytes_down": float(bytes_down),
+            "comm_bytes_down": bytes_down,
             **counts,
-            "client_seconds": float(sum(r.seconds.sum() for r in reports)),
+            "client_seconds": float(sum(r.column("seconds").sum() for r in reports)),
             "train_seconds": train_seconds,
             "round_seconds": time.perf_counter() - t0,
             "peak_memory_mb": float(max(r.peak_rss_mb for r in reports)),
             "trainable_params": float(state_params(self.state)),
         })
-        self._offer(round_idx, metrics, bytes_up + float(bytes_down))
+        dp = self.federation.dp
+        if dp is not None:  # the privacy spent so far: every round is one Gaussian mechanism at rate q
+            from raycache.federation.privacy import epsilon
+
+            metrics["dp_epsilon"] = epsilon(dp.noise_multiplier, len(sampled) / self.trainers, round_idx, dp.delta)
+        self._offer(round_idx, metrics, bytes_up + bytes_down)
         return metrics

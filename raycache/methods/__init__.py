@@ -1,14 +1,19 @@
-"""Method registry: one line per method, `name -> "module:Class"`, imported only when used."""
+"""Method registry: one line per built-in method, `name -> "module:Class"`, imported only when used, plus
+every method another installed package registers under the entry-point group `raycache.methods`
+(`[project.entry-points."raycache.methods"] mymethod = "mypkg.module:MyMethod"`)."""
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from raycache.methods.base import Method
 
-METHODS: dict[str, str] = {
+ENTRY_POINT_GROUP = "raycache.methods"
+
+BUILTIN: dict[str, str] = {
     "zeroshot": "raycache.methods.zeroshot:ZeroShot",
     "cachefl": "raycache.methods.cachefl:CacheFL",
     "fedclip": "raycache.methods.fedclip:FedCLIP",
@@ -20,26 +25,32 @@ METHODS: dict[str, str] = {
 }
 
 
+def registry() -> dict[str, str]:
+    """Every method by name: the built-in ones, then those of installed packages (a built-in name wins)."""
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {**found, **BUILTIN}
+
+
+def method_names() -> list[str]:
+    return sorted(registry())
+
+
 def method_class(name: str) -> type["Method"]:
-    module, _, attr = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    target = registry().get(name)
+    if target is None:
+        raise KeyError(f"unknown method {name!r}")
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if getattr(cls, "name", None) != name:
+        raise TypeError(f"{target} registers as {name!r} but its name is {getattr(cls, 'name', None)!r}")
+    return cls
 
 
 def weighting(federation_cfg, method_name: str) -> str:
-    """`federation.weighting`, or the method's reference when it is null."""
-    return federation_cfg.weighting or method_class(method_name).weighting
-
-
-def with_defaults(method_cfg):
-    """The `method` section with every null filled from the method's reference `defaults`, and `lr_scale`
-    folded into `lr` (then 1: resolving twice changes nothing), so the run logs the rate it trains with."""
-    defaults = method_class(method_cfg.name).reference(method_cfg)
-    fill = {k: v for k, v in defaults.items() if getattr(method_cfg, k) is None}
-    lr = fill.get("lr", method_cfg.lr)
-    if method_cfg.lr_scale != 1.0:
-        if lr is None:
-            from raycache.errors import UserError
-
-            raise UserError(f"method.lr_scale: {method_cfg.name} has no learning rate to scale")
-        fill.update(lr=lr * method_cfg.lr_scale, lr_scale=1.0)
-    return method_cfg.model_copy(update=fill) if fill else method_cfg
+    """`federation.weighting`, or the method's reference when it is null (uniform under client-level DP,
+    whose noise is calibrated to a uniform average)."""
+    if federation_cfg.weighting:
+        return federation_cfg.weighting
+    if federation_cfg.dp is not None:
+        return "uniform"
+    return method_class(method_name).weighting

@@ -7,13 +7,16 @@ payload sizes are the arrays' bytes.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from raycache.federation.flows import FEDERATED, Flow
+from raycache.methods.settings import MethodSettings
+from raycache.methods.training import LocalRound
 
 State = dict[str, np.ndarray]
 
@@ -39,71 +42,54 @@ class Task:
 
 
 class Method(ABC):
-    """A federated method. The runtime reads its declared traits, never its name:
+    """A federated method. The runtime reads its declarations, never its name:
 
-    - `role`: `federated` (clients train from the broadcast state, the server averages), `local` (each
-      client keeps and trains its own state; nothing is aggregated or uploaded) or `centralised` (one party
-      trains on the union of the clients' data; an upper bound, nothing travels);
-    - `uses_cache(cfg)`: builds its initial state from K labelled examples per class (`method.cache_init`);
-    - `uses_pixels(cfg)`: trains through the image encoder, so it needs images, not stored features;
-    - `reference(cfg)`: its reference settings for `method.*` keys left null;
-    - `check(cfg, model, spec)`: what it needs from the model, checked before any compute;
+    - `Settings`: its `method.<key>` settings, typed, with its reference defaults (`raycache.methods.settings`);
+    - `flow`: what a round does with states (`raycache.federation.flows`: federated, personal or pooled);
     - `weighting`: how the server averages client updates unless `federation.weighting` says otherwise;
-    - `trainer_rows(parts, labels, n_classes, cfg, seed)`: which training rows each trainer gets (the clients' own, or
-      one pooled trainer for a centralised method);
+    - `uses_cache(settings)`: builds its initial state from K labelled examples per class (`cache_init`);
+    - `uses_pixels(settings)`: trains through the image encoder, so it needs images, not stored features;
+    - `check(settings, model, spec)`: what it needs from the model, checked before any compute;
+    - `class_rows(settings, n_classes)`: which rows of its state belong to which class (for class-aware aggregation);
     - `tune(state, inputs, labels)`: settings searched on the validation split after training (none).
+
+    A trainable method gives the one training loop (`raycache.methods.training.fit`) its tensors
+    (`trainables`), its batch loss (`batch_loss`, on inputs `prepare` made once per client) and reads the
+    result back (`export`); `local_train` is then the base's.
     """
 
     name: ClassVar[str]
-    role: ClassVar[Literal["federated", "local", "centralised"]] = "federated"
-    uses_cache_init: ClassVar[bool] = False  # builds its state from K labelled examples per class
-    defaults: ClassVar[dict] = {}  # reference settings for `method.*` keys left null
+    Settings: ClassVar[type] = MethodSettings
+    flow: ClassVar[Flow] = FEDERATED
     eval_batch: ClassVar[int] = 4096  # inputs per forward pass when evaluating
     weighting: ClassVar[str] = "samples"  # FedAvg by sample count; "uniform" = 1 / clients
+    fused_optimizer: ClassVar[bool] = False  # one fused kernel per step (worth it for small states)
 
     @classmethod
-    def uses_cache(cls, cfg) -> bool:
-        return cls.uses_cache_init
-
-    @classmethod
-    def uses_pixels(cls, cfg) -> bool:
+    def uses_cache(cls, settings) -> bool:
         return False
 
     @classmethod
-    def reference(cls, cfg) -> dict:
-        return cls.defaults
+    def uses_pixels(cls, settings) -> bool:
+        return False
 
     @classmethod
-    def check(cls, cfg, model, spec) -> None:
+    def check(cls, settings, model, spec) -> None:
         """Raise UserError when `model` (the open_clip model `spec` builds) lacks what this method needs."""
 
     @classmethod
-    def trainer_rows(cls, parts: list[np.ndarray], labels: np.ndarray, n_classes: int, cfg,
-                     seed: int) -> list[np.ndarray]:
-        """Each trainer's rows of the training pool: one per client; a centralised method pools them, or
-        with `cache_init: shots` holds K (seeded) shots per class of the pool, the rows its keys come from."""
-        if cls.role != "centralised":
-            return parts
-        pooled = np.sort(np.concatenate(parts))
-        if cfg.cache_init != "shots":
-            return [pooled]
-        from raycache.data.split import few_shot_rows
-        from raycache.errors import UserError
-
-        try:
-            return [pooled[few_shot_rows(labels[pooled], n_classes, cfg.shots, seed)]]
-        except ValueError as err:
-            raise UserError(f"method.shots: {err} (K shots per class from the clients' training data)") from None
+    def class_rows(cls, settings, n_classes: int) -> dict[str, np.ndarray]:
+        """{state key: (rows,) class of each row} for the parts of the state that are per-class rows; {} =
+        none (class-aware aggregation does not apply)."""
+        return {}
 
     def tune(self, state: State, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Inference settings searched on the validation split for a trained `state`; {} = none. What it
         returns is stored beside the state as 0-d arrays and `logits` reads it from there."""
         return {}
 
-    def __init__(self, cfg, task: Task) -> None:
-        from raycache.methods import with_defaults
-
-        self.cfg = with_defaults(cfg)  # the `method` config section, nulls resolved
+    def __init__(self, settings, task: Task) -> None:
+        self.cfg = settings.resolved()  # the `method` config section, derived values folded in
         self.task = task
         self.text_weights = torch.from_numpy(np.ascontiguousarray(task.text_weights, dtype=np.float32))
         self.device = torch.device("cpu")
@@ -123,65 +109,43 @@ class Method(ABC):
         """(B, D) image features as `encode_image` returns them (raw, not normalised: each method normalises
         where its maths does), or (B, 3, H, W) images for a pixel method -> (B, N) class logits."""
 
-    @abstractmethod
-    def local_train(self, state: State, inputs: torch.Tensor, labels: torch.Tensor, seed: int,
-                    memory: dict | None = None, round_idx: int = 1) -> tuple[State, float]:
-        """One client's local update from `state` (the broadcast one, or its own for a `local` method) in
-        round `round_idx` (1-based); returns (new state, mean training loss). `memory` is the client's
-        private store that outlives the round (optimiser moments, with `method.persist_optimizer`): the
-        method may read and fill it; it never leaves the client."""
+    # -- training: the one loop, with the method's tensors and loss --
+    def trainables(self, state: State) -> dict[str, torch.Tensor]:
+        """The tensors local training updates, on `self.device`, requiring grad, initialised from `state`."""
+        raise NotImplementedError(f"{self.name} does not train")
+
+    def prepare(self, inputs: torch.Tensor):
+        """Per-sample tensors the batch loss reads (a tensor or a tuple of them), made once per client."""
+        return inputs
+
+    def batch_loss(self, params: dict[str, torch.Tensor], inputs, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} does not train")
+
+    def export(self, params: dict[str, torch.Tensor]) -> State:
+        """The trained tensors as the state a client keeps or sends."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in params.items()}
+
+    def local_train(self, state: State, inputs: torch.Tensor, labels: torch.Tensor,
+                    ctx: LocalRound) -> tuple[State, float]:
+        """One client's local update from `state` in round `ctx.round_idx`; returns (new state, mean training
+        loss). `ctx.memory` is the client's private store across rounds: it never leaves the client."""
+        from raycache.methods.training import fit, take
+
+        params = self.trainables(state)
+        x = self.prepare(inputs)
+        loss = fit(params, lambda idx: self.batch_loss(params, take(x, idx), take(labels, idx)), len(labels),
+                   self.cfg, ctx, self.fused_optimizer)
+        return self.export(params), loss
 
 
-def local_steps(n: int, batch_size: int, epochs: int, seed: int, lr: float, schedule: str, round_idx: int = 1,
-                rounds: int = 1):
-    """A client's local schedule: yields (minibatch indices, or None for one full batch; learning rate).
-    Seeded shuffling each epoch. `cosine` anneals the rate over the client's steps in this round;
-    `cosine_run` is one cosine over `rounds` rounds of such steps, of which this round is number `round_idx`
-    (torch's CosineAnnealingLR with T_max = every step of the run, stepped once per batch)."""
-    gen = torch.Generator().manual_seed(seed)
-    bs = min(batch_size, n)
-    per_round = epochs * math.ceil(n / bs)
-    step, total = 0, per_round
-    if schedule == "cosine_run":
-        step, total = (round_idx - 1) * per_round, rounds * per_round
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen) if bs < n else None  # one full batch: order is moot
-        for start in range(0, n, bs):
-            rate = lr if schedule == "constant" else 0.5 * lr * (1 + math.cos(math.pi * step / total))
-            yield (None if order is None else order[start:start + bs]), rate
-            step += 1
+class Frozen(Method):
+    """A method that does not train (its state never moves): a round only measures its loss."""
 
-
-def adam(params: dict[str, torch.Tensor], cfg, memory: dict | None, decoupled: bool = False,
-         fused: bool = False) -> torch.optim.Optimizer:
-    """Adam (or AdamW, `decoupled`) over `params` with the method's settings; with
-    `cfg.persist_optimizer` and a client `memory`, the moments and step count it left last round are loaded
-    (see `remember`), so the optimiser is the client's one optimiser across rounds."""
-    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    opt = cls(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-              **({"fused": True} if fused else {}))
-    if cfg.persist_optimizer and memory:
-        for name, p in params.items():
-            if f"step/{name}" in memory:
-                step = torch.tensor(float(np.asarray(memory[f"step/{name}"]).reshape(-1)[0]), dtype=torch.float32,
-                                    device=p.device if fused else "cpu")
-                opt.state[p] = {"step": step,
-                                "exp_avg": torch.from_numpy(memory[f"exp_avg/{name}"]).to(p.device).clone(),
-                                "exp_avg_sq": torch.from_numpy(memory[f"exp_avg_sq/{name}"]).to(p.device).clone()}
-    return opt
-
-
-def remember(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], cfg, memory: dict | None) -> None:
-    """Store `opt`'s per-parameter moments and step count in the client's `memory` (as float32 numpy
-    arrays, so a checkpoint holds them like any state), when `cfg.persist_optimizer`."""
-    if not cfg.persist_optimizer or memory is None:
-        return
-    for name, p in params.items():
-        st = opt.state.get(p)
-        if st:
-            memory[f"step/{name}"] = np.asarray([float(st["step"])], dtype=np.float32)
-            memory[f"exp_avg/{name}"] = st["exp_avg"].detach().cpu().numpy().copy()
-            memory[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().cpu().numpy().copy()
+    def local_train(self, state: State, inputs: torch.Tensor, labels: torch.Tensor,
+                    ctx: LocalRound) -> tuple[State, float]:
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(self.logits(state, inputs), labels)
+        return state, float(loss)
 
 
 def state_nbytes(state: State) -> int:

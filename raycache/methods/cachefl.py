@@ -14,28 +14,40 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State, adam, local_steps, remember
+from raycache.methods.base import Method, State
 from raycache.methods.cache_model import (cache_logits, cache_residual, class_balanced_keys, one_hot_values,
                                           search_alpha_beta)
+from raycache.methods.settings import CacheSettings, reference
+
+# Tip-Adapter-F's optimiser (AdamW 1e-3, eps 1e-4, torch's default betas and weight decay); batch 256 covers a
+# typical client's data in one step; a fresh optimiser each round, as the cache arrives new each round.
+CacheFLSettings = reference(CacheSettings, "CacheFLSettings", "CacheFL: a Tip-Adapter-F cache, federated.",
+                            lr=1e-3, optimizer="adamw", betas=(0.9, 0.999), eps=1e-4, weight_decay=0.01,
+                            local_epochs=1, batch_size=256, schedule="cosine", persist_optimizer=False,
+                            cache_init="synthetic")
 
 
 class CacheFL(Method):
     name = "cachefl"
-    uses_cache_init = True
-    # Tip-Adapter-F's optimiser (AdamW 1e-3, eps 1e-4, torch's default betas and weight decay); batch 256 covers
-    # a typical client's data in one step; a fresh optimiser each round, as the cache arrives new each round.
-    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-4, "weight_decay": 0.01, "local_epochs": 1,
-                "batch_size": 256, "schedule": "cosine", "loss": "ce", "persist_optimizer": False,
-                "cache_init": "synthetic"}
+    Settings = CacheFLSettings
+    fused_optimizer = True  # one kernel per step: the per-op overhead of the unfused step dominates here
+
+    @classmethod
+    def uses_cache(cls, settings) -> bool:
+        return True
 
     def __init__(self, cfg, task) -> None:
         super().__init__(cfg, task)
-        self.values = one_hot_values(task.n_classes, cfg.shots)  # (NK, N)
+        self.values = one_hot_values(task.n_classes, self.cfg.shots)  # (NK, N)
 
     def to(self, device) -> "CacheFL":
         super().to(device)
         self.values = self.values.to(self.device)
         return self
+
+    @classmethod
+    def class_rows(cls, settings, n_classes: int) -> dict[str, np.ndarray]:
+        return {"cache_keys": np.repeat(np.arange(n_classes), settings.shots)}  # class-major rows
 
     def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
         keys = class_balanced_keys(server_features, server_labels, self.task.n_classes, self.cfg.shots)
@@ -61,26 +73,14 @@ class CacheFL(Method):
                                            (self.cfg.alpha, self.cfg.beta))
         return {"alpha": alpha, "beta": beta}
 
-    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor, seed: int,
-                    memory: dict | None = None, round_idx: int = 1) -> tuple[State, float]:
-        cfg = self.cfg
-        keys = torch.tensor(state["cache_keys"], device=self.device, requires_grad=True)  # a private copy: (NK, D)
-        # fused: one kernel per step; the per-op overhead of the unfused step dominates at this size
-        opt = adam({"cache_keys": keys}, cfg, memory, decoupled=True, fused=True)
+    def trainables(self, state: State) -> dict[str, torch.Tensor]:
+        return {"cache_keys": torch.tensor(state["cache_keys"], device=self.device, requires_grad=True)}  # (NK, D)
+
+    def prepare(self, features: torch.Tensor):
         features = F.normalize(features, dim=-1)  # Tip-Adapter's maths is on unit features
-        zero_shot = 100.0 * features @ self.text_weights.T  # (n, N), constant while the keys train
-        loss_sum = 0.0
-        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule,
-                                       round_idx, self.task.rounds):
-            opt.param_groups[0]["lr"] = rate
-            if batch is None:
-                f, zs, y = features, zero_shot, labels
-            else:
-                f, zs, y = features[batch], zero_shot[batch], labels[batch]
-            loss = F.cross_entropy(zs + cache_residual(f, keys, self.values, cfg.alpha, cfg.beta), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(y)
-        remember(opt, {"cache_keys": keys}, cfg, memory)
-        return {"cache_keys": keys.detach().cpu().numpy()}, loss_sum / (len(labels) * cfg.local_epochs)
+        return features, 100.0 * features @ self.text_weights.T  # (n, D), and the zero-shot logits (n, N)
+
+    def batch_loss(self, params, inputs, labels) -> torch.Tensor:
+        features, zero_shot = inputs
+        residual = cache_residual(features, params["cache_keys"], self.values, self.cfg.alpha, self.cfg.beta)
+        return F.cross_entropy(zero_shot + residual, labels)

@@ -3,15 +3,22 @@ cache approaches. The same cache (keys from `method.cache_init`, synthetic by de
 Tip-Adapter-F style by one trainer holding all the clients' samples; each round is `local_epochs` epochs.
 Like Tip-Adapter-F's reference, one AdamW and one cosine schedule span the whole run.
 
-The runtime pools every client's samples into one trainer (`role = "centralised"`); nothing travels.
+Its flow is `pooled`: one trainer on the clients' pooled samples; nothing travels.
 """
 
 from __future__ import annotations
 
-from raycache.methods.cachefl import CacheFL
+from raycache.federation.flows import POOLED
+from raycache.methods.cachefl import CacheFL, CacheFLSettings
+from raycache.methods.settings import PooledCacheSettings, reference
+
+CentralisedCacheSettings = reference(
+    PooledCacheSettings, "CentralisedCacheSettings", "The cache trained on the clients' pooled data.",
+    **{**{k: f.default for k, f in CacheFLSettings.model_fields.items() if k != "name"},
+       "persist_optimizer": True, "schedule": "cosine_run"})
 
 
 class CentralisedCache(CacheFL):
     name = "centralised_cache"
-    role = "centralised"
-    defaults = {**CacheFL.defaults, "persist_optimizer": True, "schedule": "cosine_run"}
+    Settings = CentralisedCacheSettings
+    flow = POOLED

@@ -16,16 +16,21 @@ from abc import abstractmethod
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State, adam, local_steps, remember
-from raycache.methods.fedclip import contrastive_loss
+from raycache.methods.base import Method, State
+from raycache.methods.settings import LossSettings, reference
+from raycache.methods.training import image_text_loss
+
+# FLoRA's (and FedCLIP's) reference optimiser: Adam 5e-5, betas (0.9, 0.98), eps 1e-6, wd 0.2; batch 128;
+# FLoRA builds each client's optimiser once and keeps it across rounds
+EncoderSettings = reference(LossSettings, "EncoderSettings", "A method that trains parameters inside CLIP.",
+                            lr=5e-5, optimizer="adam", betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
+                            local_epochs=1, batch_size=128, schedule="constant", loss="contrastive",
+                            persist_optimizer=True)
 
 
 class EncoderMethod(Method):
     eval_batch = 256
-    # FLoRA's (and FedCLIP's) reference optimiser: Adam 5e-5, betas (0.9, 0.98), eps 1e-6, wd 0.2; batch 128;
-    # FLoRA builds each client's optimiser once and keeps it across rounds
-    defaults = {"lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.2, "local_epochs": 1,
-                "batch_size": 128, "schedule": "constant", "loss": "contrastive", "persist_optimizer": True}
+    Settings = EncoderSettings
 
     def __init__(self, cfg, task) -> None:
         super().__init__(cfg, task)
@@ -90,25 +95,9 @@ class EncoderMethod(Method):
         with torch.no_grad():
             return 100.0 * self._image(inputs) @ self._text().T
 
-    def local_train(self, state: State, inputs: torch.Tensor, labels: torch.Tensor, seed: int,
-                    memory: dict | None = None, round_idx: int = 1) -> tuple[State, float]:
-        cfg = self.cfg
+    def trainables(self, state: State) -> dict[str, torch.Tensor]:
         self._load(state)  # the global weights copied in place, as FLoRA's clients do
-        opt = adam(self.trainable, cfg, memory)
-        loss_sum = 0.0
-        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule,
-                                       round_idx, self.task.rounds):
-            opt.param_groups[0]["lr"] = rate
-            x, y = (inputs, labels) if batch is None else (inputs[batch], labels[batch])
-            image, text = self._image(x), self._text()  # (b, D), (N, D)
-            if cfg.loss == "contrastive":
-                loss = contrastive_loss(image, text[y])
-            else:
-                loss = F.cross_entropy(100.0 * image @ text.T, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(y)
-        remember(opt, self.trainable, cfg, memory)
-        update = {n: p.detach().cpu().numpy().copy() for n, p in self.trainable.items()}
-        return update, loss_sum / (len(labels) * cfg.local_epochs)
+        return self.trainable
+
+    def batch_loss(self, params, inputs, labels) -> torch.Tensor:
+        return image_text_loss(self.cfg.loss, self._image(inputs), self._text(), labels)

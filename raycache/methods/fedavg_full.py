@@ -9,13 +9,28 @@ image encoder (the text tower frozen), `text` only the text tower (images then c
 
 from __future__ import annotations
 
-from raycache.methods.encoder import EncoderMethod
+from typing import Literal
+
+from pydantic import Field
+
+from raycache.methods.encoder import EncoderMethod, EncoderSettings
+from raycache.methods.settings import reference
+
+
+class _TowerSettings(EncoderSettings):
+    towers: Literal["both", "vision", "text"] = Field(
+        "both", description="which CLIP towers train and travel; both = the whole CLIP (FLoRA's FedFFT and "
+                            "FedCLIP's cost ratios count it), vision = the image encoder only")
+
+
+# FedFFT's optimiser; the moments are not kept across rounds by default: two full-CLIP copies per client
+FedAvgFullSettings = reference(_TowerSettings, "FedAvgFullSettings", "FedAvg with full fine-tuning of CLIP.",
+                               persist_optimizer=False)
 
 
 class FedAvgFull(EncoderMethod):
     name = "fedavg_full"
-    # FedFFT's optimiser; the moments are not kept across rounds by default: two full-CLIP copies per client
-    defaults = {**EncoderMethod.defaults, "persist_optimizer": False}
+    Settings = FedAvgFullSettings
 
     @classmethod
     def uses_pixels(cls, cfg) -> bool:

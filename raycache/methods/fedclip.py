@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State, adam, local_steps, remember
+from raycache.methods.base import Method, State
+from raycache.methods.settings import LossSettings, reference
+from raycache.methods.training import image_text_loss
 
 
 def adapt(features: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -25,20 +27,18 @@ def adapt(features: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.normalize(attention * features, dim=-1)
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
-    """Symmetric CLIP loss between each image and its own class prompt's text feature (the reference)."""
-    logits = scale * image @ text.T  # (B, B)
-    target = torch.arange(len(image), device=image.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+# The reference code's optimiser (Adam 5e-5, betas (0.9, 0.98), eps 1e-6, wd 0.2), re-created every round;
+# batch 32; one local epoch; symmetric contrastive loss.
+FedCLIPSettings = reference(LossSettings, "FedCLIPSettings", "FedCLIP: an attention adapter, federated.",
+                            lr=5e-5, optimizer="adam", betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
+                            local_epochs=1, batch_size=32, schedule="constant", loss="contrastive",
+                            persist_optimizer=False)
 
 
 class FedCLIP(Method):
     name = "fedclip"
-    # The reference code's optimiser, re-created every round; batch 32; one local epoch; adapters averaged
-    # uniformly over clients (PersonalizedFL fedclip: the server's client weights are 1 / clients).
-    defaults = {"lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.2, "local_epochs": 1,
-                "batch_size": 32, "schedule": "constant", "loss": "contrastive", "persist_optimizer": False}
-    weighting = "uniform"
+    Settings = FedCLIPSettings
+    weighting = "uniform"  # PersonalizedFL fedclip: the server's client weights are 1 / clients
 
     def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
         d = self.task.dim
@@ -57,24 +57,8 @@ class FedCLIP(Method):
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
         return 100.0 * adapt(features, self._params(state, False)) @ self.text_weights.T  # (B, N)
 
-    def local_train(self, state: State, features: torch.Tensor, labels: torch.Tensor, seed: int,
-                    memory: dict | None = None, round_idx: int = 1) -> tuple[State, float]:
-        cfg = self.cfg
-        params = self._params(state, True)
-        opt = adam(params, cfg, memory)
-        loss_sum = 0.0
-        for batch, rate in local_steps(len(labels), cfg.batch_size, cfg.local_epochs, seed, cfg.lr, cfg.schedule,
-                                       round_idx, self.task.rounds):
-            opt.param_groups[0]["lr"] = rate
-            f, y = (features, labels) if batch is None else (features[batch], labels[batch])
-            image = adapt(f, params)  # (b, D)
-            if cfg.loss == "contrastive":
-                loss = contrastive_loss(image, self.text_weights[y])
-            else:
-                loss = F.cross_entropy(100.0 * image @ self.text_weights.T, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(y)
-        remember(opt, params, cfg, memory)
-        return {k: v.detach().cpu().numpy() for k, v in params.items()}, loss_sum / (len(labels) * cfg.local_epochs)
+    def trainables(self, state: State) -> dict[str, torch.Tensor]:
+        return self._params(state, True)
+
+    def batch_loss(self, params, features, labels) -> torch.Tensor:
+        return image_text_loss(self.cfg.loss, adapt(features, params), self.text_weights, labels)

@@ -15,14 +15,33 @@ B_j A_k, j != k, enter), so the merged model is not the average of the clients' 
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from raycache.methods.encoder import EncoderMethod
+from raycache.methods.encoder import EncoderMethod, EncoderSettings
+
+
+class FLoRASettings(EncoderSettings):
+    """FLoRA: LoRA adapters on CLIP, federated."""
+
+    lora_rank: int = Field(2, ge=1, description="LoRA rank r")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update B A x is scaled by it "
+                                                      "(lora_scaling: reference) or by alpha / rank (peft)")
+    lora_scaling: Literal["reference", "peft"] = Field(
+        "reference", description="reference = scale alpha whatever the rank (FLoRA's code: a rank sweep keeps "
+                                 "the scale), peft = alpha / rank (PEFT's and the LoRA paper's)")
+    lora_targets: list[str] = Field(["text.attn.out_proj"], min_length=1,
+                                    description="modules to adapt, as <tower>.<module> with tower text or "
+                                                "vision, in every layer (e.g. text.attn.out_proj, "
+                                                "vision.attn.q_proj, text.mlp.c_fc); an unknown one lists the "
+                                                "model's choices")
 
 
 class FLoRA(EncoderMethod):
     name = "flora"
+    Settings = FLoRASettings
 
     @classmethod
     def uses_pixels(cls, cfg) -> bool:

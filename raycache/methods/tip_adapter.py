@@ -8,26 +8,40 @@ Matched with the reference (gaopengcuhk/Tip-Adapter, main.py and utils.py): keys
 validation, not test); alpha and beta then grid-searched on validation. Not matched: the reference draws a
 fresh augmentation of each shot every batch; here the shots train on their stored centre-crop features.
 
-One trainer holds the shots (`role = "centralised"`); nothing travels.
+One pooled trainer holds the shots (flow `pooled`); nothing travels.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from raycache.federation.flows import POOLED
 from raycache.methods.base import State
-from raycache.methods.cachefl import CacheFL
+from raycache.methods.cachefl import CacheFL, CacheFLSettings
+from raycache.methods.settings import PooledCacheSettings, reference
+
+
+class _TipSettings(PooledCacheSettings):
+    training_free: bool = Field(False, description="keep the cache keys fixed (Tip-Adapter); false = fine-tune "
+                                                   "them (Tip-Adapter-F)")
+
+
+TipAdapterSettings = reference(
+    _TipSettings, "TipAdapterSettings", "Tip-Adapter(-F): K shots per class as the cache, one trainer.",
+    **{**{k: f.default for k, f in CacheFLSettings.model_fields.items() if k != "name"},
+       "persist_optimizer": True, "schedule": "cosine_run", "cache_init": "shots"})
 
 
 class TipAdapter(CacheFL):
     name = "tip_adapter"
-    role = "centralised"
-    defaults = {**CacheFL.defaults, "persist_optimizer": True, "schedule": "cosine_run", "cache_init": "shots"}
+    Settings = TipAdapterSettings
+    flow = POOLED
 
-    def local_train(self, state: State, inputs, labels, seed, memory=None, round_idx=1) -> tuple[State, float]:
+    def local_train(self, state: State, inputs, labels, ctx) -> tuple[State, float]:
         if not self.cfg.training_free:
-            return super().local_train(state, inputs, labels, seed, memory, round_idx)
-        import torch
-        import torch.nn.functional as F
-
+            return super().local_train(state, inputs, labels, ctx)
         with torch.no_grad():
             loss = F.cross_entropy(self.logits(state, inputs), labels)
         return state, float(loss)

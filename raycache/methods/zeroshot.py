@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raycache.methods.base import Method, State
+from raycache.methods.base import Frozen, State
 
 
-class ZeroShot(Method):
+class ZeroShot(Frozen):
     name = "zeroshot"
 
     def init_state(self, server_features, server_labels) -> State:
@@ -16,8 +16,3 @@ class ZeroShot(Method):
 
     def logits(self, state: State, features: torch.Tensor) -> torch.Tensor:
         return 100.0 * F.normalize(features, dim=-1) @ self.text_weights.T  # (B, N)
-
-    def local_train(self, state, features, labels, seed, memory=None, round_idx=1) -> tuple[State, float]:
-        with torch.no_grad():
-            loss = torch.nn.functional.cross_entropy(self.logits(state, features), labels)
-        return state, float(loss)

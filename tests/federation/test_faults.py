@@ -109,6 +109,41 @@ def test_a_host_killed_mid_round_loses_its_clients_for_that_round_and_is_replace
     assert run.info.status == "FINISHED"
 
 
+def test_a_host_that_hangs_past_its_deadline_is_replaced(tmp_path, ray_session, mlflow_uri):
+    """A host that stops answering (SIGSTOP: alive, silent) holds its round past the deadline
+    (client_timeout_s x its clients + 5 s); the server gives up on its clients, kills it and starts a
+    replacement, and the next round is whole again."""
+    import os
+    import signal
+
+    import ray
+
+    stopped = []
+
+    def stop_a_host(r, metrics):
+        if r == 1:
+            names = sorted(n for n in ray.util.list_named_actors() if n.startswith("raycache-host-"))
+            pid = ray.get(ray.get_actor(names[0]).pid.remote())
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    cfg = quick(tmp_path, "federation.client_timeout_s=0.5", "data.clients=4", "federation.rounds=3",
+                "tracking.run_name=hung")
+    try:
+        summary = run_experiment(cfg, on_round=stop_a_host)
+    finally:
+        for pid in stopped:  # never leave a stopped process behind, whatever happened
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert stopped and summary.rounds == 3
+    hung, after = summary.history[1], summary.history[2]
+    assert hung["clients_failed"] == 2 and hung["clients_succeeded"] == 2  # the stopped host's two clients
+    assert hung["host_restarts"] == 1 and hung["round_seconds"] >= 0.5 * 2 + 5
+    assert after["clients_failed"] == 0 and after["clients_succeeded"] == 4  # the replacement serves them
+
+
 def test_clients_past_the_timeout_are_dropped_and_the_round_fails_without_them(tmp_path, ray_session, mlflow_uri):
     # every local training takes longer than a microsecond: each client times out, so nothing can be aggregated
     with pytest.raises(RunFailed, match=r"round 1: 0 of 10 sampled clients reported.*\(failed 10,"):

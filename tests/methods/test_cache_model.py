@@ -1,8 +1,9 @@
 import numpy as np
+from raycache.methods.training import LocalRound
 import pytest
 import torch
 
-from raycache.config import MethodConfig
+from raycache.config import settings_for
 from raycache.methods.base import Task, state_nbytes
 from raycache.methods.cache_model import cache_logits, class_balanced_keys, one_hot_values
 from raycache.methods.cachefl import CacheFL
@@ -48,16 +49,16 @@ def test_cachefl_local_training_fits_client_data():
     centers = unit(rng.normal(size=(N, D)))
     labels = np.repeat(np.arange(N), 30)
     feats = unit(centers[labels] + 0.6 * rng.normal(size=(len(labels), D))).astype(np.float32)
-    cfg = MethodConfig(shots=K, lr=1e-2, local_epochs=10, batch_size=32, alpha=5.0, beta=5.0)
+    cfg = settings_for(shots=K, lr=1e-2, local_epochs=10, batch_size=32, alpha=5.0, beta=5.0)
     m = CacheFL(cfg, Task(list("abcd"), W))
     state = m.init_state(feats, labels)
     assert state["cache_keys"].shape == (N * K, D) and state_nbytes(state) == N * K * D * 4
     f, y = torch.from_numpy(feats), torch.from_numpy(labels)
     before = torch.nn.functional.cross_entropy(m.logits(state, f), y).item()
-    new, loss = m.local_train(state, f, y, seed=0)
+    new, loss = m.local_train(state, f, y, LocalRound(0))
     after = torch.nn.functional.cross_entropy(m.logits(new, f), y).item()
     assert after < before and np.isfinite(loss)
     assert new["cache_keys"].shape == state["cache_keys"].shape
     assert not np.shares_memory(new["cache_keys"], state["cache_keys"])  # the broadcast state is untouched
-    again, _ = m.local_train(state, f, y, seed=0)
+    again, _ = m.local_train(state, f, y, LocalRound(0))
     np.testing.assert_array_equal(again["cache_keys"], new["cache_keys"])  # seeded: reproducible

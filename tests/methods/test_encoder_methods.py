@@ -1,11 +1,12 @@
 """FLoRA and full fine-tuning train parameters inside CLIP: only their own parameters move, the state
 round-trips through a second process's model, and training lowers the loss."""
 
+from raycache.methods.training import LocalRound
 import numpy as np
 import pytest
 import torch
 
-from raycache.config import MethodConfig
+from raycache.config import settings_for
 from raycache.methods.base import Task
 from raycache.methods.fedavg_full import FedAvgFull
 from raycache.methods.flora import FLoRA
@@ -29,7 +30,7 @@ def _pixels(n=24, seed=0):
 
 
 def test_flora_starts_at_zero_shot_and_trains_only_lora(task):
-    cfg = MethodConfig(name="flora", lr=1e-2, local_epochs=5, batch_size=8, loss="ce")
+    cfg = settings_for("flora", lr=1e-2, local_epochs=5, batch_size=8, loss="ce")
     method = FLoRA(cfg, task)
     state = method.init_state(None, None)
     assert all(".lora_A." in k or ".lora_B." in k for k in state) and len(state) == 4
@@ -39,23 +40,23 @@ def test_flora_starts_at_zero_shot_and_trains_only_lora(task):
     torch.testing.assert_close(method.logits(state, feats), zero_shot, rtol=1e-4, atol=1e-3)
     frozen = {n: p.clone() for n, p in method.model.named_parameters() if not p.requires_grad}
     y = torch.arange(12) % 3
-    new, loss = method.local_train(state, feats, y, seed=0)
+    new, loss = method.local_train(state, feats, y, LocalRound(0))
     assert all(torch.equal(p, frozen[n]) for n, p in method.model.named_parameters() if n in frozen)
     assert any(not np.array_equal(new[k], state[k]) for k in state)
-    again, second = FLoRA(cfg, task).local_train(new, feats, y, seed=1)  # a fresh process's model loads it
+    again, second = FLoRA(cfg, task).local_train(new, feats, y, LocalRound(1))  # a fresh process's model loads it
     assert np.isfinite(loss) and second < loss
 
 
 def test_flora_on_the_vision_tower_needs_pixels(task):
-    cfg = MethodConfig(name="flora", lora_targets=["vision.attn.q_proj", "vision.mlp.c_fc"], lr=1e-2,
+    cfg = settings_for("flora", lora_targets=["vision.attn.q_proj", "vision.mlp.c_fc"], lr=1e-2,
                        batch_size=8, loss="ce")
-    assert FLoRA.uses_pixels(cfg) and not FLoRA.uses_pixels(MethodConfig(name="flora"))
+    assert FLoRA.uses_pixels(cfg) and not FLoRA.uses_pixels(settings_for("flora"))
     method = FLoRA(cfg, task)
     state = method.init_state(None, None)
     # r (d_in + d_out) per matrix: q_proj 64 -> 64, c_fc 64 -> 256, in each of 2 vision layers
     assert sum(v.size for v in state.values()) == 2 * 2 * ((64 + 64) + (64 + 256))
     x, y = _pixels()
-    new, loss = method.local_train(state, x, y, seed=0)
+    new, loss = method.local_train(state, x, y, LocalRound(0))
     assert np.isfinite(loss) and any(not np.array_equal(new[k], state[k]) for k in state)
 
 
@@ -63,7 +64,7 @@ def test_flora_on_the_vision_tower_needs_pixels(task):
 def test_fedavg_full_trains_exactly_its_towers(task, towers):
     """`both` is FLoRA's FedFFT: every CLIP parameter but the (unused) logit scale; `vision` the image encoder
     alone; `text` the text tower alone, on stored features. The rest stays frozen."""
-    cfg = MethodConfig(name="fedavg_full", towers=towers, lr=1e-3, local_epochs=3, batch_size=8, loss="ce")
+    cfg = settings_for("fedavg_full", towers=towers, lr=1e-3, local_epochs=3, batch_size=8, loss="ce")
     method = FedAvgFull(cfg, task)
     state = method.init_state(None, None)
     clip = dict(load_clip(ModelSpec("tiny"))[0].named_parameters())
@@ -78,8 +79,8 @@ def test_fedavg_full_trains_exactly_its_towers(task, towers):
         y = torch.arange(24) % 3
     else:
         x, y = _pixels()
-    new, loss = method.local_train(state, x, y, seed=0)
+    new, loss = method.local_train(state, x, y, LocalRound(0))
     assert all(torch.equal(p, frozen[n]) for n, p in method.model.named_parameters() if n in frozen)
     assert all(not np.array_equal(new[n], state[n]) for n in state if n.endswith("weight") and "ln" not in n)
-    _, second = method.local_train(new, x, y, seed=1)
+    _, second = method.local_train(new, x, y, LocalRound(1))
     assert second < loss

@@ -1,8 +1,9 @@
 import numpy as np
+from raycache.methods.training import LocalRound
 import pytest
 import torch
 
-from raycache.config import MethodConfig
+from raycache.config import settings_for
 from raycache.methods.base import Task, state_nbytes, state_params
 from raycache.methods.fedclip import FedCLIP, adapt
 
@@ -36,12 +37,12 @@ def test_fedclip_payload_and_training(loss):
     W = unit(rng.normal(size=(N, D))).astype(np.float32)
     labels = np.repeat(np.arange(N), 16)
     feats = unit(W[labels] * 0.3 + rng.normal(size=(len(labels), D))).astype(np.float32)
-    m = FedCLIP(MethodConfig(name="fedclip", lr=1e-2, local_epochs=5, loss=loss), Task(list("abcd"), W))
+    m = FedCLIP(settings_for("fedclip", lr=1e-2, local_epochs=5, loss=loss), Task(list("abcd"), W))
     state = m.init_state(feats, labels)
     assert state_params(state) == 2 * (D * D + D) and state_nbytes(state) == 2 * (D * D + D) * 4
     f, y = torch.from_numpy(feats), torch.from_numpy(labels)
     before = torch.nn.functional.cross_entropy(m.logits(state, f), y).item()
-    new, train_loss = m.local_train(state, f, y, seed=0)
+    new, train_loss = m.local_train(state, f, y, LocalRound(0))
     after = torch.nn.functional.cross_entropy(m.logits(new, f), y).item()
     assert after < before and np.isfinite(train_loss)
     assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in state.items()}

@@ -11,20 +11,23 @@ reference code's maths on asymmetric data (not against the code's own literals):
 
 from __future__ import annotations
 
+from raycache.methods.training import LocalRound
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from raycache.config import MethodConfig
+from raycache.config import settings_for
 from raycache.federation.aggregate import fedavg
-from raycache.methods import with_defaults
-from raycache.methods.base import Task, local_steps
+from raycache.methods.base import Task
+from raycache.methods.training import local_steps
 from raycache.data.split import few_shot_rows
 from raycache.methods.cache_model import one_hot_values, search_alpha_beta
 from raycache.methods.cachefl import CacheFL
-from raycache.methods.fedclip import FedCLIP, contrastive_loss
+from raycache.methods.fedclip import FedCLIP
+from raycache.methods.training import contrastive_loss
 
 
 def unit(x):
@@ -98,7 +101,7 @@ def test_cachefl_tune_returns_the_search_and_logits_use_it():
     W = unit(rng.normal(size=(3, 6))).astype(np.float32)
     feats = unit(rng.normal(size=(12, 6))).astype(np.float32)
     labels = np.repeat(np.arange(3), 4)
-    m = CacheFL(MethodConfig(name="cachefl", shots=2, search_scale=(5.0, 4.0), search_step=(10, 10), alpha=0.0),
+    m = CacheFL(settings_for("cachefl", shots=2, search_scale=(5.0, 4.0), search_step=(10, 10), alpha=0.0),
                 Task(list("abc"), W))
     state = m.init_state(feats[[0, 1, 4, 5, 8, 9]], labels[[0, 1, 4, 5, 8, 9]])
     x, y = torch.from_numpy(feats * 7.0), torch.from_numpy(labels)  # raw features: tune normalises them
@@ -113,6 +116,20 @@ def test_cachefl_tune_returns_the_search_and_logits_use_it():
     assert off.tune(state, x, y) == {}
 
 
+def _rates(rounds: int, n: int, **settings) -> list[float]:
+    """The learning rate of every step the one training loop takes, read off the parameter: plain SGD on
+    loss = p moves p by exactly the step's rate."""
+    from raycache.methods.training import fit
+
+    cfg = settings_for("cachefl", optimizer="sgd", momentum=0.0, weight_decay=0.0, **settings)
+    p = torch.zeros(1, requires_grad=True)
+    seen = []
+    for r in range(1, rounds + 1):
+        fit({"p": p}, lambda idx: (seen.append(p.item()), p.sum())[1], n, cfg, LocalRound(r, r, rounds))
+    seen.append(p.item())
+    return [a - b for a, b in zip(seen, seen[1:])]
+
+
 def test_one_cosine_over_the_run_is_torchs_cosine_annealing():
     """Tip-Adapter-F: CosineAnnealingLR(T_max = epochs x batches), stepped every batch, over every round."""
     rounds, n, bs, epochs, lr = 3, 10, 4, 2, 0.5
@@ -124,11 +141,19 @@ def test_one_cosine_over_the_run_is_torchs_cosine_annealing():
         expected.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    got = [rate for r in range(1, rounds + 1) for _, rate in local_steps(n, bs, epochs, r, lr, "cosine_run", r, rounds)]
-    assert got == pytest.approx(expected)
-    per_round_cosine = [rate for _, rate in local_steps(n, bs, epochs, 0, lr, "cosine")]
-    assert per_round_cosine == pytest.approx([0.5 * lr * (1 + math.cos(math.pi * s / per_round))
-                                              for s in range(per_round)])  # `cosine` restarts every round
+    common = {"lr": lr, "batch_size": bs, "local_epochs": epochs}
+    assert _rates(rounds, n, schedule="cosine_run", **common) == pytest.approx(expected, abs=1e-6)
+    per_round_cosine = [0.5 * lr * (1 + math.cos(math.pi * s / per_round)) for s in range(per_round)]
+    assert _rates(rounds, n, schedule="cosine", **common) == pytest.approx(per_round_cosine * rounds, abs=1e-6)
+
+
+def test_coops_constant_warmup_then_one_cosine():
+    """CoOp (Dassl's ConstantWarmupScheduler, WARMUP_EPOCH 1, WARMUP_CONS_LR 1e-5): the first epoch of the
+    run at the constant warm-up rate, then a cosine from the base rate over the remaining steps."""
+    rounds, n, bs, lr = 3, 8, 4, 0.002  # 2 steps per epoch, one epoch per round: 6 steps, 2 of warm-up
+    got = _rates(rounds, n, lr=lr, batch_size=bs, schedule="cosine_run", warmup_epochs=1, warmup_lr=1e-5)
+    cosine = [0.5 * lr * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert got == pytest.approx([1e-5, 1e-5, *cosine], abs=1e-7)
 
 
 def _fedclip_data():
@@ -143,19 +168,19 @@ def test_persistent_adam_is_one_optimiser_across_rounds():
     """FLoRA's clients build Adam once: two rounds with the client's memory give what one Adam, never
     re-created, gives over the same batches; without memory (FedCLIP's reference) round 2 starts fresh."""
     task, x, y = _fedclip_data()
-    cfg = with_defaults(MethodConfig(name="fedclip", lr=1e-2, batch_size=8, persist_optimizer=True))
+    cfg = settings_for("fedclip", lr=1e-2, batch_size=8, persist_optimizer=True)
     m = FedCLIP(cfg, task)
     state0 = m.init_state(None, None)
     memory: dict = {}
-    s1, _ = m.local_train(state0, x, y, seed=1, memory=memory, round_idx=1)
-    s2, _ = m.local_train(s1, x, y, seed=2, memory=memory, round_idx=2)
+    s1, _ = m.local_train(state0, x, y, LocalRound(1, round_idx=1, memory=memory))
+    s2, _ = m.local_train(s1, x, y, LocalRound(2, round_idx=2, memory=memory))
 
     params = {k: torch.tensor(v, requires_grad=True) for k, v in state0.items()}  # the reference's one Adam
     opt = torch.optim.Adam(list(params.values()), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
     from raycache.methods.fedclip import adapt
 
     for seed in (1, 2):
-        for batch, _ in local_steps(len(y), 8, 1, seed, 1e-2, "constant"):
+        for batch in local_steps(len(y), 8, 1, seed):
             loss = contrastive_loss(adapt(x[batch], params), m.text_weights[y[batch]])
             opt.zero_grad()
             loss.backward()
@@ -164,9 +189,9 @@ def test_persistent_adam_is_one_optimiser_across_rounds():
         np.testing.assert_allclose(s2[k], params[k].detach().numpy(), rtol=1e-5, atol=1e-6)
 
     fresh = FedCLIP(cfg.model_copy(update={"persist_optimizer": False}), task)
-    f1, _ = fresh.local_train(state0, x, y, seed=1, memory={}, round_idx=1)
+    f1, _ = fresh.local_train(state0, x, y, LocalRound(1, round_idx=1, memory={}))
     np.testing.assert_allclose(f1["fc1.weight"], s1["fc1.weight"], rtol=1e-6)  # round 1 is the same
-    f2, _ = fresh.local_train(f1, x, y, seed=2, memory={}, round_idx=2)
+    f2, _ = fresh.local_train(f1, x, y, LocalRound(2, round_idx=2, memory={}))
     assert not np.allclose(f2["fc1.weight"], s2["fc1.weight"], atol=1e-6)  # round 2 is not
 
 

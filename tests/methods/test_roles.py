@@ -1,13 +1,14 @@
 """Local-only, Tip-Adapter and the centralised cache: what their roles mean for training, state and evaluation.
 The client host is a plain class, exercised here in process (the runtime makes it a Ray actor)."""
 
+from raycache.methods.training import LocalRound
 import numpy as np
 
 from raycache.federation.evaluate import EvalSets
 import pytest
 import torch
 
-from raycache.config import MethodConfig
+from raycache.config import settings_for
 from raycache.federation.host import ClientHost
 from raycache.federation.sampling import client_seed
 from raycache.methods.base import Task
@@ -34,20 +35,23 @@ def data():
                                                ("adapter", {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})])
 def test_local_only_clients_keep_their_own_state_and_send_nothing(data, local_model, keys):
     task, feats, labels = data
-    cfg = MethodConfig(name="local_only", shots=K, local_model=local_model, lr=1e-2, local_epochs=3)
+    cfg = settings_for("local_only", shots=K, local_model=local_model, lr=1e-2, local_epochs=3)
     clients = {0: np.arange(0, 24, 2), 1: np.arange(1, 24, 2), 2: np.arange(0, 6)}
-    host = ClientHost("local_only", cfg, task, (feats, labels), clients, seed=0,
+    from raycache.methods.local_only import LocalOnly
+
+    host = ClientHost(LocalOnly, cfg, task, (feats, labels), clients, seed=0,
                       evals=EvalSets((feats, labels)))
     init = host.method.init_state(feats, labels)
     assert set(init) == keys
     report = host.train(init, [0, 1], round_idx=1)
-    assert report.bytes_up == 0 and report.partial.weight == 0  # nothing leaves a client
+    assert report.bytes_up == 0 and report.partial.weight == 0  # no update leaves a client
+    assert [m.fields() for m in report.messages] == [["client", "samples", "loss", "seconds"]] * 2
     assert set(host.states) == {0, 1}  # client 2 was not sampled: no state of its own yet
     s0, s1 = host.states[0], host.states[1]
     assert any(not np.array_equal(s0[k], s1[k]) for k in keys)  # trained on different data
     host.train(init, [0], round_idx=2)  # the broadcast `init` is ignored: client 0 continues its own state
     x0, y0 = torch.from_numpy(feats[clients[0]]), torch.from_numpy(labels[clients[0]])
-    cont, _ = host.method.local_train(s0, x0, y0, seed=client_seed(0, 2, 0))
+    cont, _ = host.method.local_train(s0, x0, y0, LocalRound(client_seed(0, 2, 0)))
     assert all(np.array_equal(host.states[0][k], cont[k]) for k in keys)
     assert all(np.array_equal(host.states[1][k], s1[k]) for k in keys)  # untouched when not sampled
     preds = host.evaluate(init)["test"]
@@ -58,9 +62,9 @@ def test_local_only_clients_keep_their_own_state_and_send_nothing(data, local_mo
 
 def test_training_free_tip_adapter_is_the_cache_formula_and_never_moves(data):
     task, feats, labels = data
-    method = TipAdapter(MethodConfig(name="tip_adapter", shots=K, training_free=True, alpha=2.0, beta=3.0), task)
+    method = TipAdapter(settings_for("tip_adapter", shots=K, training_free=True, alpha=2.0, beta=3.0), task)
     state = method.init_state(feats, labels)
-    new, loss = method.local_train(state, torch.from_numpy(feats), torch.from_numpy(labels), seed=0)
+    new, loss = method.local_train(state, torch.from_numpy(feats), torch.from_numpy(labels), LocalRound(0))
     np.testing.assert_array_equal(new["cache_keys"], state["cache_keys"])
     f, W, Fk = feats.astype(np.float64), task.text_weights.astype(np.float64), state["cache_keys"].astype(np.float64)
     L = one_hot_values(N, K).numpy()
@@ -78,40 +82,36 @@ def test_tip_adapter_trains_on_k_shots_per_class_and_the_centralised_cache_on_ev
 
     labels = np.repeat(np.arange(3), 10)
     parts = [np.arange(0, 30, 3), np.arange(1, 30, 3), np.arange(2, 30, 3)]
-    from raycache.methods import with_defaults
-
-    cfg = with_defaults(MethodConfig(name="tip_adapter", shots=4))  # cache_init: shots, its reference
-    (rows,) = TipAdapter.trainer_rows(parts, labels, 3, cfg, seed=0)
+    cfg = settings_for("tip_adapter", shots=4)  # cache_init: shots, its reference
+    (rows,) = TipAdapter.flow.trainer_rows(parts, labels, 3, cfg, seed=0)
     assert len(rows) == 12 and np.bincount(labels[rows]).tolist() == [4, 4, 4] and len(set(rows)) == 12
-    (again,) = TipAdapter.trainer_rows(parts, labels, 3, cfg, seed=0)
+    (again,) = TipAdapter.flow.trainer_rows(parts, labels, 3, cfg, seed=0)
     np.testing.assert_array_equal(rows, again)
-    (pooled,) = CentralisedCache.trainer_rows(parts, labels, 3, MethodConfig(name="centralised_cache"), seed=0)
+    (pooled,) = CentralisedCache.flow.trainer_rows(parts, labels, 3, settings_for("centralised_cache"), seed=0)
     np.testing.assert_array_equal(pooled, np.arange(30))
     from raycache.errors import UserError
 
     with pytest.raises(UserError, match="^method.shots: class 0 has 10 training samples, needs 11"):
-        TipAdapter.trainer_rows(parts, labels, 3, cfg.model_copy(update={"shots": 11}), seed=0)
+        TipAdapter.flow.trainer_rows(parts, labels, 3, cfg.model_copy(update={"shots": 11}), seed=0)
 
 
 def test_shots_in_the_cache_are_refused_for_a_federated_method():
     from raycache.config_file import load_config
     from raycache.errors import UserError
-    from raycache.experiment import prepare
-
-    with pytest.raises(UserError, match="^method.cache_init: shots puts the clients' own images in the cache"):
-        prepare(load_config(None, ["method.name=cachefl", "method.cache_init=shots", "model.name=tiny"]))
+    with pytest.raises(UserError, match="method.cache_init: shots puts the clients' own images in the cache"):
+        load_config(None, ["method.name=cachefl", "method.cache_init=shots", "model.name=tiny"])
 
 
 def test_tip_adapter_f_fine_tunes_the_keys_on_its_data(data):
     task, feats, labels = data
-    method = TipAdapter(MethodConfig(name="tip_adapter", shots=K, alpha=2.0, beta=3.0, local_epochs=20), task)
+    method = TipAdapter(settings_for("tip_adapter", shots=K, alpha=2.0, beta=3.0, local_epochs=20), task)
     state = method.init_state(feats, labels)
     x, y = torch.from_numpy(feats), torch.from_numpy(labels)
-    new, _ = method.local_train(state, x, y, seed=0)
+    new, _ = method.local_train(state, x, y, LocalRound(0))
     assert not np.array_equal(new["cache_keys"], state["cache_keys"])
     keys0 = torch.from_numpy(state["cache_keys"])
     before = torch.nn.functional.cross_entropy(
         cache_logits(x, torch.from_numpy(task.text_weights), keys0, one_hot_values(N, K), 2.0, 3.0), y)
     after = torch.nn.functional.cross_entropy(method.logits(new, x), y)
     assert after < before
-    assert TipAdapter.role == "centralised" and TipAdapter.uses_cache(method.cfg)
+    assert TipAdapter.flow.pooled and TipAdapter.uses_cache(method.cfg)

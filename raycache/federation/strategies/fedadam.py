@@ -1,0 +1,15 @@
+"""FedAdam (Reddi et al. 2021): v = beta2 * v + (1 - beta2) * delta^2."""
+
+from __future__ import annotations
+
+from raycache.federation.strategies.base import State, Strategy
+from raycache.federation.strategies.fedopt import fedopt
+
+
+class FedAdam(Strategy):
+    name = "fedadam"
+
+    @staticmethod
+    def step(x: State, mean: State, memory: State, cfg) -> tuple[State, State]:
+        b2 = cfg.beta2
+        return fedopt(x, mean, memory, cfg.server_lr, cfg.beta1, cfg.tau, lambda v, d2: b2 * v + (1 - b2) * d2)

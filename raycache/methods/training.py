@@ -1,0 +1,152 @@
+"""The one local-training loop every trainable method uses: optimiser, learning-rate schedule
+(`torch.optim.lr_scheduler`), seeded minibatch sampling, FedProx's proximal term, and the client's optimiser
+memory across rounds. A method supplies its trainable tensors and a batch loss; the loop does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LocalRound:
+    """What a client knows when it trains in a round: its seed for the round, the round number (1-based) and
+    the run's length (for a schedule over the whole run), its private memory (optimiser moments; it never
+    leaves the client) and the federation's FedProx weight."""
+
+    seed: int
+    round_idx: int = 1
+    rounds: int = 1
+    memory: dict = field(default_factory=dict)
+    prox_mu: float = 0.0
+
+
+def local_steps(n: int, batch_size: int, epochs: int, seed: int):
+    """A client's minibatches: yields indices (None for one full batch), a seeded shuffle each epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = min(batch_size, n)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen) if bs < n else None  # one full batch: order is moot
+        for start in range(0, n, bs):
+            yield None if order is None else order[start:start + bs]
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup_steps: int = 0, warmup_factor: float = 1.0) -> float:
+    """The learning rate at `step` (0-based) as a fraction of the base rate: `warmup_factor` for the first
+    `warmup_steps`, then constant or a half cosine from 1 towards 0 over the remaining `total - warmup_steps`."""
+    if step < warmup_steps:
+        return warmup_factor
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+def make_optimizer(params: dict[str, torch.Tensor], cfg, fused: bool = False) -> torch.optim.Optimizer:
+    tensors = list(params.values())
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(tensors, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(tensors, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+               **({"fused": True} if fused else {}))
+
+
+def load_memory(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], memory: dict) -> None:
+    """Give `opt` the per-parameter state (`<state key>/<param name>` arrays) it left in `memory`."""
+    for name, p in params.items():
+        entries = {k.split("/", 1)[0]: v for k, v in memory.items() if k.split("/", 1)[1] == name}
+        if not entries:
+            continue
+        state = {}
+        for key, value in entries.items():
+            if key == "step":  # a 0-d count; fused Adam wants it beside the parameter
+                state[key] = torch.tensor(float(np.asarray(value).reshape(-1)[0]), dtype=torch.float32,
+                                          device=p.device if opt.defaults.get("fused") else "cpu")
+            else:
+                state[key] = torch.from_numpy(np.asarray(value)).to(p.device).clone()
+        opt.state[p] = state
+
+
+def save_memory(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], memory: dict) -> None:
+    """Store `opt`'s per-parameter state in `memory` as float32 arrays (a checkpoint holds them as it holds
+    states): `step/<name>`, `exp_avg/<name>`, `momentum_buffer/<name>`, ..."""
+    for name, p in params.items():
+        for key, value in opt.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                arr = value.detach().float().cpu().numpy().copy()
+                memory[f"{key}/{name}"] = arr.reshape(1) if arr.ndim == 0 else arr
+
+
+def fit(params: dict[str, torch.Tensor], batch_loss: Callable[[torch.Tensor | None], torch.Tensor], n: int, cfg,
+        ctx: LocalRound, fused: bool = False) -> float:
+    """Train `params` (leaf tensors requiring grad) for `cfg.local_epochs` epochs over `n` samples;
+    `batch_loss(idx)` is the mean loss of the minibatch `idx` (None = all `n`). Returns the mean training loss.
+
+    The schedule is a LambdaLR over the steps of this round, or of the whole run (`cosine_run`, and any
+    warm-up, which counts epochs of the run): round r's first step is step (r - 1) * steps-per-round.
+    With `cfg.persist_optimizer` the optimiser continues from the state it left in `ctx.memory`. With
+    `ctx.prox_mu` > 0 the loss gains FedProx's mu/2 * ||w - w_start||^2 (w_start: the state the round began
+    from)."""
+    opt = make_optimizer(params, cfg, fused)
+    if cfg.persist_optimizer and ctx.memory:
+        load_memory(opt, params, ctx.memory)
+    per_epoch = math.ceil(n / min(cfg.batch_size, n))
+    per_round = cfg.local_epochs * per_epoch
+    run_wide = cfg.schedule == "cosine_run" or cfg.warmup_epochs > 0
+    offset = (ctx.round_idx - 1) * per_round if run_wide else 0
+    total = ctx.rounds * per_round if cfg.schedule == "cosine_run" else per_round
+    warmup = cfg.warmup_epochs * per_epoch
+    warm = cfg.warmup_lr / cfg.lr
+    if cfg.schedule == "cosine":  # per round, after a run-wide warm-up
+        def factor(step: int) -> float:
+            return warm if offset + step < warmup else lr_factor("cosine", step, total)
+    else:
+        def factor(step: int) -> float:
+            return lr_factor(cfg.schedule, offset + step, total, warmup, warm)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    anchor = {k: p.detach().clone() for k, p in params.items()} if ctx.prox_mu > 0 else None
+    loss_sum, seen = 0.0, 0
+    for idx in local_steps(n, cfg.batch_size, cfg.local_epochs, ctx.seed):
+        loss = batch_loss(idx)
+        size = n if idx is None else len(idx)
+        loss_sum += loss.item() * size
+        seen += size
+        if anchor is not None:
+            loss = loss + 0.5 * ctx.prox_mu * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    if cfg.persist_optimizer:
+        save_memory(opt, params, ctx.memory)
+    return loss_sum / max(seen, 1)
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """Symmetric CLIP loss between each image and its own class prompt's text feature (FedCLIP's)."""
+    logits = scale * image @ text.T  # (B, B)
+    target = torch.arange(len(image), device=image.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def image_text_loss(kind: str, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`ce`: cross-entropy of 100 * image @ text.T against the labels; `contrastive`: the CLIP loss between
+    each image and its class's text embedding. Both on unit embeddings."""
+    if kind == "contrastive":
+        return contrastive_loss(image, text[labels])
+    return F.cross_entropy(100.0 * image @ text.T, labels)
+
+
+def take(inputs, idx):
+    """A minibatch of `inputs` (a tensor or a tuple of per-sample tensors); None = all of it."""
+    if idx is None:
+        return inputs
+    if isinstance(inputs, tuple):
+        return tuple(x[idx] for x in inputs)
+    return inputs[idx]

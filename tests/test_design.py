@@ -1,0 +1,28 @@
+"""The runtime never branches on which method it runs: no role switch, no test of a method's or a flow's
+name outside the methods package. (A method's behaviour comes from what it declares: its flow, settings,
+weighting, cache and pixel needs.)"""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "raycache"
+BRANCH = re.compile(r"(method\.name|method_name|flow\.name|\.role)\s*(==|!=|\bnot in\b|\bin\b)|\.role\b")
+
+
+def test_no_branch_on_a_methods_kind_or_name_outside_the_methods_package():
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.is_relative_to(ROOT / "methods"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if BRANCH.search(code):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == []
+
+
+def test_the_pattern_catches_a_role_switch():
+    assert BRANCH.search('if self.method.role == "local":')
+    assert BRANCH.search('label = {"federated": "x"}[method.role]')
+    assert BRANCH.search('if cfg.method.name in ("flora", "fedavg_full"):')
+    assert not BRANCH.search("self.flow.merge(self, reports, reporting, round_idx)")
