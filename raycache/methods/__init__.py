@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "centralised_cache": "raycache.methods.centralised_cache:CentralisedCache",
     "flora": "raycache.methods.flora:FLoRA",
     "fedavg_full": "raycache.methods.fedavg_full:FedAvgFull",
+    "linear_probe": "raycache.methods.linear_probe:LinearProbe",
 }
 
 
