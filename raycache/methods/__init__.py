@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "flora": "raycache.methods.flora:FLoRA",
     "fedavg_full": "raycache.methods.fedavg_full:FedAvgFull",
     "linear_probe": "raycache.methods.linear_probe:LinearProbe",
+    "promptfl": "raycache.methods.promptfl:PromptFL",
 }
 
 
