@@ -38,10 +38,10 @@ CASES = {  # method -> (method settings, rounds); a method not listed learns wit
     "flora": ({"lr_scale": 10.0, "local_epochs": 5}, 5),
     "fedavg_full": ({"batch_size": 32}, 3),  # the whole CLIP at the reference lr
     "linear_probe": ({"lr_scale": 100.0, "local_epochs": 5}, 3),  # no logit scale: FedLC's 5e-5 barely moves
+    # CoOp's SGD without its momentum and warm-up: with them, the 10 non-IID clients' contexts stay at chance on
+    # this preset (random 64-wide text tower) within this budget (an open question of issue 13)
+    "promptfl": ({"lr_scale": 5.0, "local_epochs": 5, "momentum": 0.0, "warmup_epochs": 0}, 5),
 }
-# Known gap (issue 13): PromptFL learns on pooled data here (train accuracy 0.08 -> 0.68 in 20 epochs) but not
-# federated over 10 Dirichlet(0.5) clients within the budget the other methods get, with SGD or Adam.
-NOT_YET = {"promptfl"}
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,7 @@ def trainable() -> list[str]:
     return [m for m in method_names() if issubclass(method_class(m).Settings, TrainSettings)]
 
 
-@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="does not learn "
-                                  "federated on the offline preset yet")) if m in NOT_YET else m for m in trainable()])
+@pytest.mark.parametrize("name", trainable())
 def test_every_trainable_method_learns(digits, name):
     settings, rounds = CASES.get(name, ({}, 3))
     summary = federate(name, settings, rounds, digits).summary("best_val")
