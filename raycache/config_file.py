@@ -60,8 +60,6 @@ def _one_line(err: ValidationError) -> str:
     loc = ".".join(str(p) for p in e["loc"])
     if not loc:  # a cross-field check: its message names the keys
         return e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden" and loc == PER_METHOD:
-        return f"{loc}: unknown config key"
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, known_keys(ExperimentConfig), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -81,8 +79,8 @@ def with_per_method(tree: dict[str, Any]) -> dict[str, Any]:
     """An experiment may hold settings for several methods, `per_method: {<method>: {<key>: value}}` (e.g. a
     sweep's base, where `method.name` varies): the chosen method's entry fills its `method` section (keys set
     there win); every entry must name a method and that method's own keys."""
-    from raycache.methods import method_class, method_names
-    from raycache.methods.settings import settings_help
+    from raycache.config import method_settings
+    from raycache.methods import method_names
 
     if PER_METHOD not in tree:
         return tree
@@ -96,11 +94,10 @@ def with_per_method(tree: dict[str, Any]) -> dict[str, Any]:
                             f"{', '.join(method_names())}")
         if not isinstance(settings, dict):
             raise UserError(f"config error: {PER_METHOD}.{name}: expected a mapping of settings")
-        keys = settings_help(method_class(name).Settings)
-        for key in settings:
-            if key not in keys:
-                raise UserError(f"config error: {PER_METHOD}.{name}.{key}: {name} has no setting {key!r}; its "
-                                f"settings: {', '.join(sorted(keys)) or 'none'}")
+        try:  # each entry is its method's settings, checked as a method section is
+            method_settings({**settings, "name": name})
+        except ValueError as err:
+            raise UserError(f"config error: {PER_METHOD}.{name}.{str(err).removeprefix('method.')}") from None
     method = tree.get("method") or {}
     if not isinstance(method, dict):
         return tree

@@ -4,7 +4,9 @@ every method another installed package registers under the entry-point group `ra
 
 from __future__ import annotations
 
+import functools
 import importlib
+import sys
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -27,10 +29,15 @@ BUILTIN: dict[str, str] = {
 }
 
 
+@functools.lru_cache(maxsize=8)
+def _installed(path: tuple[str, ...]) -> dict[str, str]:
+    """The entry points of the packages on `path` (scanned once per sys.path: a config check asks often)."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def registry() -> dict[str, str]:
     """Every method by name: the built-in ones, then those of installed packages (a built-in name wins)."""
-    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return {**found, **BUILTIN}
+    return {**_installed(tuple(sys.path)), **BUILTIN}
 
 
 def method_names() -> list[str]:

@@ -55,7 +55,6 @@ class PromptFL(Method):
     name = "promptfl"
     Settings = PromptFLSettings
     weighting = "uniform"  # PromptFL's average_weights: a plain mean over the clients
-    eval_batch = 4096
 
     @classmethod
     def check(cls, settings, model, spec) -> None:

@@ -13,12 +13,10 @@ One pooled trainer holds the shots (flow `pooled`); nothing travels.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from raycache.federation.flows import POOLED
-from raycache.methods.base import State
+from raycache.methods.base import Frozen, State
 from raycache.methods.cachefl import CacheFL, CacheFLSettings
 from raycache.methods.settings import PooledCacheSettings, reference
 
@@ -40,8 +38,6 @@ class TipAdapter(CacheFL):
     flow = POOLED
 
     def local_train(self, state: State, inputs, labels, ctx) -> tuple[State, float]:
-        if not self.cfg.training_free:
-            return super().local_train(state, inputs, labels, ctx)
-        with torch.no_grad():
-            loss = F.cross_entropy(self.logits(state, inputs), labels)
-        return state, float(loss)
+        if self.cfg.training_free:  # the keys stay: a round only measures the loss
+            return Frozen.local_train(self, state, inputs, labels, ctx)
+        return super().local_train(state, inputs, labels, ctx)

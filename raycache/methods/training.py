@@ -59,18 +59,20 @@ def make_optimizer(params: dict[str, torch.Tensor], cfg, fused: bool = False) ->
 
 def load_memory(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], memory: dict) -> None:
     """Give `opt` the per-parameter state (`<state key>/<param name>` arrays) it left in `memory`."""
+    by_param: dict[str, dict] = {}
+    for key, value in memory.items():
+        kind, name = key.split("/", 1)
+        by_param.setdefault(name, {})[kind] = value
     for name, p in params.items():
-        entries = {k.split("/", 1)[0]: v for k, v in memory.items() if k.split("/", 1)[1] == name}
-        if not entries:
-            continue
         state = {}
-        for key, value in entries.items():
+        for key, value in by_param.get(name, {}).items():
             if key == "step":  # a 0-d count; fused Adam wants it beside the parameter
                 state[key] = torch.tensor(float(np.asarray(value).reshape(-1)[0]), dtype=torch.float32,
                                           device=p.device if opt.defaults.get("fused") else "cpu")
             else:
                 state[key] = torch.from_numpy(np.asarray(value)).to(p.device).clone()
-        opt.state[p] = state
+        if state:
+            opt.state[p] = state
 
 
 def save_memory(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], memory: dict) -> None:
