@@ -16,6 +16,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from raycache.errors import UserError
+from raycache.tracking import Run, RunRecord, history, search
 
 
 @dataclass
@@ -57,36 +58,30 @@ def _param(key: str, value: str) -> str:
 
 def setting(run) -> tuple:
     """What distinguishes one setting of a method from another: its params, less the keys above."""
-    return tuple(sorted((k, _param(k, v)) for k, v in run.data.params.items()
+    return tuple(sorted((k, _param(k, v)) for k, v in run.params.items()
                         if k not in _NOT_A_SETTING and not k.startswith(("tracking.", "runtime."))))
 
 
 def _metric(run, key: str) -> float:
     """`result_<key>` (at the run's selected round) if logged, else the last value of `key`."""
-    m = run.data.metrics
+    m = run.metrics
     return m.get(f"result_{key}", m.get(key, float("nan")))
 
 
-def _runs(client, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+def _runs(experiment: str) -> list[RunRecord]:
+    runs = search(experiment, "attributes.status = 'FINISHED'")
+    if runs is None:
         raise UserError(f"compare: no MLflow experiment named {experiment!r} (tracking.experiment)")
-    runs = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                                          max_results=10_000)
-            if "raycache.method" in r.data.tags]
+    runs = [r for r in runs if "raycache.method" in r.tags]
     if not runs:
         raise UserError(f"compare: experiment {experiment!r} has no finished raycache runs")
-    return exp, runs
+    return runs
 
 
-def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def table(client, runs) -> list[MethodRow]:
+def table(runs: list[RunRecord]) -> list[MethodRow]:
     by_method: dict[str, list] = {}
     for r in runs:
-        by_method.setdefault(r.data.tags["raycache.method"], []).append(r)
+        by_method.setdefault(r.tags["raycache.method"], []).append(r)
     rows = []
     for method, runs in sorted(by_method.items()):
         settings: dict[tuple, list] = {}
@@ -102,20 +97,20 @@ def table(client, runs) -> list[MethodRow]:
         def mean(key: str) -> float:
             return statistics.fmean(_metric(r, key) for r in group)
 
-        lr = group[0].data.params.get("method.lr", "None")
+        lr = group[0].params.get("method.lr", "None")
         rows.append(MethodRow(
             method, len(group), len(settings), float("nan") if lr == "None" else float(lr), mean("val_accuracy"),
             mean("accuracy"), mean("local_accuracy_mean"), mean("client_accuracy_mean"),
             mean("client_accuracy_std"),
-            statistics.fmean(r.data.metrics.get("comm_bytes_up_total", 0) + r.data.metrics.get(
+            statistics.fmean(r.metrics.get("comm_bytes_up_total", 0) + r.metrics.get(
                 "comm_bytes_down_total", 0) for r in group),
-            statistics.fmean(r.data.metrics.get("trainable_params", float("nan")) for r in group),
-            statistics.fmean((r.info.end_time - r.info.start_time) / 1000 for r in group),
-            tuple(r.info.run_id for r in group)))
+            statistics.fmean(r.metrics.get("trainable_params", float("nan")) for r in group),
+            statistics.fmean(r.wall_seconds for r in group),
+            tuple(r.run_id for r in group)))
     return rows
 
 
-def plots(client, runs):
+def plots(runs: list[RunRecord]):
     """(accuracy vs round, accuracy vs cumulative bytes) matplotlib figures."""
     import matplotlib
 
@@ -125,14 +120,14 @@ def plots(client, runs):
     by_round, ax_r = plt.subplots(figsize=(7, 4.5))
     by_bytes, ax_b = plt.subplots(figsize=(7, 4.5))
     colours = {}
-    for r in sorted(runs, key=lambda r: r.data.tags["raycache.method"]):
-        method = r.data.tags["raycache.method"]
+    for r in sorted(runs, key=lambda r: r.tags["raycache.method"]):
+        method = r.tags["raycache.method"]
         colour = colours.setdefault(method, f"C{len(colours)}")
         label = method if method not in {line.get_label() for line in ax_r.lines} else None
-        acc = _history(client, r.info.run_id, "accuracy")
+        acc = history(r.run_id, "accuracy")
         ax_r.plot([s for s, _ in acc], [a for _, a in acc], marker="o", color=colour, label=label)
-        sent = dict(_history(client, r.info.run_id, "comm_bytes_up"))
-        down = dict(_history(client, r.info.run_id, "comm_bytes_down"))
+        sent = dict(history(r.run_id, "comm_bytes_up"))
+        down = dict(history(r.run_id, "comm_bytes_down"))
         total, xs, ys = 0.0, [], []
         for step, a in acc:
             total += sent.get(step, 0.0) + down.get(step, 0.0)
@@ -156,15 +151,10 @@ def plots(client, runs):
 
 def compare(experiment: str):
     """Build the table and plots for `experiment` and log them to a new summary run; returns (rows, run)."""
-    from mlflow.tracking import MlflowClient
-
-    from raycache.tracking import Run, tracking_uri
-
-    client = MlflowClient(tracking_uri())
-    _, runs = _runs(client, experiment)
-    rows = table(client, runs)
+    runs = _runs(experiment)
+    rows = table(runs)
     selected = {i for row in rows for i in row.run_ids}
-    by_round, by_bytes = plots(client, [r for r in runs if r.info.run_id in selected])
+    by_round, by_bytes = plots([r for r in runs if r.run_id in selected])
     summary = Run(experiment, "compare", tags={"raycache.kind": "compare"})
     try:
         csv = io.StringIO()
@@ -172,8 +162,8 @@ def compare(experiment: str):
         for row in rows:
             csv.write(",".join(row.cells()) + "\n")
         summary.log_text(csv.getvalue(), "comparison.csv")
-        summary.client.log_figure(summary.run_id, by_round, "accuracy_vs_round.png")
-        summary.client.log_figure(summary.run_id, by_bytes, "accuracy_vs_bytes.png")
+        summary.log_figure(by_round, "accuracy_vs_round.png")
+        summary.log_figure(by_bytes, "accuracy_vs_bytes.png")
         best = max(rows, key=lambda r: r.val_accuracy)  # validation names the best method; test reports
         summary.set_tags({"best_method": best.method})
         summary.log_metrics({"best_accuracy": best.accuracy, "runs_compared": len(runs)})

@@ -24,31 +24,66 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-@dataclass
-class LoggedRun:
+@dataclass(frozen=True)
+class RunRecord:
+    """One stored run as the rest of raycache reads it (no MLflow types leave this module)."""
+    run_id: str
+    name: str
     status: str
     params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each
     tags: dict[str, str]
+    start_time: int  # ms since the epoch
+    end_time: int | None
+
+    @property
+    def wall_seconds(self) -> float:
+        return ((self.end_time or self.start_time) - self.start_time) / 1000
+
+    @classmethod
+    def of(cls, run) -> "RunRecord":
+        return cls(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params),
+                   dict(run.data.metrics), dict(run.data.tags), run.info.start_time, run.info.end_time)
 
 
-def logged_run(run_id: str) -> LoggedRun | None:
-    """A run's status, params and tags as the store has them (None: no such run)."""
-    from mlflow.exceptions import MlflowException
+def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
+    return MlflowClient(uri or tracking_uri())
+
+
+def search(experiment: str, filter_string: str = "", client=None) -> list[RunRecord] | None:
+    """The runs of `experiment` matching an MLflow filter (None: no such experiment)."""
+    client = client or _client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    return search_in(client, exp.experiment_id, filter_string)
+
+
+def search_in(client, experiment_id: str, filter_string: str) -> list[RunRecord]:
+    return [RunRecord.of(r) for r in client.search_runs([experiment_id], filter_string, max_results=10_000)]
+
+
+def history(run_id: str, key: str, client=None) -> list[tuple[int, float]]:
+    """Every logged value of one metric as (step, value), by step."""
+    return sorted((m.step, m.value) for m in (client or _client()).get_metric_history(run_id, key))
+
+
+def logged_run(run_id: str) -> RunRecord | None:
+    """A run as the store has it (None: no such run)."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        run = MlflowClient(tracking_uri()).get_run(run_id)
+        return RunRecord.of(_client().get_run(run_id))
     except MlflowException:
         return None
-    return LoggedRun(run.info.status, dict(run.data.params), dict(run.data.tags))
 
 
 class Run:
     def __init__(self, experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.uri = tracking_uri()
-        self.client = MlflowClient(self.uri)
+        self.client = _client(self.uri)
         self.experiment_id = self._experiment_id(experiment)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
         self.run_id = run.info.run_id
@@ -57,11 +92,9 @@ class Run:
     @classmethod
     def reopen(cls, run_id: str) -> "Run":
         """An existing run, set RUNNING again (a resumed sweep's parent)."""
-        from mlflow.tracking import MlflowClient
-
         self = cls.__new__(cls)
         self.uri = tracking_uri()
-        self.client = MlflowClient(self.uri)
+        self.client = _client(self.uri)
         run = self.client.get_run(run_id)
         self.run_id, self.run_name, self.experiment_id = run_id, run.info.run_name, run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
@@ -99,6 +132,19 @@ class Run:
 
     def log_image(self, image, name: str) -> None:
         self.client.log_image(self.run_id, image, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def children(self) -> list[RunRecord]:
+        """The runs whose parent is this run (a sweep's trials)."""
+        return search_in(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.run_id}'")
+
+    def end_child(self, run_id: str, reason: str) -> RunRecord:
+        """End a child left RUNNING (a trial its scheduler stopped) as KILLED with `stopped_by`."""
+        self.client.set_tag(run_id, "stopped_by", reason)
+        self.client.set_terminated(run_id, "KILLED")
+        return RunRecord.of(self.client.get_run(run_id))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():

@@ -26,3 +26,14 @@ def test_the_pattern_catches_a_role_switch():
     assert BRANCH.search('label = {"federated": "x"}[method.role]')
     assert BRANCH.search('if cfg.method.name in ("flora", "fedavg_full"):')
     assert not BRANCH.search("self.flow.merge(self, reports, reporting, round_idx)")
+
+
+MLFLOW_IMPORT = re.compile(r"^\s*(from mlflow\b|import mlflow\b)")
+
+
+def test_mlflow_is_called_from_tracking_only():
+    """The tracking store is one module's business: the rest of raycache reads `RunRecord`s and calls `Run`."""
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in sorted(ROOT.rglob("*.py")) if path.name != "tracking.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if MLFLOW_IMPORT.search(line)]
+    assert offenders == []
+    assert MLFLOW_IMPORT.search("    from mlflow.tracking import MlflowClient")

@@ -87,15 +87,11 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
 def _record_early_failure(err: Exception, name: str, base: dict, tags: dict[str, str]) -> None:
     """A trial that failed before its experiment opened an MLflow run (e.g. 5,000 clients for 1,400
     samples) still gets a FAILED child run with the reason, so the parent shows every trial."""
-    from mlflow.tracking import MlflowClient
-
-    from raycache.tracking import Run
+    from raycache.tracking import Run, search
 
     experiment = base.get("tracking", {}).get("experiment", "raycache")
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None and client.search_runs([exp.experiment_id], f"tags.`raycache.trial` = '{name}' and "
-                                              f"tags.`mlflow.parentRunId` = '{tags['mlflow.parentRunId']}'"):
+    if search(experiment, f"tags.`raycache.trial` = '{name}' and "
+                          f"tags.`mlflow.parentRunId` = '{tags['mlflow.parentRunId']}'"):
         return  # the experiment's own run already records the failure
     run = Run(experiment, name, tags=tags)
     run.finish(err)
@@ -242,23 +238,19 @@ def summarise(parent, sweep: SweepConfig) -> SweepResult:
     """The parent's record of its children: a table, the best trial, a heatmap over the two most-swept keys."""
     from raycache.sweep.summary import heatmap, trial_table
 
-    children = parent.client.search_runs([parent.experiment_id],
-                                         f"tags.`mlflow.parentRunId` = '{parent.run_id}'", max_results=10000)
     trials = []
-    for run in children:
-        if run.info.status == "RUNNING":  # its trial was stopped (e.g. by ASHA): it ended, not failed
-            parent.client.set_tag(run.info.run_id, "stopped_by", "scheduler")
-            parent.client.set_terminated(run.info.run_id, "KILLED")
-            run = parent.client.get_run(run.info.run_id)
-        params = json.loads(run.data.tags.get("raycache.sweep_params", "{}"))
-        m = run.data.metrics
+    for run in parent.children():
+        if run.status == "RUNNING":  # its trial was stopped (e.g. by ASHA): it ended, not failed
+            run = parent.end_child(run.run_id, "scheduler")
+        params = json.loads(run.tags.get("raycache.sweep_params", "{}"))
+        m = run.metrics
         # A trial's score is its metric at its selected round (`result_<metric>`, logged when the run ends);
         # a trial stopped early has only its last reported value. Its test accuracy goes beside it.
-        trials.append({"trial": run.data.tags.get("raycache.trial", run.info.run_name), "run_id": run.info.run_id,
-                       "status": run.info.status, "params": params,
+        trials.append({"trial": run.tags.get("raycache.trial", run.name), "run_id": run.run_id,
+                       "status": run.status, "params": params,
                        "metric": m.get(f"result_{sweep.metric}", m.get(sweep.metric)),
                        "test_accuracy": m.get("result_accuracy", m.get("accuracy")),
-                       "failure_reason": run.data.tags.get("failure_reason", ""), "start": run.info.start_time})
+                       "failure_reason": run.tags.get("failure_reason", ""), "start": run.start_time})
     # A trial interrupted and resumed has an earlier, unfinished run: keep its finished (or latest) one.
     latest: dict[str, dict[str, Any]] = {}
     for t in sorted(trials, key=lambda t: (t["status"] == "FINISHED", t["start"])):
@@ -269,7 +261,7 @@ def summarise(parent, sweep: SweepConfig) -> SweepResult:
     parent.log_text(trial_table(trials, list(sweep.space), sweep.metric), "trials.csv")
     fig = heatmap(trials, sweep.space, sweep.metric)
     if fig is not None:
-        parent.client.log_figure(parent.run_id, fig, "heatmap.png")
+        parent.log_figure(fig, "heatmap.png")
     parent.log_metrics({"trials": len(trials), "trials_failed": sum(t["status"] == "FAILED" for t in trials),
                         "trials_finished": len(done)})
     if best is not None:
