@@ -124,7 +124,7 @@ class Server:
         import ray
 
         memory: dict[int, State] = {}
-        if self.method.cfg.persist_optimizer:  # the clients keep optimiser memory: it must resume too
+        if self.method.keeps_optimizer:  # the clients keep optimiser memory: it must resume too
             for part in ray.get([h.get_memory.remote() for h in self.hosts]):
                 memory.update(part)
         return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory": memory,

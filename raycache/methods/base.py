@@ -65,6 +65,12 @@ class Method(ABC):
     weighting: ClassVar[str] = "samples"  # FedAvg by sample count; "uniform" = 1 / clients
     fused_optimizer: ClassVar[bool] = False  # one fused kernel per step (worth it for small states)
 
+    @property
+    def keeps_optimizer(self) -> bool:
+        """Whether each client keeps optimiser memory across rounds (a checkpoint must carry it); a method
+        that does not train has no optimiser."""
+        return bool(getattr(self.cfg, "persist_optimizer", False))
+
     @classmethod
     def uses_cache(cls, settings) -> bool:
         return False

@@ -110,6 +110,8 @@ def check_contract(name: str) -> None:
             assert {k: v.shape for k, v in state.items()} == shapes
             assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["client_accuracy_mean"] <= 1
+        snap = fed.snapshot()  # what a checkpoint holds, for every method (zero-shot's once failed here)
+        assert {k: v.shape for k, v in snap["state"].items()} == shapes
 
 
 @pytest.mark.parametrize("name", method_names())
