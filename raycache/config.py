@@ -214,7 +214,12 @@ class RuntimeConfig(_Section):
     client_cpus: float = Field(1.0, ge=0, description="CPUs per client actor (fractions allowed)")
     client_gpus: float = Field(0.0, ge=0, description="GPUs per client actor (fractions share one GPU)")
     encoder_actors: int = Field(1, ge=1, description="encoder actors in the Ray Data pool")
-    encoder_cpus: float = Field(1.0, ge=0, description="CPUs per encoder actor")
+    encoder_cpus: float = Field(1.0, ge=0, description="CPUs per encoder actor (what Ray reserves; its torch "
+                                                       "threads: runtime.encoder_threads)")
+    encoder_threads: int | None = Field(None, ge=1, description="torch threads per encoder actor (null: on a "
+                                        "local Ray, its CPUs shared by the actors; else ceil(encoder_cpus))")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task: the Ray Data stage that reads, "
+                                                      "decodes and preprocesses images for the encoder actors")
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (fractions share one GPU)")
     encoder_batch_size: int = Field(128, ge=1, description="images per encoder batch")
     cache_dir: str = Field(".raycache", description="where encoded features persist across runs")

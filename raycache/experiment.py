@@ -251,7 +251,7 @@ def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
     if cfg.runtime.address is None:  # a local Ray never grows; a cluster's autoscaler may add nodes to fit
         rt = cfg.runtime
         check_fits("runtime.client", min(rt.client_actors, cfg.data.clients), rt.client_cpus, rt.client_gpus)
-        check_fits("runtime.encoder", rt.encoder_actors, rt.encoder_cpus, rt.encoder_gpus)
+        check_fits("runtime.encoder", rt.encoder_actors, 0.0, rt.encoder_gpus)  # CPUs: features.encoder_plan
         if prep.synth_store is not None:
             check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
     prep.timings["time_ray_start_s"] = time.perf_counter() - t
@@ -270,7 +270,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
     if features_shared:
         feats = Features(shared[shared_key("features", prep)], 0, None)
     else:
-        feats = load_or_encode(source, spec, cfg.runtime)
+        feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform)
     timings["time_encode_s"] = time.perf_counter() - t
 
     f, y = feats.features, source.labels

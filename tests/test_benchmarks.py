@@ -20,7 +20,7 @@ def load(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", ["round_cost", "memory", "sweep_overhead", "synth_throughput"])
+@pytest.mark.parametrize("name", ["round_cost", "memory", "sweep_overhead", "synth_throughput", "encode_throughput"])
 def test_benchmark_scripts_import(name):
     assert callable(load(name).main)
 

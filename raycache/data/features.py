@@ -19,46 +19,63 @@ from raycache.errors import UserError
 from raycache.models.clip import ModelSpec
 
 
+def view_seed(seed: int, key: str) -> int:
+    """The seed of one image's augmented views: a function of (seed, the image's key) only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "little")
+
+
+def decode_views(batch: dict[str, np.ndarray], transform, views: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Ray Data task, the pipeline's CPU stage: encoded image bytes in, (B, views, 3, H, W) float32 pixels
+    out: the eval transform, or `views` augmented views from a stream seeded by (seed, the image's key), so an
+    image's views depend on neither its batch nor its worker."""
+    import torch
+
+    augment = augmentation(transform) if views > 1 else None
+    out = []
+    for img, key in zip(batch["image"], batch["key"]):
+        img = decode_image(img, str(key))
+        if augment is None:
+            out.append(transform(img)[None])
+        else:
+            torch.manual_seed(view_seed(seed, str(key)))
+            out.append(torch.stack([augment(img) for _ in range(views)]))
+    return {"pixels": torch.stack(out).numpy()}
+
+
 class ImageEncoder:
-    """Ray Data callable class: one model per actor, batches of encoded images in, features out.
+    """Ray Data callable class, the pipeline's model stage: one model per actor, (B, views, 3, H, W) pixels
+    in, (B, D) features out (the mean over the views). It only runs the model: decoding and preprocessing
+    happen in `decode_views` tasks upstream, so the actor's CPUs (or its GPU) never wait on PIL.
 
     Features are the raw `encode_image` output (not normalised): FedCLIP's adapter reads them as they come
     from CLIP (its reference normalises only after the adapter); every other method normalises them itself."""
 
-    def __init__(self, spec: ModelSpec, use_gpu: bool, views: int = 1, seed: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, use_gpu: bool, threads: int = 1) -> None:
         import torch
 
         from raycache.models.clip import load_clip
 
+        import warnings
+
+        torch.set_num_threads(max(1, threads))  # Ray would set one thread per reserved CPU
+        # blocks arrive read-only from the object store; the model only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model, self.preprocess, _ = load_clip(spec, device=self.device)
-        self.views, self.seed = views, seed
-        self.augment = augmentation(self.preprocess) if views > 1 else None
-
-    def _pixels(self, img, key: str):
-        """(views, 3, H, W): the eval crop, or `views` augmented views drawn from a stream seeded by (seed,
-        the image's key), so an image's views do not depend on its batch or its actor."""
-        import torch
-
-        if self.augment is None:
-            return self.preprocess(img)[None]
-        gen_seed = int.from_bytes(hashlib.sha256(f"{self.seed}|{key}".encode()).digest()[:8], "little")
-        torch.manual_seed(gen_seed)
-        return torch.stack([self.augment(img) for _ in range(self.views)])
+        self.model = load_clip(spec, device=self.device)[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        pixels = torch.cat([self._pixels(decode_image(img, str(key)), str(key))
-                            for img, key in zip(batch["image"], batch["key"])])  # (B * views, 3, H, W)
+        pixels = torch.from_numpy(batch["pixels"])  # (B, V, 3, H, W)
+        b, v = pixels.shape[:2]
         with torch.no_grad():
-            feats = self.model.encode_image(pixels.to(self.device)).float()  # (B * views, D), raw
+            feats = self.model.encode_image(pixels.flatten(0, 1).to(self.device)).float()  # (B * V, D), raw
             # Tip-Adapter's cache key: the mean of the views' raw features (normalised by the method)
-            feats = feats.reshape(len(batch["key"]), -1, feats.shape[-1]).mean(dim=1)  # (B, D)
+            feats = feats.reshape(b, v, -1).mean(dim=1)  # (B, D)
         # The encoder's own count of images it pushed through the model, on the batch's first row: the
         # driver's sum is the number of encoder calls, checked against the number of distinct images.
-        calls = np.zeros(len(feats), dtype=np.int64)
-        calls[0] = pixels.shape[0]  # every view counts as an encoder call
+        calls = np.zeros(b, dtype=np.int64)
+        calls[0] = b * v  # every view counts as an encoder call
         return {"features": feats.cpu().numpy(), "encoder_images": calls}
 
 
@@ -99,52 +116,182 @@ def feature_key(spec: ModelSpec, source: Source, views: int = 1, seed: int = 0) 
     return hashlib.sha256(f"{FEATURE_FORMAT}|{spec.fingerprint()}|{source.fingerprint}{aug}".encode()).hexdigest()[:24]
 
 
-def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int = 0) -> Features:
+def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int = 0,
+                  transform=None) -> Features:
     """Features for every image of `source` under `spec` (with `views` > 1: the mean raw feature of that many
-    augmented views per image, seeded by `seed`); encodes only if the store lacks them."""
-    from safetensors.numpy import load_file, save_file
-
+    augmented views per image, seeded by `seed`); encodes only if the store lacks them. `transform`: the
+    model's eval preprocessing, if the caller has it (else it is built here)."""
+    key = feature_key(spec, source, views, seed)
     store = Path(runtime.cache_dir) / "features"
-    path = store / f"{feature_key(spec, source, views, seed)}.safetensors"
-    if path.is_file():
-        try:
-            feats = load_file(str(path))["features"]
-        except Exception:  # noqa: BLE001 (a damaged store file, e.g. a full disk: it is a cache, re-encode)
-            feats = None
-        if feats is not None and feats.shape[0] == len(source.labels) and np.isfinite(feats).all():
-            return Features(feats, 0, path)
-    feats, encoded = _encode(source, spec, runtime, views, seed)
+    feats = read_store(store, key, len(source.labels))
+    if feats is not None:
+        return Features(feats, 0, store / key)
+    if transform is None:
+        from raycache.models.clip import load_clip
+
+        transform = load_clip(spec)[1]
+    meta = {"model": json.dumps(spec.__dict__), "dataset": source.fingerprint}
+    with ShardWriter(store, key, meta) as writer:
+        feats, encoded = _encode(source, spec, runtime, transform, views, seed, writer)
+    return Features(feats, encoded, writer.path)
+
+
+def read_store(store: Path, key: str, n: int) -> np.ndarray | None:
+    """The stored features of `key` as one (n, D) array in the source's order, or None when the store lacks
+    them whole (missing, damaged, or another length: the store is a cache, so they are encoded again)."""
+    from safetensors.numpy import load_file
+
+    folder, legacy = store / key, store / f"{key}.safetensors"
     try:
-        store.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        meta = {"model": json.dumps(spec.__dict__), "dataset": source.fingerprint, "n": str(len(feats))}
-        save_file({"features": feats}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
-    except OSError as err:
-        raise UserError(f"runtime.cache_dir: cannot write features to {store} ({err.strerror})") from None
-    return Features(feats, encoded, path)
+        if (folder / INDEX).is_file():
+            index = json.loads((folder / INDEX).read_text())
+            out = np.empty((index["n"], index["dim"]), np.float32)
+            at = 0
+            for name, rows in index["shards"]:
+                out[at:at + rows] = load_file(str(folder / name))["features"]
+                at += rows
+            feats = out if at == index["n"] else None
+        elif legacy.is_file():  # the single-file store of earlier versions: the same rows
+            feats = load_file(str(legacy))["features"]
+        else:
+            return None
+    except Exception:  # noqa: BLE001 (a damaged store, e.g. a full disk: it is a cache, re-encode)
+        return None
+    if feats is None or feats.shape[0] != n or not np.isfinite(feats).all():
+        return None
+    return feats
 
 
-def _encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int = 0) -> tuple[np.ndarray, int]:
+INDEX = "index.json"
+
+
+class ShardWriter:
+    """Writes features as they arrive, one safetensors shard per block, into a temporary folder that becomes
+    `<store>/<key>` only when every row is written (its `index.json` lists the shards in order); a failed or
+    interrupted encode leaves nothing behind that a reader would take for features."""
+
+    def __init__(self, store: Path, key: str, meta: dict[str, str]) -> None:
+        self.store, self.path, self.meta = store, store / key, meta
+        self.tmp = store / f".{key}.tmp{os.getpid()}"
+        self.shards: list[tuple[str, int]] = []
+
+    def __enter__(self) -> "ShardWriter":
+        import shutil
+
+        try:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        except OSError as err:
+            raise UserError(f"runtime.cache_dir: cannot write features to {self.store} ({err.strerror})") from None
+        return self
+
+    def write(self, feats: np.ndarray) -> None:
+        from safetensors.numpy import save_file
+
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        try:
+            save_file({"features": np.ascontiguousarray(feats)}, str(self.tmp / name), metadata=self.meta)
+        except Exception as err:  # noqa: BLE001 (OSError, or safetensors' own error on a full disk)
+            raise UserError(f"runtime.cache_dir: cannot write features to {self.tmp / name} "
+                            f"({getattr(err, 'strerror', None) or err})") from None
+        self.shards.append((name, len(feats)))
+
+    def __exit__(self, kind, err, tb) -> None:
+        import shutil
+
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        n = sum(rows for _, rows in self.shards)
+        dim = 0
+        if self.shards:
+            from safetensors import safe_open
+
+            with safe_open(str(self.tmp / self.shards[0][0]), "numpy") as f:
+                dim = f.get_slice("features").get_shape()[1]
+        try:
+            (self.tmp / INDEX).write_text(json.dumps({"n": n, "dim": dim, "shards": self.shards, **self.meta}))
+            try:
+                os.replace(self.tmp, self.path)  # atomic: a reader sees the whole folder or none
+            except OSError:  # another run stored the same features meanwhile: theirs are the same rows
+                if not (self.path / INDEX).is_file():
+                    raise
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        except OSError as err:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise UserError(f"runtime.cache_dir: cannot write features to {self.store} ({err.strerror})") from None
+
+
+def encoder_plan(runtime) -> tuple[int, float, int]:
+    """(actors, CPUs per actor, torch threads per actor) of the encoder pool, sized so that a read/decode
+    task always fits beside it.
+
+    On a local Ray the pool and the stage that feeds it share a fixed set of CPUs: a pool that took them all
+    would leave the read and decode tasks waiting for ever (two 1-CPU actors on 2 CPUs once did). A pool that
+    does not fit beside one task of `max(1, decode_cpus)` CPUs (Ray Data's reads take 1) is sized down,
+    said in one line on stderr, and refused when not even one actor fits. Ray's CPUs are a reservation, not
+    a thread count: the actors' torch threads share the local Ray's CPUs (decoding is light beside the
+    model), unless `runtime.encoder_threads` says otherwise. On a cluster the autoscaler adds nodes, so the
+    configured pool stands, with ceil(encoder_cpus) threads per actor."""
+    import math
+    import sys
+
+    import ray
+
+    actors, cpus = runtime.encoder_actors, runtime.encoder_cpus
+    if runtime.address is not None:
+        return actors, cpus, runtime.encoder_threads or max(1, math.ceil(cpus))
+    have = ray.cluster_resources().get("CPU", 0.0)
+    stage = max(1.0, runtime.decode_cpus)
+    spare = have - stage
+    if cpus > spare + 1e-9:
+        raise UserError(f"runtime.encoder_cpus: an encoder actor with {cpus:g} CPU beside a read/decode task "
+                        f"({stage:g} CPU) does not fit this Ray's {have:g} CPUs")
+    fit = int((spare + 1e-9) // cpus) if cpus > 0 else actors
+    if fit < actors:
+        print(f"raycache: runtime.encoder_actors={actors} x {cpus:g} CPU leave no CPU for reading and decoding "
+              f"on this Ray's {have:g} CPUs; encoding with {fit}", file=sys.stderr)
+        actors = fit
+    return actors, cpus, runtime.encoder_threads or max(1, int(have) // actors)
+
+
+def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, seed: int,
+            writer: ShardWriter) -> tuple[np.ndarray, int]:
+    """Two Ray Data stages: `decode_views` tasks (CPU) decode and preprocess, the `ImageEncoder` actor pool
+    runs the model; blocks stream through both, and each block of features is written as a shard and
+    copied into one preallocated array as it arrives (the dataset is held once)."""
     import ray.data
 
+    actors, cpus, threads = encoder_plan(runtime)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # features line up with source.labels
+    batch = max(1, runtime.encoder_batch_size // views)  # images x views per forward pass
     ds = source.to_ray().map_batches(
+        decode_views, fn_kwargs={"transform": transform, "views": views, "seed": seed}, batch_size=batch,
+        batch_format="numpy", num_cpus=runtime.decode_cpus,
+    ).map_batches(
         ImageEncoder,
-        fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "views": views, "seed": seed},
-        batch_size=max(1, runtime.encoder_batch_size // views),  # images x views per forward pass
-        batch_format="numpy",
-        num_cpus=runtime.encoder_cpus,
-        num_gpus=runtime.encoder_gpus,
-        compute=ray.data.ActorPoolStrategy(size=runtime.encoder_actors),
+        fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "threads": threads},
+        batch_size=batch, batch_format="numpy", num_cpus=cpus, num_gpus=runtime.encoder_gpus,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         max_restarts=0,  # a failed encoder fails the encode (nothing half-written); no restart warning
     )
+    n = len(source.labels)
+    out, at, calls = None, 0, 0
     try:
-        chunks, calls = [], 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            chunks.append(batch["features"])
-            calls += int(batch["encoder_images"].sum())
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            feats = block["features"].astype(np.float32, copy=False)
+            if out is None:
+                out = np.empty((n, feats.shape[1]), np.float32)
+            if at + len(feats) > n:
+                raise RuntimeError(f"encoder returned more than {n} rows for {n} images")
+            if not np.isfinite(feats).all():
+                bad = at + int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
+                raise UserError(f"data.dataset: image {bad} of {source.name} encodes to NaN/inf features")
+            out[at:at + len(feats)] = feats
+            at += len(feats)
+            calls += int(block["encoder_images"].sum())
+            writer.write(feats)
     except Exception as err:  # Ray wraps the actor's exception; surface a user's mistake as one line
         from raycache.errors import find_user_error
 
@@ -152,10 +299,6 @@ def _encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int 
         if user is not None:
             raise user from None
         raise
-    feats = np.concatenate(chunks).astype(np.float32, copy=False)
-    if feats.shape[0] != len(source.labels):
-        raise RuntimeError(f"encoder returned {feats.shape[0]} rows for {len(source.labels)} images")
-    if not np.isfinite(feats).all():
-        bad = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
-        raise UserError(f"data.dataset: image {bad} of {source.name} encodes to NaN/inf features")
-    return feats, calls
+    if at != n:
+        raise RuntimeError(f"encoder returned {at} rows for {n} images")
+    return out, calls

@@ -145,7 +145,8 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
             continue
         ensure_ray(prep.cfg.runtime)
         if shared_key("features", prep) not in shared:
-            shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
+            shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime,
+                                                                        transform=prep.transform).features
         if prep.uses_pixels and shared_key("pixels", prep) not in shared:
             shared[shared_key("pixels", prep)] = load_pixels(prep.source, prep.transform)
         if prep.uses_cache:

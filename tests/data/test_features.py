@@ -95,3 +95,51 @@ def test_augmented_cache_keys_average_the_views_raw_features(ray_session, image_
     assert again.encoded == 0  # stored under (rows, views, seed)
     other_seed = load_or_encode(sub, ModelSpec("tiny"), runtime, views=4, seed=4)
     assert other_seed.encoded == 12 and not np.allclose(other_seed.features, keys.features)
+
+
+def test_the_store_is_sharded_and_reads_back_in_source_order(ray_session, tmp_path):
+    """Features are written block by block as they arrive; the shards, read back, are one array in the
+    source's order: each row is its own image's features, computed here one image at a time."""
+    import json
+
+    import torch
+
+    from raycache.data.features import INDEX, read_store
+    from raycache.data.sources.base import decode_image
+    from raycache.models.clip import load_clip
+
+    src = open_source(DataConfig())  # digits: 1,797 images, an in-memory source split into blocks
+    runtime = RuntimeConfig(cache_dir=str(tmp_path / "store"), encoder_batch_size=64)
+    first = load_or_encode(src, ModelSpec("tiny"), runtime)
+    index = json.loads((first.path / INDEX).read_text())
+    assert len(index["shards"]) > 3 and sum(rows for _, rows in index["shards"]) == len(src.labels)
+    assert not [p for p in (tmp_path / "store" / "features").iterdir() if p.name.startswith(".")]  # no temp left
+
+    model, preprocess, _ = load_clip(ModelSpec("tiny"))
+    rows = src.to_ray().take_all()
+    picks = [0, 63, 64, 1000, len(rows) - 1]  # either side of block edges, and the last image
+    with torch.no_grad():
+        expected = np.stack([model.encode_image(preprocess(decode_image(rows[i]["image"], rows[i]["key"]))[None])[0]
+                             .numpy() for i in picks])
+    np.testing.assert_allclose(first.features[picks], expected, rtol=1e-4, atol=1e-5)
+    stored = read_store(tmp_path / "store" / "features", first.path.name, len(src.labels))
+    np.testing.assert_array_equal(stored, first.features)
+    assert read_store(tmp_path / "store" / "features", first.path.name, len(src.labels) + 1) is None  # not whole
+
+
+def test_an_encoder_pool_that_leaves_no_cpu_for_decoding_is_sized_down_or_refused(ray_session, image_folder,
+                                                                                 tmp_path, capsys):
+    """On a local Ray the decode tasks need a CPU beside the encoder actors: two 1-CPU actors on this
+    2-CPU Ray once hung the encode for ever; now the pool is sized to fit, said in one line."""
+    from raycache.data.features import encoder_plan
+
+    assert encoder_plan(RuntimeConfig()) == (1, 1.0, 2)  # one CPU reserved, both cores' threads
+    assert encoder_plan(RuntimeConfig(encoder_actors=2, encoder_cpus=0.5)) == (2, 0.5, 1)
+    assert encoder_plan(RuntimeConfig(encoder_threads=1)) == (1, 1.0, 1)
+    with pytest.raises(UserError, match=r"runtime.encoder_cpus: .*2 CPU.*does not fit this Ray's 2 CPUs"):
+        encoder_plan(RuntimeConfig(encoder_cpus=2))
+    runtime = RuntimeConfig(cache_dir=str(tmp_path / "store"), encoder_actors=2, encoder_cpus=1,
+                            encoder_batch_size=8)
+    feats = load_or_encode(open_source(DataConfig(dataset=str(image_folder))), ModelSpec("tiny"), runtime)
+    assert feats.encoded == 72
+    assert "runtime.encoder_actors=2 x 1 CPU leave no CPU for reading and decoding" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 
-from raycache.data.sources.base import Source, png_bytes
+from raycache.data.sources.base import Source, from_table, png_bytes
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -23,8 +23,6 @@ def load(cfg) -> Source:
     table = pa.table({"image": encoded, "key": [f"digits[{i}]" for i in range(len(encoded))]})
 
     def to_ray(rows=None):
-        import ray.data
-
-        return ray.data.from_arrow(table if rows is None else table.take(rows))
+        return from_table(table if rows is None else table.take(rows))
 
     return Source("digits", labels, list(CLASS_NAMES), f"digits-{h}", to_ray)

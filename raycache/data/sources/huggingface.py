@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycache.data.sources.base import Source
+from raycache.data.sources.base import Source, from_table
 from raycache.errors import UserError
 
 PREFIX = "hf:"
@@ -86,10 +86,9 @@ def load(cfg) -> Source:
 
     def to_ray(rows=None):
         import pyarrow as pa
-        import ray.data
 
         picked = range(len(images)) if rows is None else rows
-        return ray.data.from_arrow(pa.table({"image": [images[i] for i in picked], "key": [keys[i] for i in picked]}))
+        return from_table(pa.table({"image": [images[i] for i in picked], "key": [keys[i] for i in picked]}))
 
     return Source(cfg.dataset, np.asarray(labels, dtype=np.int64), list(label.names), f"hf-{h.hexdigest()[:16]}",
                   to_ray, splits=splits)

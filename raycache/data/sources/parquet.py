@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycache.data.sources.base import Source
+from raycache.data.sources.base import Source, from_table
 from raycache.errors import UserError
 
 
@@ -87,8 +87,7 @@ def load(cfg) -> Source:
             parts = [pq.read_table(f, columns=[image_column]) for f in files]
             keys = [f"{f}[{i}]" for f, t in zip(files, parts) for i in range(t.num_rows)]
             picked = pa.concat_tables(parts).take(rows)
-            return ray.data.from_arrow(pa.table({"image": picked.column(image_column),
-                                                 "key": [keys[i] for i in rows]}))
+            return from_table(pa.table({"image": picked.column(image_column), "key": [keys[i] for i in rows]}))
         ds = ray.data.read_parquet(files, columns=[image_column], include_paths=True)
         return ds.rename_columns({image_column: "image", "path": "key"})
 
