@@ -8,9 +8,14 @@ quickstart, 2 rounds each, 2 trials at once) through `raycache sweep`, timed fro
 - `concurrency` = sum_trials_s / tune_s (the most it can be is `max_concurrent`);
   `gap_per_trial_s` = (tune_s x max_concurrent - sum_trials_s) / trials: the slot time no trial ran in
   (Tune scheduling, starting a trial's actor and placement group, worker start-up).
+- `marginal_s` = tune_s x max_concurrent / trials - the mean trial's rounds: what one more trial adds
+  beyond its own rounds, the first trials' process start-up included. `warm_marginal_s`: the same over
+  the trials that reused warm actors only (from the first of them starting to the last trial ending): what
+  each further trial costs. `actors_reused`: server and host actors the trials took from a warm pool.
 Usage:
 
-    .venv/bin/python benchmarks/sweep_overhead.py
+    .venv/bin/python benchmarks/sweep_overhead.py           # warm trials (the default)
+    .venv/bin/python benchmarks/sweep_overhead.py --cold    # a fresh trial process and actors every trial
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-concurrent", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cold", action="store_true", help="warm_trials: false (fresh processes for every trial)")
     args = ap.parse_args()
     store = Path(tempfile.mkdtemp(prefix="raycache-bench-sweep-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
@@ -42,7 +48,7 @@ def main() -> int:
         "name": "overhead", "base": str(ROOT / "experiments/quickstart.yaml"),
         "set": [f"federation.rounds={args.rounds}", "runtime.client_actors=1", "runtime.client_cpus=0.95",
                 f"runtime.cache_dir={store}", "tracking.experiment=benchmark-sweep"],
-        "max_concurrent": args.max_concurrent,
+        "max_concurrent": args.max_concurrent, "warm_trials": not args.cold,
         "space": {"data.alpha": {"grid": [0.1, 0.5, 1.0]}, "method.shots": {"grid": [1, 4, 16]}}}))
 
     from mlflow.tracking import MlflowClient
@@ -68,7 +74,15 @@ def main() -> int:
     row = {"trials": len(runs), "wall_s": t_end - t0, "driver_s": min(starts) - t0, "tune_s": tune_s,
            "summary_s": t_end - max(ends), "sum_trials_s": sum_trials, "mean_trial_s": statistics.mean(walls),
            "concurrency": sum_trials / tune_s,
-           "gap_per_trial_s": (tune_s * args.max_concurrent - sum_trials) / len(runs)}
+           "gap_per_trial_s": (tune_s * args.max_concurrent - sum_trials) / len(runs),
+           # a trial's slot time beyond its own rounds: what one more trial adds to the sweep
+           "marginal_s": tune_s * args.max_concurrent / len(runs) - parts["time_rounds_s"],
+           "actors_reused": int(sum(r.data.metrics.get("actors_reused", 0) for r in runs))}
+    warm = [(s, e, r) for s, e, r in zip(starts, ends, runs) if r.data.metrics.get("actors_reused", 0) > 0]
+    if warm:  # once the first trials have started the processes: slot time per further trial, less its rounds
+        span = max(ends) - min(s for s, _, _ in warm)
+        row["warm_marginal_s"] = span * args.max_concurrent / len(warm) - statistics.mean(
+            r.data.metrics["time_rounds_s"] for _, _, r in warm)
     print(" | ".join(row))
     print(" | ".join(str(v) if isinstance(v, int) else f"{v:.2f}" for v in row.values()))
     print("mean per trial (s): " + ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.2f}"

@@ -26,6 +26,8 @@ class StopRun(Exception):
     """Raised by a per-round callback to end a run early, cleanly (e.g. a sweep's scheduler stopped its
     trial): the rounds done so far stay logged, and the run ends KILLED with `stopped_by` = reason."""
 
+    clean = True  # the run's actors are healthy (a warm pool may keep them)
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason

@@ -175,14 +175,16 @@ def _check_federation(cfg: ExperimentConfig, method) -> None:
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
                    shared: dict[str, np.ndarray] | None = None, resume: str | None = None,
-                   audit: bool = False) -> Summary:
+                   audit: bool = False, warm: bool = False) -> Summary:
     """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id).
 
     `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
     checkpoint (written after every round). `audit`: record every client message (`Summary.messages`).
 
     `shared`: inputs another process already made, keyed by `shared_key` (a sweep's driver puts its
-    features and preprocessed images in the object store once; every trial reads them from there)."""
+    features and preprocessed images in the object store once; every trial reads them from there).
+    `warm`: take the federation's actors from this process's warm pool and give them back after (a sweep's
+    trials, whose process Tune reuses)."""
     stage = on_stage or (lambda s: None)
     prep = prepare(cfg)  # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
     run, ckpt = open_run(prep, tags, resume)
@@ -191,7 +193,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
             log_inputs(prep, run)
         start_ray(prep, stage)
         encoded = encode(prep, run, stage, shared or {})
-        summary = federate(prep, encoded, run, on_round, stage, ckpt, audit)
+        summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm)
     except BaseException as err:
         from raycache.errors import find_run_failure, find_user_error
 
@@ -310,7 +312,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
 
 
 def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, stage: Callable[[str], None],
-             ckpt=None, audit: bool = False) -> Summary:
+             ckpt=None, audit: bool = False, warm: bool = False) -> Summary:
     """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
     from raycache.federation.runtime import Federation
     from raycache.resume import save_result, save_round
@@ -327,8 +329,10 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     first = 1 if ckpt is None else ckpt.round + 1
     totals = {"up": 0.0, "down": 0.0} if ckpt is None else {"up": ckpt.meta["up"], "down": ckpt.meta["down"]}
     last = None if ckpt is None else ckpt.meta["last"]
-    with Federation(cfg, prep.task, train, prep.trainers, evals, enc.cache, prep.counts, audit=audit) as fed:
-        run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes))})  # nodes the client actors span
+    with Federation(cfg, prep.task, train, prep.trainers, evals, enc.cache, prep.counts, audit=audit,
+                    warm=warm) as fed:
+        run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes)),  # nodes the client actors span
+                         "actors_reused": fed.reused})  # taken from a warm pool (a sweep's earlier trial)
         if ckpt is None:
             run.log_metrics(fed.start(), step=0)
         else:

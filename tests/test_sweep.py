@@ -119,6 +119,40 @@ def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path
 
 
 @pytest.mark.slow
+def test_warm_trials_reuse_processes_and_compute_what_a_run_alone_does(tmp_path, ray_session, mlflow_uri):
+    """One trial at a time: the second trial runs in the first one's Tune process with its server and host
+    actors, re-initialised; its rounds are those of the same config run on its own, metric for metric."""
+    from raycache.experiment import run_experiment
+    from raycache.sweep.runner import run_sweep, trial_config
+    from raycache.sweep.space import load_sweep
+
+    path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.1, 1.0]}}, name="warm", max_concurrent=1)
+    sweep, base = load_sweep(path, ["federation.rounds=2"])
+    result = run_sweep(sweep, base)
+    client = MlflowClient(mlflow_uri)
+    runs = sorted((client.get_run(t["run_id"]) for t in result.trials), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert [r.data.metrics["actors_reused"] for r in runs] == [0, 2]  # the server and the one host
+    second = runs[1]
+    params = json.loads(second.data.tags["raycache.sweep_params"])
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Tune trial's process: the driver-side sums (the cache keys) then
+    try:                      # add up in the same order, to the last bit
+        alone = run_experiment(trial_config(base, params, "alone"))
+    finally:
+        torch.set_num_threads(threads)
+
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    for key in ("accuracy", "val_accuracy", "loss", "client_accuracy_mean", "result_accuracy"):
+        assert history(second.info.run_id, key) == history(alone.run_id, key), key
+    assert history(alone.run_id, "accuracy")[-1][0] == 2
+
+
+@pytest.mark.slow
 def test_asha_stops_a_weak_trial_by_round(tmp_path, ray_session, mlflow_uri):
     """Trials run one at a time, the strong one first: ASHA (halving at round 1) must stop the weak one
     (zero-shot, which does not learn) after its first round, and let the strong one run every round."""
@@ -149,7 +183,9 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, 
     import sys
     import time
 
-    path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.1, 0.5, 1.0]}}, name="resumable", max_concurrent=1)
+    # six trials: warm trials take seconds each, and the Ctrl-C must land while some are still to run
+    grid = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+    path = sweep_file(tmp_path, {"data.alpha": {"grid": grid}}, name="resumable", max_concurrent=1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     cmd = [sys.executable, "-m", "raycache", "sweep", str(path)]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -178,19 +214,19 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, 
             proc.kill()
             proc.wait()
     done_before = {r.data.tags["raycache.trial"]: r.info.run_id for r in children("FINISHED")}
-    assert 1 <= len(done_before) < 3
+    assert 1 <= len(done_before) < len(grid)
     resumed = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     finished = children("FINISHED")
     trials = {r.data.tags["raycache.trial"] for r in finished}
-    assert len(trials) == 3  # every grid point finished once in the end
+    assert len(trials) == len(grid)  # every grid point finished once in the end
     for trial, run_id in done_before.items():  # finished trials were not run again
         assert [r.info.run_id for r in finished if r.data.tags["raycache.trial"] == trial] == [run_id]
     exp = client.get_experiment_by_name("sweep-test")
     parent = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
               if r.info.run_name == "resumable"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"  # the same parent, finished on resume
-    assert parent[0].data.metrics["trials"] == 3 and parent[0].data.metrics["trials_finished"] == 3
+    assert parent[0].data.metrics["trials"] == len(grid) and parent[0].data.metrics["trials_finished"] == len(grid)
 
 
 def test_a_validation_metric_without_a_validation_split_is_refused(tmp_path, capsys):

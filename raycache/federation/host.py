@@ -92,6 +92,12 @@ class ClientHost:
         self.audit: list[dict] | None = [] if audit else None  # a record of every client message (tests)
         self.bytes_up = 0
 
+    def reinit(self, *args, **kwargs) -> str:
+        """Become the host of another federation (a warm pool's actor, reused for a sweep's next trial): the
+        same as constructing one, in this already started process; returns its node."""
+        self.__init__(*args, **kwargs)
+        return self.node()
+
     def train(self, state: State, client_ids: list[int], round_idx: int,
               timeout_s: float | None = None) -> HostReport:
         """Train each client from `state` (or what its flow starts it from) and hand each update to the

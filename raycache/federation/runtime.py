@@ -7,21 +7,49 @@ import numpy as np
 from raycache.methods.base import Task
 
 
+class WarmPool:
+    """Idle server and host actors of this process, kept for its next federation (a sweep trial's process,
+    which Tune reuses for the next trial of the same resources). A reused actor is re-initialised with the
+    next federation's arguments, exactly as a new one would be constructed, but without starting a process,
+    importing torch or loading its compiler stack again. Actors die with the process that owns them."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple, list] = {}
+
+    def take(self, key: tuple):
+        actors = self.idle.get(key)
+        return actors.pop() if actors else None
+
+    def give(self, key: tuple, actor) -> None:
+        self.idle.setdefault(key, []).append(actor)
+
+    def size(self) -> int:
+        return sum(len(v) for v in self.idle.values())
+
+
+WARM = WarmPool()  # this process's pool (used only by federations started with `warm=True`)
+
+
 class Federation:
-    """Owns the actors of one experiment; `close()` (or leaving the `with` block) removes them."""
+    """Owns the actors of one experiment; `close()` (or leaving the `with` block) removes them, or, for a
+    federation started with `warm=True`, hands them to this process's `WARM` pool for the next one."""
 
     def __init__(self, cfg, task: Task, train: tuple[np.ndarray, np.ndarray], parts: list[np.ndarray],
                  evals, server_data: tuple[np.ndarray, np.ndarray], class_counts: np.ndarray,
-                 audit: bool = False) -> None:
+                 audit: bool = False, warm: bool = False) -> None:
         """`train` holds the inputs the method trains on (features, or images), `parts` each trainer's rows
         of it (one pooled trainer for a centralised method), `evals` the test, validation and client-test
         sets (`EvalSets`), `class_counts` the clients' label mixes."""
         self.hosts: list = []
         self.nodes: list[str] = []
         self.server = None
+        self.warm = warm
+        self.reused = 0  # actors taken from the warm pool
+        self.failed = False
         try:
             self._start(cfg, task, train, parts, evals, server_data, class_counts, audit)
         except BaseException:
+            self.failed = True
             self.close()  # never leave actors holding a shared cluster's CPUs
             raise
 
@@ -55,15 +83,27 @@ class Federation:
                    "audit": audit, "rules": rules})
                  for h in range(n_hosts)]
         host_cls = ray.remote(ClientHost)
+        self.host_key = ("host", rt.client_cpus, rt.client_gpus)
+        starting = []
         for h, (args, kwargs) in enumerate(specs):  # one by one, so that a failure part-way still cleans up
-            self.hosts.append(host_cls.options(**{**options, "name": f"{options['name']}-{h}-0"}).remote(
-                *args, **kwargs))
-        server_cls = ray.remote(Server).options(num_cpus=0)
+            host = WARM.take(self.host_key) if self.warm else None
+            if host is None:
+                host = host_cls.options(**{**options, "name": f"{options['name']}-{h}-0"}).remote(*args, **kwargs)
+                starting.append(host.node.remote())
+            else:
+                self.reused += 1
+                starting.append(host.reinit.remote(*args, **kwargs))
+            self.hosts.append(host)
+        server_args = (method_cls, cfg.method, task_ref, evals_ref, server_data, class_counts, self.hosts,
+                       len(parts), cfg.federation, cfg.seed, (options, specs))
         # The server can replace a host that dies or times out: it gets the same options and arguments.
-        self.server = server_cls.remote(method_cls, cfg.method, task_ref, evals_ref, server_data,
-                                        class_counts, self.hosts, len(parts), cfg.federation, cfg.seed,
-                                        (options, specs))
-        self.nodes: list[str] = ray.get([h.node.remote() for h in self.hosts])  # waits until all have started
+        self.server = WARM.take(("server",)) if self.warm else None
+        if self.server is None:
+            self.server = ray.remote(Server).options(num_cpus=0).remote(*server_args)
+        else:
+            self.reused += 1
+            ray.get(self.server.reinit.remote(*server_args))
+        self.nodes: list[str] = ray.get(starting)  # waits until all have started
 
     def info(self) -> dict[str, int]:
         import ray
@@ -116,6 +156,17 @@ class Federation:
     def close(self) -> None:
         import ray
 
+        if self.warm and not self.failed and self.server is not None:
+            try:  # the hosts the server holds now (it may have replaced some)
+                hosts = ray.get(self.server.current_hosts.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 (a server that cannot answer is not worth keeping)
+                hosts = None
+            if hosts is not None:
+                WARM.give(("server",), self.server)
+                for host in hosts:
+                    WARM.give(self.host_key, host)
+                self.server, self.hosts = None, []
+                return
         for actor in [self.server, *self.hosts]:
             if actor is not None:
                 ray.kill(actor)
@@ -123,7 +174,9 @@ class Federation:
     def __enter__(self) -> "Federation":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
+        # actors of a failed run are not reused; a clean early stop (a scheduler's) leaves them healthy
+        self.failed = self.failed or (kind is not None and not getattr(kind, "clean", False))
         self.close()
 
 

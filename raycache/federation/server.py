@@ -42,6 +42,14 @@ class Server:
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
 
+    def reinit(self, *args, **kwargs) -> None:
+        """Become the server of another federation (a warm pool's actor): the same as constructing one."""
+        self.__init__(*args, **kwargs)
+
+    def current_hosts(self) -> list:
+        """The host actors as they are now (a replaced host's successor in its place)."""
+        return list(self.hosts)
+
     def evaluate(self, state: State | None = None) -> dict[str, float]:
         """Test, validation and local-test accuracy of `state` (the current one by default), as the flow
         evaluates it (a personal flow: each client under its own state)."""

@@ -56,7 +56,8 @@ def trial_resources(cfg: ExperimentConfig) -> list[dict[str, float]]:
     return [{"CPU": 0.01}] + [dict(host) for _ in range(min(rt.client_actors, cfg.data.clients))]
 
 
-def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, shared: dict[str, np.ndarray]) -> None:
+def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, shared: dict[str, np.ndarray],
+           warm: bool = True) -> None:
     from ray import tune
 
     from raycache.experiment import run_experiment
@@ -66,6 +67,10 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
     tags = {"mlflow.parentRunId": parent_run_id, "raycache.trial": name, "raycache.sweep_params": json.dumps(params)}
 
     rounds = int(params.get("federation.rounds", build_config(base).federation.rounds))
+    done = _finished_run(base, name, parent_run_id)
+    if done is not None:  # finished before the sweep was interrupted, but Tune had not recorded it yet
+        tune.report({**done.metrics, "round": rounds})
+        return
 
     def report(round_idx: int, metrics: dict[str, float]) -> None:
         if round_idx == rounds:  # reported once the run is closed: Tune ends the trial on its last report
@@ -76,12 +81,24 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
             raise StopRun("scheduler") from None
 
     try:
-        summary = run_experiment(trial_config(base, params, name), on_round=report, tags=tags, shared=shared)
+        summary = run_experiment(trial_config(base, params, name), on_round=report, tags=tags, shared=shared,
+                                 warm=warm)
         if summary.stopped_by is None:
             tune.report({**summary.final, **summary.selection, "round": rounds})
     except Exception as err:
         _record_early_failure(err, name, base, tags)
         raise
+
+
+def _finished_run(base: dict, name: str, parent_run_id: str):
+    """This trial's FINISHED run under this sweep's parent, if it has one: MLflow, not Tune's state, says
+    whether a trial is done (Tune's state is saved now and then; a trial can finish in between)."""
+    from raycache.tracking import search
+
+    experiment = base.get("tracking", {}).get("experiment", "raycache")
+    runs = search(experiment, f"tags.`raycache.trial` = '{name}' and tags.`mlflow.parentRunId` = "
+                              f"'{parent_run_id}' and attributes.status = 'FINISHED'")
+    return runs[0] if runs else None
 
 
 def _record_early_failure(err: Exception, name: str, base: dict, tags: dict[str, str]) -> None:
@@ -207,7 +224,8 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
                          [f"result_{sweep.metric}", "result_accuracy", "best_round"])
     try:
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=base, parent_run_id=parent.run_id, uri=uri, shared=shared),
+            tune.with_parameters(_trial, base=base, parent_run_id=parent.run_id, uri=uri, shared=shared,
+                                 warm=sweep.warm_trials),
             tune.PlacementGroupFactory(bundles))
         if resume and tune.Tuner.can_restore(str(folder)):
             tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=False,
@@ -222,6 +240,7 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
                 trainable, param_space=tune_space(sweep.space),
                 tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                             num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
+                                            reuse_actors=sweep.warm_trials,  # a trial's process and actors serve the next
                                             trial_name_creator=lambda t: f"{sweep.name}-{t.trial_id}",
                                             trial_dirname_creator=lambda t: f"{sweep.name}-{t.trial_id}"),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,

@@ -57,6 +57,9 @@ class SweepConfig(BaseModel):
     reduction_factor: int = Field(3, ge=2, description="asha: at each rung, the 1/factor best trials go on")
     num_samples: int = Field(1, ge=1, description="repeats of the grid; random types draw anew each time")
     max_concurrent: int = Field(2, ge=1, description="trials running at once (each reserves its actors)")
+    warm_trials: bool = Field(True, description="a finished trial's processes (Tune's trial actor, its server "
+                                                "and client actors) serve the next trial of the same resources, "
+                                                "re-initialised; false starts fresh ones for every trial")
     space: dict[str, dict[str, list[Any]]] = Field(min_length=1, description="dotted key -> {type: values}")
 
     @field_validator("space")
