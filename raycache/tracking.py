@@ -146,6 +146,13 @@ class Run:
         self.client.set_terminated(run_id, "KILLED")
         return RunRecord.of(self.client.get_run(run_id))
 
+    def fail_child(self, run_id: str, error: BaseException) -> RunRecord:
+        """End a child left RUNNING by a trial that died (its process or node lost) as FAILED, with why."""
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        self.client.set_tag(run_id, "failure_reason", reason[:5000])
+        self.client.set_terminated(run_id, "FAILED")
+        return RunRecord.of(self.client.get_run(run_id))
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v)[:5000])

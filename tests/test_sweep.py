@@ -152,6 +152,65 @@ def test_warm_trials_reuse_processes_and_compute_what_a_run_alone_does(tmp_path,
     assert history(alone.run_id, "accuracy")[-1][0] == 2
 
 
+def _kill_trial_process_after(client, name: str, round_idx: int, killed: list, timeout: float = 300) -> None:
+    """Watch MLflow until a trial of sweep `name` has checkpointed `round_idx`, then SIGKILL its Tune trial
+    process (a lost process, as a node failure would leave it); record the run id in `killed`."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        exp = client.get_experiment_by_name("sweep-test")
+        runs = client.search_runs([exp.experiment_id], f"tags.`raycache.trial` LIKE '{name}-%'") if exp else []
+        for run in runs:
+            if int(run.data.tags.get("raycache.checkpoint_round", -1)) >= round_idx:
+                for proc in psutil.process_iter(["cmdline"]):  # Ray titles it `ray::ImplicitFunc...`
+                    if any("ImplicitFunc" in part for part in proc.info["cmdline"] or []):
+                        os.kill(proc.pid, signal.SIGKILL)
+                killed.append(run.info.run_id)
+                return
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_process_dies_is_retried_from_its_last_round_or_failed_with_why(tmp_path, ray_session,
+                                                                                     mlflow_uri):
+    import threading
+
+    from raycache.sweep.runner import run_sweep
+    from raycache.sweep.space import load_sweep
+
+    client = MlflowClient(mlflow_uri)
+    slow_rounds = ["federation.rounds=6", "method.local_epochs=40"]  # rounds long enough to kill one mid-run
+    for name, retries in (("retried", 1), ("lost", 0)):
+        path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.5]}}, name=name, max_concurrent=1,
+                          max_failures=retries)
+        sweep, base = load_sweep(path, slow_rounds)
+        killed: list[str] = []
+        killer = threading.Thread(target=_kill_trial_process_after, args=(client, name, 2, killed))
+        killer.start()
+        result = run_sweep(sweep, base)
+        killer.join()
+        assert killed, "the trial ended before it could be killed"
+        (trial,) = result.trials
+        run = client.get_run(killed[0])
+        if retries:  # retried in a new process: the same MLflow run continued from its checkpoint
+            assert trial["status"] == "FINISHED" and trial["run_id"] == killed[0]
+            assert int(run.data.tags["raycache.resumed_from_round"]) >= 2
+            history = client.get_metric_history(killed[0], "accuracy")
+            assert sorted({m.step for m in history}) == list(range(7))  # no round lost
+            by_step: dict[int, set] = {}
+            for m in history:  # a round logged just before the kill, then replayed: the same value
+                by_step.setdefault(m.step, set()).add(m.value)
+            assert all(len(v) == 1 for v in by_step.values())
+        else:  # no retry left: FAILED with the reason, not labelled as stopped by the scheduler
+            assert run.info.status == "FAILED" and "stopped_by" not in run.data.tags
+            assert "died" in run.data.tags["failure_reason"].lower() or "actor" in run.data.tags["failure_reason"]
+
+
 @pytest.mark.slow
 def test_asha_stops_a_weak_trial_by_round(tmp_path, ray_session, mlflow_uri):
     """Trials run one at a time, the strong one first: ASHA (halving at round 1) must stop the weak one

@@ -23,6 +23,7 @@ import numpy as np
 from raycache.config import ExperimentConfig
 
 from raycache.config_file import apply_override, build_config
+from raycache.resume import CHECKPOINT_TAG
 from raycache.errors import StopRun, UserError
 from raycache.sweep.space import SweepConfig, grid_points, tune_space
 
@@ -67,10 +68,12 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
     tags = {"mlflow.parentRunId": parent_run_id, "raycache.trial": name, "raycache.sweep_params": json.dumps(params)}
 
     rounds = int(params.get("federation.rounds", build_config(base).federation.rounds))
-    done = _finished_run(base, name, parent_run_id)
+    done, unfinished = _trial_runs(base, name, parent_run_id)
     if done is not None:  # finished before the sweep was interrupted, but Tune had not recorded it yet
         tune.report({**done.metrics, "round": rounds})
         return
+    # a retried trial (its process or node was lost) continues its own run from its last checkpoint
+    resume = unfinished.run_id if unfinished is not None and CHECKPOINT_TAG in unfinished.tags else None
 
     def report(round_idx: int, metrics: dict[str, float]) -> None:
         if round_idx == rounds:  # reported once the run is closed: Tune ends the trial on its last report
@@ -82,7 +85,7 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
 
     try:
         summary = run_experiment(trial_config(base, params, name), on_round=report, tags=tags, shared=shared,
-                                 warm=warm)
+                                 warm=warm, resume=resume)
         if summary.stopped_by is None:
             tune.report({**summary.final, **summary.selection, "round": rounds})
     except Exception as err:
@@ -90,15 +93,18 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
         raise
 
 
-def _finished_run(base: dict, name: str, parent_run_id: str):
-    """This trial's FINISHED run under this sweep's parent, if it has one: MLflow, not Tune's state, says
-    whether a trial is done (Tune's state is saved now and then; a trial can finish in between)."""
+def _trial_runs(base: dict, name: str, parent_run_id: str):
+    """(this trial's FINISHED run, its latest unfinished one) under this sweep's parent, each or None. MLflow,
+    not Tune's state, says whether a trial is done (Tune saves its state now and then; a trial can finish in
+    between); an unfinished run is what a retry continues."""
     from raycache.tracking import search
 
     experiment = base.get("tracking", {}).get("experiment", "raycache")
     runs = search(experiment, f"tags.`raycache.trial` = '{name}' and tags.`mlflow.parentRunId` = "
-                              f"'{parent_run_id}' and attributes.status = 'FINISHED'")
-    return runs[0] if runs else None
+                              f"'{parent_run_id}'") or []
+    done = [r for r in runs if r.status == "FINISHED"]
+    rest = sorted((r for r in runs if r.status in ("RUNNING", "FAILED")), key=lambda r: r.start_time)
+    return (done[0] if done else None), (rest[-1] if rest else None)
 
 
 def _record_early_failure(err: Exception, name: str, base: dict, tags: dict[str, str]) -> None:
@@ -244,9 +250,11 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
                                             trial_name_creator=lambda t: f"{sweep.name}-{t.trial_id}",
                                             trial_dirname_creator=lambda t: f"{sweep.name}-{t.trial_id}"),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
-        tuner.fit()
-        result = summarise(parent, sweep)
+                                          failure_config=tune.FailureConfig(max_failures=sweep.max_failures,
+                                                                            fail_fast=False)))
+        grid = tuner.fit()
+        errors = {Path(r.path).name: r.error for r in grid if r.error is not None}
+        result = summarise(parent, sweep, errors)
     except BaseException as err:
         parent.finish(err)
         raise
@@ -254,14 +262,17 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
     return result
 
 
-def summarise(parent, sweep: SweepConfig) -> SweepResult:
-    """The parent's record of its children: a table, the best trial, a heatmap over the two most-swept keys."""
+def summarise(parent, sweep: SweepConfig, errors: dict[str, BaseException] | None = None) -> SweepResult:
+    """The parent's record of its children: a table, the best trial, a heatmap over the two most-swept keys.
+    `errors`: the trials Tune ended with an error (after their retries), by name."""
     from raycache.sweep.summary import heatmap, trial_table
 
     trials = []
     for run in parent.children():
-        if run.status == "RUNNING":  # its trial was stopped (e.g. by ASHA): it ended, not failed
-            run = parent.end_child(run.run_id, "scheduler")
+        if run.status == "RUNNING":  # its trial ended without closing the run
+            error = (errors or {}).get(run.tags.get("raycache.trial", ""))
+            run = (parent.fail_child(run.run_id, error) if error is not None  # its process died: it failed
+                   else parent.end_child(run.run_id, "scheduler"))  # a scheduler (ASHA) stopped it
         params = json.loads(run.tags.get("raycache.sweep_params", "{}"))
         m = run.metrics
         # A trial's score is its metric at its selected round (`result_<metric>`, logged when the run ends);

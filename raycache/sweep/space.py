@@ -57,6 +57,8 @@ class SweepConfig(BaseModel):
     reduction_factor: int = Field(3, ge=2, description="asha: at each rung, the 1/factor best trials go on")
     num_samples: int = Field(1, ge=1, description="repeats of the grid; random types draw anew each time")
     max_concurrent: int = Field(2, ge=1, description="trials running at once (each reserves its actors)")
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial (a lost process or node): it "
+                                                   "continues its own run from its last round's checkpoint")
     warm_trials: bool = Field(True, description="a finished trial's processes (Tune's trial actor, its server "
                                                 "and client actors) serve the next trial of the same resources, "
                                                 "re-initialised; false starts fresh ones for every trial")
