@@ -112,7 +112,10 @@ def trainable() -> list[str]:
     return [m for m in method_names() if issubclass(method_class(m).Settings, TrainSettings)]
 
 
-@pytest.mark.parametrize("name", trainable())
+SLOW = {"fedavg_full"}  # trains the whole CLIP on 224 px images (~35 s): CI runs it after the default suite
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in trainable()])
 def test_every_trainable_method_learns(digits, name):
     settings, rounds = CASES.get(name, ({}, 3))
     summary = federate(name, settings, rounds, digits).summary("best_val")
