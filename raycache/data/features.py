@@ -174,6 +174,7 @@ class ShardWriter:
         self.store, self.path, self.meta = store, store / key, meta
         self.tmp = store / f".{key}.tmp{os.getpid()}"
         self.shards: list[tuple[str, int]] = []
+        self.dim = 0  # feature width, from the first shard written
 
     def __enter__(self) -> "ShardWriter":
         import shutil
@@ -195,6 +196,7 @@ class ShardWriter:
             raise UserError(f"runtime.cache_dir: cannot write features to {self.tmp / name} "
                             f"({getattr(err, 'strerror', None) or err})") from None
         self.shards.append((name, len(feats)))
+        self.dim = feats.shape[1]
 
     def __exit__(self, kind, err, tb) -> None:
         import shutil
@@ -203,14 +205,8 @@ class ShardWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         n = sum(rows for _, rows in self.shards)
-        dim = 0
-        if self.shards:
-            from safetensors import safe_open
-
-            with safe_open(str(self.tmp / self.shards[0][0]), "numpy") as f:
-                dim = f.get_slice("features").get_shape()[1]
         try:
-            (self.tmp / INDEX).write_text(json.dumps({"n": n, "dim": dim, "shards": self.shards, **self.meta}))
+            (self.tmp / INDEX).write_text(json.dumps({"n": n, "dim": self.dim, "shards": self.shards, **self.meta}))
             try:
                 os.replace(self.tmp, self.path)  # atomic: a reader sees the whole folder or none
             except OSError:  # another run stored the same features meanwhile: theirs are the same rows
