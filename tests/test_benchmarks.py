@@ -20,7 +20,8 @@ def load(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", ["round_cost", "memory", "sweep_overhead", "synth_throughput", "encode_throughput"])
+@pytest.mark.parametrize("name", ["round_cost", "memory", "sweep_overhead", "synth_throughput", "encode_throughput",
+                                  "encode_gpu"])
 def test_benchmark_scripts_import(name):
     assert callable(load(name).main)
 

@@ -24,33 +24,62 @@ def view_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "little")
 
 
+def split_at_tensor(transform):
+    """(PIL stage, tensor stage) of a torchvision `Compose` that turns its PIL image into a tensor with
+    `ToTensor`: the PIL stage (resize, crop, RGB) ends in uint8 pixels, which cross the object store a quarter
+    the size of float32 ones; the tensor stage (`ToTensor`'s scaling to [0, 1] and what follows, e.g.
+    `Normalize`) runs batched where the model runs. (None, None) for any other transform."""
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", None)
+    at = next((i for i, t in enumerate(steps or []) if isinstance(t, T.ToTensor)), None)
+    if at is None:
+        return None, None
+    return T.Compose(steps[:at]), T.Compose(steps[at + 1:])
+
+
+def to_pixels(img, pil_stage) -> "torch.Tensor":
+    """One image through the PIL stage: uint8 (C, H, W) for an 8-bit L or RGB image (what `ToTensor` scales
+    by 1/255), else `ToTensor`'s own float output (other modes are not scaled the same way)."""
+    from torchvision.transforms import functional as TF
+
+    img = pil_stage(img)
+    return TF.pil_to_tensor(img) if img.mode in ("L", "RGB") else TF.to_tensor(img)
+
+
 def decode_views(batch: dict[str, np.ndarray], transform, views: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Ray Data task, the pipeline's CPU stage: encoded image bytes in, (B, views, 3, H, W) float32 pixels
-    out: the eval transform, or `views` augmented views from a stream seeded by (seed, the image's key), so an
-    image's views depend on neither its batch nor its worker."""
+    """Ray Data task, the pipeline's CPU stage: encoded image bytes in, (B, views, C, H, W) pixels out: the
+    eval transform, or `views` augmented views from a stream seeded by (seed, the image's key), so an image's
+    views depend on neither its batch nor its worker. Pixels leave as uint8, to be scaled and normalised by
+    the encoder (`split_at_tensor`), or, for a transform that cannot be split or a batch holding an image
+    that is not 8-bit, as the transform's whole float32 output, ready for the model."""
     import torch
 
-    augment = augmentation(transform) if views > 1 else None
+    steps = augmentation(transform) if views > 1 else transform
+    pil_stage, tensor_stage = split_at_tensor(steps)
     out = []
     for img, key in zip(batch["image"], batch["key"]):
         img = decode_image(img, str(key))
-        if augment is None:
-            out.append(transform(img)[None])
-        else:
+        if views > 1:
             torch.manual_seed(view_seed(seed, str(key)))
-            out.append(torch.stack([augment(img) for _ in range(views)]))
+        out.append(torch.stack([steps(img) if pil_stage is None else to_pixels(img, pil_stage)
+                                for _ in range(views)]))
+    if pil_stage is not None and any(o.dtype != torch.uint8 for o in out):  # finish the transform here
+        out = [tensor_stage(o.float().div(255) if o.dtype == torch.uint8 else o) for o in out]
     return {"pixels": torch.stack(out).numpy()}
 
 
 class ImageEncoder:
     """Ray Data callable class, the pipeline's model stage: one model per actor, (B, views, 3, H, W) pixels
-    in, (B, D) features out (the mean over the views). It only runs the model: decoding and preprocessing
-    happen in `decode_views` tasks upstream, so the actor's CPUs (or its GPU) never wait on PIL.
+    in, (B, D) features out (the mean over the views). It only runs the model and the transform's tensor
+    stage (uint8 pixels scaled to [0, 1] and normalised on the actor's device, exactly as `ToTensor` and
+    `Normalize` would): decoding and the PIL work happen in `decode_views` tasks upstream, so the actor's CPUs
+    (or its GPU) never wait on PIL.
 
     Features are the raw `encode_image` output (not normalised): FedCLIP's adapter reads them as they come
     from CLIP (its reference normalises only after the adapter); every other method normalises them itself."""
 
-    def __init__(self, spec: ModelSpec, use_gpu: bool, threads: int = 1) -> None:
+    def __init__(self, spec: ModelSpec, use_gpu: bool, threads: int = 1, transform=None) -> None:
         import torch
 
         from raycache.models.clip import load_clip
@@ -62,6 +91,7 @@ class ImageEncoder:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_clip(spec, device=self.device)[0]
+        self.tensor_stage = split_at_tensor(transform)[1] if transform is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -69,7 +99,10 @@ class ImageEncoder:
         pixels = torch.from_numpy(batch["pixels"])  # (B, V, 3, H, W)
         b, v = pixels.shape[:2]
         with torch.no_grad():
-            feats = self.model.encode_image(pixels.flatten(0, 1).to(self.device)).float()  # (B * V, D), raw
+            x = pixels.flatten(0, 1).to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:  # the PIL stage's output: ToTensor's scaling, then the rest (Normalize)
+                x = self.tensor_stage(x.float().div(255))
+            feats = self.model.encode_image(x).float()  # (B * V, D), raw
             # Tip-Adapter's cache key: the mean of the views' raw features (normalised by the method)
             feats = feats.reshape(b, v, -1).mean(dim=1)  # (B, D)
         # The encoder's own count of images it pushed through the model, on the batch's first row: the
@@ -267,7 +300,8 @@ def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, see
         batch_format="numpy", num_cpus=runtime.decode_cpus,
     ).map_batches(
         ImageEncoder,
-        fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "threads": threads},
+        fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "threads": threads,
+                               "transform": augmentation(transform) if views > 1 else transform},
         batch_size=batch, batch_format="numpy", num_cpus=cpus, num_gpus=runtime.encoder_gpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
         max_restarts=0,  # a failed encoder fails the encode (nothing half-written); no restart warning

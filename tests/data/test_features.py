@@ -143,3 +143,47 @@ def test_an_encoder_pool_that_leaves_no_cpu_for_decoding_is_sized_down_or_refuse
     feats = load_or_encode(open_source(DataConfig(dataset=str(image_folder))), ModelSpec("tiny"), runtime)
     assert feats.encoded == 72
     assert "runtime.encoder_actors=2 x 1 CPU leave no CPU for reading and decoding" in capsys.readouterr().err
+
+
+def test_pixels_cross_as_uint8_and_the_encoder_finishes_the_transform_exactly():
+    """The decode stage hands over uint8 pixels (a quarter of float32's bytes); scaled and normalised by the
+    encoder they equal the whole torchvision transform applied to the image, bit for bit. Images that are not
+    8-bit, and transforms that are not a Compose with ToTensor, arrive as the transform's own float output."""
+    import io
+
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from raycache.data.features import decode_views, split_at_tensor
+
+    transform = T.Compose([T.Resize(20), T.CenterCrop(16), T.ToTensor(),
+                           T.Normalize((0.3, 0.5, 0.7), (0.2, 0.25, 0.3))])
+    rng = np.random.default_rng(0)
+
+    def png(arr, mode=None):
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rgb = [rng.integers(0, 256, (24, 30, 3), dtype=np.uint8) for _ in range(3)]
+    batch = {"image": np.array([png(a) for a in rgb], dtype=object), "key": np.array(["a", "b", "c"])}
+    pixels = decode_views(batch, transform)["pixels"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (3, 1, 3, 16, 16)
+    _, tensor_stage = split_at_tensor(transform)
+    finished = tensor_stage(torch.from_numpy(pixels).flatten(0, 1).float().div(255))
+    whole = torch.stack([transform(Image.fromarray(a)) for a in rgb])
+    assert torch.equal(finished, whole)
+
+    # a PIL stage that leaves a float image (mode F, which ToTensor does not scale) for one image of the batch
+    to_float = T.Lambda(lambda im: im.convert("F") if im.size[0] == 31 else im.convert("L"))
+    gray = T.Compose([to_float, T.Resize(20), T.CenterCrop(16), T.ToTensor(), T.Normalize((0.5,), (0.25,))])
+    wide = rng.integers(0, 256, (24, 31, 3), dtype=np.uint8)
+    mixed = {"image": np.array([png(rgb[0]), png(wide)], dtype=object), "key": np.array(["g", "f"])}
+    out = decode_views(mixed, gray)["pixels"]
+    assert out.dtype == np.float32 and out.shape == (2, 1, 1, 16, 16)
+    for got, arr in zip(out, [rgb[0], wide]):
+        assert torch.equal(torch.from_numpy(got[0]), gray(Image.fromarray(arr)))
+
+    plain = decode_views(batch, lambda img: torch.full((3, 4, 4), float(img.size[0])))["pixels"]
+    assert plain.dtype == np.float32 and (plain == 30.0).all()
