@@ -40,8 +40,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = Field("digits", description="'digits' (scikit-learn's 8x8 digits), an ImageFolder directory "
-                                               "(root/<class>/*.png|jpg), a .parquet file, a Hugging Face "
+    dataset: str = Field("digits", description="'digits' (scikit-learn's 8x8 digits), 'fashion_mnist' (Debian's "
+                                               "dataset-fashion-mnist package), an ImageFolder directory "
+                                               "(root/<class>/*.png|jpg), a folder of MNIST-style idx files, "
+                                               "a .parquet file, a Hugging Face "
                                                "datasets save_to_disk folder, 'hf:<repo id>[:<config>]' (through "
                                                "the datasets cache), or the image root of data.split_file")
     class_names: str | dict[str, str] | None = Field(
@@ -63,7 +65,9 @@ class DataConfig(_Section):
                                                                "(reported, never selected on)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="stratified share held out for validation: rounds, "
                                                              "hyperparameters and sweep trials are selected on "
-                                                             "it (0 = none)")
+                                                             "it (0 = none); for a dataset with its own train/test split "
+                                                             "but no validation split, the share of its training "
+                                                             "split")
     client_test_fraction: float = Field(0.0, ge=0, lt=1,
                                         description="share of each client's own samples held out as its local "
                                                     "test set, stratified within the client (FedCLIP's "

@@ -125,7 +125,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     # The split depends on data.* and the seed only, never on the method: every method sees the same clients.
     if source.splits is not None and test_mask is None:  # the dataset's own splits (a CoOp split file)
         splits = predefined_split(source.labels, source.class_names, source.splits, cfg.data.server_per_class,
-                                  cfg.seed)
+                                  cfg.seed, val_fraction=0.0 if cfg.data.split_file else cfg.data.val_fraction)
         if len(splits.val) == 0 and cfg.federation.selection == "best_val":
             raise UserError(f"data.dataset: {source.name} has no validation split, which federation.selection: "
                             f"best_val selects on; use selection: final")

@@ -60,22 +60,29 @@ def stratified_split(labels: np.ndarray, class_names: list[str], test_fraction: 
 
 
 def predefined_split(labels: np.ndarray, class_names: list[str], named: dict[str, np.ndarray], server_per_class: int,
-                     seed: int) -> Splits:
+                     seed: int, val_fraction: float = 0.0) -> Splits:
     """A source's own splits (a CoOp split file, a dataset's train/validation/test): its test and validation
     as they are; from its training split, `server_per_class` per class (seeded) for the server, the rest for
-    the clients."""
+    the clients. A source with no validation split of its own (Fashion-MNIST's train/test) gives up
+    round(val_fraction * n) (at least 1 when positive) of each class of its training split instead, seeded."""
     rng = np.random.default_rng([seed, 0x5B1])
     pool = named["train"]
-    train, server = [], []
+    own_val = named.get("val")
+    carve = own_val is None or len(own_val) == 0
+    train, server, val = [], [], []
     for c, name in enumerate(class_names):
         idx = rng.permutation(pool[labels[pool] == c])
-        if len(idx) < server_per_class + 1:
+        n_val = _share(val_fraction, len(idx)) if carve else 0
+        if len(idx) < n_val + server_per_class + 1:
             raise UserError(f"data.dataset: class {name!r} has {len(idx)} training images; needs at least "
-                            f"{server_per_class + 1} (data.server_per_class {server_per_class} + 1 for training)")
-        server.append(idx[:server_per_class])
-        train.append(idx[server_per_class:])
+                            f"{n_val + server_per_class + 1} ({n_val} for validation, data.server_per_class "
+                            f"{server_per_class} and 1 for training)")
+        val.append(idx[:n_val])
+        server.append(idx[n_val:n_val + server_per_class])
+        train.append(idx[n_val + server_per_class:])
+    val_rows = np.concatenate(val) if carve else own_val
     return Splits(np.sort(np.concatenate(train)), np.sort(named["test"]), np.concatenate(server),
-                  np.sort(named.get("val", np.zeros(0, np.int64))).astype(np.int64))
+                  np.sort(val_rows).astype(np.int64))
 
 
 def few_shot_rows(labels: np.ndarray, n_classes: int, shots: int, seed: int) -> np.ndarray:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raycache.data.sources import digits, huggingface, imagefolder, parquet, split_file
+from raycache.data.sources import digits, huggingface, idx, imagefolder, parquet, split_file
 from raycache.data.sources.base import Source
 from raycache.errors import UserError
 
-BUILTINS = {"digits": digits.load}
+BUILTINS = {"digits": digits.load, "fashion_mnist": idx.fashion_mnist}
 
 
 def open_source(cfg) -> Source:
@@ -62,9 +62,11 @@ def _open(cfg) -> Source:
     path = Path(cfg.dataset)
     if not path.exists():
         raise UserError(f"data.dataset: {cfg.dataset!r} not found (expected {', '.join(BUILTINS)}, "
-                        f"an ImageFolder directory or a .parquet file)")
+                        f"an ImageFolder directory, a folder of idx files or a .parquet file)")
     if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
         return parquet.load(cfg)
+    if idx.is_idx_folder(path):
+        return idx.load(cfg)
     if path.is_dir():
         return imagefolder.load(cfg)
     raise UserError(f"data.dataset: {cfg.dataset} is neither a directory nor a .parquet file")
