@@ -25,9 +25,24 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from raycache.config_file import load_config  # noqa: E402
-from raycache.experiment import prepare, run_experiment  # noqa: E402
+from raycache.experiment import run_experiment  # noqa: E402
 
 MB = 1024 * 1024
+
+
+def role_of(p: psutil.Process) -> str:
+    """A Ray process's role: the actor's class for actors (Ray names an actor's process `ray::Class`, or
+    `ray::<actor name>:Class.method` while it runs one; `ray::IDLE` between calls), the program otherwise
+    (gcs_server, raylet, the dashboard and runtime-env agents, the log and autoscaler monitors)."""
+    name = p.name()
+    if name.startswith("ray::"):
+        return "" if name == "ray::IDLE" else name[5:].split(":")[-1].split(".")[0]
+    cmd = " ".join(p.cmdline()[:3])
+    for key in ("gcs_server", "raylet", "dashboard/agent", "dashboard/dashboard", "runtime_env/agent",
+                "log_monitor", "autoscaler/_private/monitor", "default_worker"):
+        if key in cmd:
+            return key
+    return name
 
 
 class PeakSampler:
@@ -37,6 +52,8 @@ class PeakSampler:
         self.interval = interval
         self.peak_rss = self.peak_pss = self.peak_driver_pss = 0.0
         self.peak_processes = 0
+        self._roles: dict[int, str] = {}  # pid -> what it became (a worker starts as default_worker / IDLE)
+        self._peaks: dict[int, float] = {}  # pid -> its own peak PSS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -47,15 +64,29 @@ class PeakSampler:
         for p in procs:
             try:
                 info = p.memory_full_info()  # reads smaps_rollup: PSS as well as RSS
+                role = "driver" if p.pid == me.pid else role_of(p)
+                if role and (role != "default_worker" or p.pid not in self._roles):
+                    self._roles[p.pid] = role
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             rss += info.rss
             pss += info.pss
+            self._peaks[p.pid] = max(self._peaks.get(p.pid, 0.0), info.pss)
             if p.pid == me.pid:
                 driver = info.pss
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_driver_pss = max(self.peak_driver_pss, driver)
         self.peak_processes = max(self.peak_processes, len(procs))
+
+    @property
+    def by_role(self) -> dict[str, float]:
+        """Each process's own peak PSS, summed by what it became (an upper bound on its share of the total
+        peak: processes peak at different moments)."""
+        out: dict[str, float] = {}
+        for pid, peak in self._peaks.items():
+            role = self._roles.get(pid, "idle worker")
+            out[role] = out.get(role, 0.0) + peak
+        return out
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -77,23 +108,23 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--dataset", default="digits", help="data.dataset (e.g. fashion_mnist: 60,000 training images)")
     args = ap.parse_args()
     store = tempfile.mkdtemp(prefix="raycache-bench-mem-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
 
     def config(clients: int):
         return load_config("experiments/quickstart.yaml", [
-            f"data.clients={clients}", f"data.alpha={args.alpha}", f"federation.rounds={args.rounds}",
+            f"data.dataset={args.dataset}", f"data.clients={clients}", f"data.alpha={args.alpha}",
+            f"federation.rounds={args.rounds}",
             f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory"])
 
-    # Encode once, first, in its own Ray: the measured runs read precomputed features, so the peaks
-    # compare what a federation costs, not the (client-independent) encoder pool.
-    from raycache.data.features import load_or_encode
-    from raycache.federation.runtime import ensure_ray
-
-    prep = prepare(config(args.clients[0]))
-    ensure_ray(prep.cfg.runtime)
-    load_or_encode(prep.source, prep.spec, prep.cfg.runtime)
+    # One round first, in its own Ray: the measured runs read precomputed features and cache keys from the
+    # store, so the peaks compare what a federation costs, not the (client-independent) encoder pool.
+    run_experiment(load_config("experiments/quickstart.yaml", [
+        f"data.dataset={args.dataset}", f"data.clients={args.clients[0]}", f"data.alpha={args.alpha}",
+        "federation.rounds=1",
+        f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory-warmup"]))
     ray.shutdown()
 
     rows = []
@@ -103,6 +134,8 @@ def main() -> int:
             s = run_experiment(config(clients))
             ray.shutdown()  # inside the sampler: its processes are counted until they are gone
         assert s.encoded == 0, "features should have come from the store"
+        print(f"[{clients}] peak PSS by role (MB): " + ", ".join(
+            f"{k} {v / MB:.0f}" for k, v in sorted(mem.by_role.items(), key=lambda kv: -kv[1])), file=sys.stderr)
         rows.append((clients, mem.peak_processes, mem.peak_rss / MB, mem.peak_pss / MB, mem.peak_driver_pss / MB,
                      s.final["peak_memory_mb"], time.perf_counter() - t, s.final["accuracy"]))
         print(f"[{clients}] done in {rows[-1][-2]:.1f} s", file=sys.stderr)
