@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class Encoded:
 
     features: object  # raycache.data.features.Features
     cache: tuple[np.ndarray, np.ndarray]  # (features, labels) the initial state is built from
-    inputs: np.ndarray  # features, or preprocessed images for a method that trains through the encoder
+    inputs: Any  # features (np.ndarray), or ImageRows (decoded on demand) for a method that trains through the encoder
     zeroshot_accuracy: float
 
 
@@ -269,15 +269,25 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
     stage("encoding images (once per model and dataset)")
     t = time.perf_counter()
     features_shared = shared_key("features", prep) in shared
+    y = source.labels
+    f = None  # every image's features, where the method trains or evaluates on them
     if features_shared:
         feats = Features(shared[shared_key("features", prep)], 0, None)
+        f = feats.features
+    elif prep.uses_pixels and not prep.uses_cache:
+        # Training and evaluation run through the encoder on images: the frozen features serve only the
+        # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded.
+        rows = np.concatenate([splits.test, splits.server])
+        feats = load_or_encode(source.subset(rows), spec, cfg.runtime, transform=prep.transform)
     else:
         feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform)
+        f = feats.features
+    test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]
+    server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
     timings["time_encode_s"] = time.perf_counter() - t
 
-    f, y = feats.features, source.labels
     zeroshot = ZeroShot(ZeroShot.Settings(name="zeroshot"), prep.task)
-    zs_pred = predict(lambda x: zeroshot.logits({}, x), f[splits.test])
+    zs_pred = predict(lambda x: zeroshot.logits({}, x), test_f)
     zeroshot_accuracy = float((zs_pred == y[splits.test]).mean())
     run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
                      "distinct_images": len(y), "num_classes": len(source.class_names),
@@ -288,7 +298,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
                      **client_sizes(prep.parts),
                      "features_shared": float(features_shared)})
 
-    cache = (f[splits.server], y[splits.server])  # the server's labelled hold-out
+    cache = (server_f, y[splits.server])  # the server's labelled hold-out
     if prep.uses_cache:
         stage(f"building the cache source ({cfg.method.cache_init})")
         t = time.perf_counter()
@@ -314,6 +324,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
 def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, stage: Callable[[str], None],
              ckpt=None, audit: bool = False, warm: bool = False) -> Summary:
     """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
+    from raycache.data.pixels import compact
     from raycache.federation.runtime import Federation
     from raycache.resume import save_result, save_round
 
@@ -321,7 +332,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     y = prep.source.labels
     stage("starting client actors")
     t = time.perf_counter()
-    train = (np.ascontiguousarray(enc.inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
+    train = (compact(enc.inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
     evals = _eval_sets(enc.inputs, y, splits, prep.client_tests)
     history: list[dict[str, float]] = []
     messages: list[dict] = []

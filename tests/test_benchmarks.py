@@ -21,7 +21,7 @@ def load(name: str):
 
 
 @pytest.mark.parametrize("name", ["round_cost", "memory", "sweep_overhead", "synth_throughput", "encode_throughput",
-                                  "encode_gpu"])
+                                  "encode_gpu", "pixels_memory"])
 def test_benchmark_scripts_import(name):
     assert callable(load(name).main)
 

@@ -32,11 +32,13 @@ class EvalSets:
 @torch.no_grad()
 def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, chunk: int = 4096,
             device: str | torch.device = "cpu") -> np.ndarray:
-    """Predicted classes for `inputs` (features or images), `chunk` at a time."""
-    x = torch.from_numpy(np.ascontiguousarray(inputs))
+    """Predicted classes for `inputs` (features, or images decoded `chunk` at a time), `chunk` at a time."""
+    from raycache.data.pixels import ImageRows, materialize
+
+    x = inputs if isinstance(inputs, ImageRows) else torch.from_numpy(np.ascontiguousarray(inputs))
     if len(x) == 0:
         return np.zeros(0, np.int64)
-    return np.concatenate([logits_fn(x[i:i + chunk].to(device)).argmax(dim=1).cpu().numpy()
+    return np.concatenate([logits_fn(materialize(x[i:i + chunk]).to(device)).argmax(dim=1).cpu().numpy()
                            for i in range(0, len(x), chunk)])
 
 

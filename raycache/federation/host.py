@@ -107,6 +107,7 @@ class ClientHost:
 
         import torch
 
+        from raycache.data.pixels import to_device
         from raycache.methods.training import LocalRound
 
         partial = WeightedSum()
@@ -115,7 +116,7 @@ class ClientHost:
         for cid in client_ids:
             t0 = time.perf_counter()
             idx = self.clients[cid]
-            feats = torch.from_numpy(self.features[idx]).to(self.device)  # fancy indexing copies: (n_c, D)
+            feats = to_device(self.features[idx], self.device)  # fancy indexing copies: (n_c, D), or images
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
             memory = dict(self.memory.get(cid, {}))  # a copy: a client that times out keeps last round's
             ctx = LocalRound(client_seed(self.seed, round_idx, cid), round_idx, self.method.task.rounds, memory,

@@ -105,10 +105,12 @@ class Server:
         """The method's post-training search on the validation split (Tip-Adapter's alpha/beta), if any."""
         import torch
 
+        from raycache.data.pixels import to_device
+
         if self.evals.val is None:
             return {}
         inputs, labels = self.evals.val
-        return self.method.tune(state, torch.from_numpy(np.asarray(inputs)), torch.from_numpy(np.asarray(labels)))
+        return self.method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
 
     def _current(self) -> dict:
         """The current state, with the clients' own states (a personal flow) (reused from `best` when this round

@@ -146,9 +146,12 @@ def image_text_loss(kind: str, image: torch.Tensor, text: torch.Tensor, labels: 
 
 
 def take(inputs, idx):
-    """A minibatch of `inputs` (a tensor or a tuple of per-sample tensors); None = all of it."""
+    """A minibatch of `inputs` (a tensor, images decoded on demand, or a tuple of per-sample tensors) as
+    tensors; None = all of it."""
+    from raycache.data.pixels import materialize
+
     if idx is None:
-        return inputs
+        return materialize(inputs)
     if isinstance(inputs, tuple):
         return tuple(x[idx] for x in inputs)
-    return inputs[idx]
+    return materialize(inputs[idx])

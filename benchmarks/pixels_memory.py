@@ -1,0 +1,80 @@
+"""Peak memory of a method that trains through the image encoder on a whole dataset at 224 px: `fedavg_full`
+with ViT-B-32 (random weights) on all 70,000 Fashion-MNIST images (Debian's dataset-fashion-mnist), one round,
+its evaluation on the validation and test splits included, sampled every 0.2 s over every process (PSS).
+
+The yardstick is what the images would take as float pixels, the way this path held them before (every image
+preprocessed into one float32 array in the object store): 70,000 x 3 x 224 x 224 x 4 bytes = 42 GB.
+
+    .venv/bin/python benchmarks/pixels_memory.py             # about 25 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/pixels_memory.py --model tiny --val-fraction 0.01   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ray  # noqa: E402
+
+from raycache.config_file import load_config  # noqa: E402
+from raycache.experiment import run_experiment  # noqa: E402
+
+try:  # run as a script (benchmarks/ on sys.path) or loaded by file path (tests/test_benchmarks.py)
+    from memory import MB, PeakSampler
+except ImportError:  # pragma: no cover
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("memory", Path(__file__).with_name("memory.py"))
+    _mod = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_mod)
+    MB, PeakSampler = _mod.MB, _mod.PeakSampler
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--fraction", type=float, default=0.01, help="clients trained in the round")
+    ap.add_argument("--batch", type=int, default=32, help="local minibatch (activations scale with it)")
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    args = ap.parse_args(argv)
+    store = tempfile.mkdtemp(prefix="raycache-bench-pixels-")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    cfg = load_config("experiments/quickstart.yaml", [
+        f"model.name={args.model}", "model.pretrained=null", f"data.dataset={args.dataset}",
+        f"data.clients={args.clients}", f"data.val_fraction={args.val_fraction}", "method.name=fedavg_full",
+        f"per_method.fedavg_full.batch_size={args.batch}", "per_method.fedavg_full.local_epochs=1",
+        "federation.rounds=1", f"federation.fraction={args.fraction}", "runtime.client_actors=1",
+        f"runtime.cache_dir={store}", "tracking.experiment=benchmark-pixels"])
+    t = time.perf_counter()
+    with PeakSampler() as mem:
+        s = run_experiment(cfg)
+        ray.shutdown()
+    wall = time.perf_counter() - t
+    from raycache.data.features import input_size
+    from raycache.data.sources import open_source
+    from raycache.models.clip import ModelSpec, load_clip
+
+    source = open_source(cfg.data)
+    size = input_size(load_clip(ModelSpec.from_config(cfg.model))[1])
+    side = size if isinstance(size, int) else size[0]
+    floats = len(source.labels) * 3 * side * side * 4
+    print(f"[pixels] peak PSS by role (MB): " + ", ".join(
+        f"{k} {v / MB:.0f}" for k, v in sorted(mem.by_role.items(), key=lambda kv: -kv[1])), file=sys.stderr)
+    print("model | images | px | clients_trained | encoded | peak_pss_mb | driver_pss_mb | float_pixels_mb | "
+          "wall_s | round_s | acc")
+    print(f"{args.model} | {len(source.labels)} | {side} | {int(s.history[0]['clients_sampled'])} | {s.encoded} | "
+          f"{mem.peak_pss / MB:.0f} | {mem.peak_driver_pss / MB:.0f} | {floats / MB:.0f} | {wall:.0f} | "
+          f"{s.history[0]['round_seconds']:.0f} | {s.final['accuracy']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
