@@ -174,6 +174,14 @@ class ClientHost:
     def set_memory(self, memory: dict[int, State]) -> None:
         self.memory = {int(c): m for c, m in memory.items() if int(c) in self.clients}
 
+    def predict(self, state: State, split: str) -> np.ndarray:
+        """`state`'s predicted classes on one of the global evaluation splits ("test" or "val"), which the
+        server hands out to the hosts so that evaluation runs in parallel."""
+        from raycache.federation.evaluate import predict
+
+        return predict(lambda x: self.method.logits(state, x), getattr(self.evals, split)[0],
+                       self.method.eval_batch, self.device)
+
     def evaluate(self, state: State) -> dict[str, dict[int, np.ndarray]]:
         """A personal flow's predictions, each client under its own state (or the initial `state` if it has
         not trained yet): {"test": {client: pred}, "val": ..., "local": {client: pred on its own held-out
