@@ -276,9 +276,18 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
         f = feats.features
     elif prep.uses_pixels and not prep.uses_cache:
         # Training and evaluation run through the encoder on images: the frozen features serve only the
-        # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded.
-        rows = np.concatenate([splits.test, splits.server])
-        feats = load_or_encode(source.subset(rows), spec, cfg.runtime, transform=prep.transform)
+        # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded (unless
+        # the store holds the whole dataset's already, from a run of another method).
+        from pathlib import Path
+
+        from raycache.data.features import feature_key, read_store
+
+        whole = read_store(Path(cfg.runtime.cache_dir) / "features", feature_key(spec, source), len(source.labels))
+        if whole is not None:
+            feats, f = Features(whole, 0, None), whole
+        else:
+            rows = np.concatenate([splits.test, splits.server])
+            feats = load_or_encode(source.subset(rows), spec, cfg.runtime, transform=prep.transform)
     else:
         feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform)
         f = feats.features

@@ -119,6 +119,27 @@ def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path
 
 
 @pytest.mark.slow
+def test_a_sweep_of_a_method_that_trains_on_pixels_encodes_its_rows_up_front(tmp_path, ray_session, mlflow_uri):
+    """Trials of a pixel method need frozen features of the test and server rows only: the driver encodes
+    those before any trial starts (an encoder pool inside a trial's placement group could never be placed),
+    and every trial reads them from the store."""
+    path = sweep_file(tmp_path, {"method.lr": {"grid": [1.0e-3, 1.0e-2]}}, name="pixels")
+    body = yaml.safe_load(path.read_text())
+    body["set"] += ["method.name=flora", "per_method.flora.lora_targets=[vision.attn.q_proj]"]
+    path.write_text(yaml.safe_dump(body))
+    assert main(["sweep", str(path)]) == 0
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    parent = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
+              if r.info.run_name == "pixels"][0]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.metrics["features_encoded"] == 0 and c.data.metrics["time_pixels_s"] > 0
+
+
+@pytest.mark.slow
 def test_warm_trials_reuse_processes_and_compute_what_a_run_alone_does(tmp_path, ray_session, mlflow_uri):
     """One trial at a time: the second trial runs in the first one's Tune process with its server and host
     actors, re-initialised; its rounds are those of the same config run on its own, metric for metric."""

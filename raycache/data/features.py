@@ -101,7 +101,8 @@ class ImageEncoder:
         with torch.no_grad():
             x = pixels.flatten(0, 1).to(self.device, non_blocking=True)
             if x.dtype == torch.uint8:  # the PIL stage's output: ToTensor's scaling, then the rest (Normalize)
-                x = self.tensor_stage(x.float().div(255))
+                # divided by a tensor, not a Python number: CUDA turns x / 255 into x * (1 / 255)
+                x = self.tensor_stage(x.float().div(torch.tensor(255.0, device=x.device)))
             feats = self.model.encode_image(x).float()  # (B * V, D), raw
             # Tip-Adapter's cache key: the mean of the views' raw features (normalised by the method)
             feats = feats.reshape(b, v, -1).mean(dim=1)  # (B, D)

@@ -78,8 +78,12 @@ class Server:
         """`state`'s predictions on the named global splits, evaluated in parallel like training: split i on
         host i (every host holds the splits, and the hosts idle while the server evaluates), any splits
         beyond the hosts on the server meanwhile. A host that fails to answer costs no result: the server
-        predicts its split itself (a host that died is replaced at the next round's training)."""
+        predicts its split itself (a host that died is replaced at the next round's training). Hosts predict
+        on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
+        import sys
+
         import ray
+        from ray.exceptions import RayActorError
 
         def here(name: str) -> np.ndarray:
             return predict(lambda x: self.method.logits(state, x), getattr(self.evals, name)[0],
@@ -90,8 +94,10 @@ class Server:
         out = {name: here(name) for name in names[len(self.hosts):]}
         for name, call in calls.items():
             try:
-                out[name] = ray.get(call, timeout=self.federation.client_timeout_s)
-            except Exception:  # noqa: BLE001 (a dead or hung host: its split is evaluated here)
+                out[name] = ray.get(call)
+            except RayActorError as err:  # the host died: its split is evaluated here
+                print(f"raycache: a client host died while evaluating the {name} split; the server evaluates "
+                      f"it ({type(err).__name__})", file=sys.stderr)
                 out[name] = here(name)
         return out
 

@@ -167,8 +167,11 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
         except UserError:  # that trial fails on its own, with its reason on its run; the rest go on
             continue
         ensure_ray(prep.cfg.runtime)
-        pixels_only = prep.uses_pixels and not prep.uses_cache  # encodes its test and server rows itself
-        if not pixels_only and shared_key("features", prep) not in shared:
+        pixels_only = prep.uses_pixels and not prep.uses_cache
+        if pixels_only:  # its trials read their test and server rows' features from the store, not encode them
+            load_or_encode(prep.source.subset(np.concatenate([prep.splits.test, prep.splits.server])), prep.spec,
+                           prep.cfg.runtime, transform=prep.transform)
+        elif shared_key("features", prep) not in shared:
             shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime,
                                                                         transform=prep.transform).features
         if prep.uses_pixels and shared_key("pixels", prep) not in shared:
