@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +32,8 @@ from raycache.data.features import input_size  # noqa: E402
 from raycache.data.sources.base import decode_image  # noqa: E402
 from raycache.models.clip import ModelSpec, load_clip  # noqa: E402
 
-try:  # run as a script (benchmarks/ on sys.path) or loaded by file path (tests/test_benchmarks.py)
-    from encode_throughput import pipeline, write_folder
-except ImportError:  # pragma: no cover
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("encode_throughput", Path(__file__).with_name("encode_throughput.py"))
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    pipeline, write_folder = _mod.pipeline, _mod.write_folder
+sys.path.insert(0, str(Path(__file__).parent))  # a script's neighbours, also when loaded by file path
+from encode_throughput import pipeline, write_folder  # noqa: E402
 
 
 def _pair(size):

@@ -25,15 +25,8 @@ import ray  # noqa: E402
 from raycache.config_file import load_config  # noqa: E402
 from raycache.experiment import run_experiment  # noqa: E402
 
-try:  # run as a script (benchmarks/ on sys.path) or loaded by file path (tests/test_benchmarks.py)
-    from memory import MB, PeakSampler
-except ImportError:  # pragma: no cover
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("memory", Path(__file__).with_name("memory.py"))
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    MB, PeakSampler = _mod.MB, _mod.PeakSampler
+sys.path.insert(0, str(Path(__file__).parent))  # a script's neighbours, also when loaded by file path
+from memory import MB, PeakSampler  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,9 +259,15 @@ def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
     prep.timings["time_ray_start_s"] = time.perf_counter() - t
 
 
+def pixel_feature_rows(splits) -> np.ndarray:
+    """The rows whose frozen features a method that trains on pixels uses: test (zero-shot accuracy), then
+    the server's hold-out."""
+    return np.concatenate([splits.test, splits.server])
+
+
 def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, np.ndarray]) -> Encoded:
     """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on."""
-    from raycache.data.features import Features, load_or_encode
+    from raycache.data.features import Features, load_or_encode, load_rows
     from raycache.federation.evaluate import predict
     from raycache.methods.zeroshot import ZeroShot
 
@@ -276,22 +282,12 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
         f = feats.features
     elif prep.uses_pixels and not prep.uses_cache:
         # Training and evaluation run through the encoder on images: the frozen features serve only the
-        # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded (unless
-        # the store holds the whole dataset's already, from a run of another method).
-        from pathlib import Path
-
-        from raycache.data.features import feature_key, read_store
-
-        whole = read_store(Path(cfg.runtime.cache_dir) / "features", feature_key(spec, source), len(source.labels))
-        if whole is not None:
-            feats, f = Features(whole, 0, None), whole
-        else:
-            rows = np.concatenate([splits.test, splits.server])
-            feats = load_or_encode(source.subset(rows), spec, cfg.runtime, transform=prep.transform)
+        # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded.
+        feats = load_rows(source, spec, cfg.runtime, pixel_feature_rows(splits), prep.transform)
     else:
         feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform)
         f = feats.features
-    test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]
+    test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]  # pixel_feature_rows' order
     server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
     timings["time_encode_s"] = time.perf_counter() - t
 

@@ -23,6 +23,15 @@ def sweep_file(tmp_path: Path, space: dict, **extra) -> Path:
     return path
 
 
+def sweep_children(mlflow_uri: str, name: str):
+    """(parent run, its child runs) of the sweep `name` in the tests' experiment."""
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    parent = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
+              if r.info.run_name == name][0]
+    return parent, client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
 @pytest.mark.parametrize("space, expect", [
     ({"data.clinets": {"grid": [2]}}, "space.data.clinets: unknown config key (did you mean data.clients?)"),
     ({"data.alpha": {"grid": []}}, "space.data.alpha: empty grid"),
@@ -68,9 +77,7 @@ def test_sweep_nests_trials_under_a_parent_and_survives_a_failing_trial(tmp_path
     out = capsys.readouterr().out
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("sweep-test")
-    parent = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
-              if r.info.run_name == "nested"][0]
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    parent, children = sweep_children(mlflow_uri, "nested")
     assert len(children) == 4
     by_params = {tuple(sorted(json.loads(c.data.tags["raycache.sweep_params"]).items())): c for c in children}
     for alpha in (0.1, 1.0):
@@ -128,11 +135,7 @@ def test_a_sweep_of_a_method_that_trains_on_pixels_encodes_its_rows_up_front(tmp
     body["set"] += ["method.name=flora", "per_method.flora.lora_targets=[vision.attn.q_proj]"]
     path.write_text(yaml.safe_dump(body))
     assert main(["sweep", str(path)]) == 0
-    client = MlflowClient(mlflow_uri)
-    exp = client.get_experiment_by_name("sweep-test")
-    parent = [r for r in client.search_runs([exp.experiment_id], "tags.`raycache.kind` = 'sweep'")
-              if r.info.run_name == "pixels"][0]
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    _, children = sweep_children(mlflow_uri, "pixels")
     assert len(children) == 2
     for c in children:
         assert c.info.status == "FINISHED"

@@ -170,6 +170,16 @@ def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, see
     return Features(feats, encoded, writer.path)
 
 
+def load_rows(source: Source, spec: ModelSpec, runtime, rows: np.ndarray, transform=None) -> Features:
+    """Features of `source`'s `rows` only, in that order: sliced from the whole dataset's stored features
+    when a run left them, else encoded for those rows alone (a subset with a store entry of its own)."""
+    store = Path(runtime.cache_dir) / "features"
+    whole = read_store(store, feature_key(spec, source), len(source.labels))
+    if whole is not None:
+        return Features(whole[rows], 0, store / feature_key(spec, source))
+    return load_or_encode(source.subset(rows), spec, runtime, transform=transform)
+
+
 def read_store(store: Path, key: str, n: int) -> np.ndarray | None:
     """The stored features of `key` as one (n, D) array in the source's order, or None when the store lacks
     them whole (missing, damaged, or another length: the store is a cache, so they are encoded again)."""

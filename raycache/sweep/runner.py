@@ -152,9 +152,9 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
     land in the on-disk store, where each trial finds them: a trial holds only its own placement group, so
     an encoder or generator pool started inside it could never be placed."""
     from raycache.data.cache_source import cache_examples
-    from raycache.data.features import load_or_encode
+    from raycache.data.features import load_or_encode, load_rows
     from raycache.data.pixels import load_pixels
-    from raycache.experiment import prepare, shared_key
+    from raycache.experiment import pixel_feature_rows, prepare, shared_key
     from raycache.federation.runtime import ensure_ray
 
     keys = [k for k, spec in sweep.space.items() if ("grid" in spec or "choice" in spec)
@@ -169,8 +169,7 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
         ensure_ray(prep.cfg.runtime)
         pixels_only = prep.uses_pixels and not prep.uses_cache
         if pixels_only:  # its trials read their test and server rows' features from the store, not encode them
-            load_or_encode(prep.source.subset(np.concatenate([prep.splits.test, prep.splits.server])), prep.spec,
-                           prep.cfg.runtime, transform=prep.transform)
+            load_rows(prep.source, prep.spec, prep.cfg.runtime, pixel_feature_rows(prep.splits), prep.transform)
         elif shared_key("features", prep) not in shared:
             shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime,
                                                                         transform=prep.transform).features
