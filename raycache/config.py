@@ -14,10 +14,25 @@ from raycache.errors import UserError
 from raycache.methods.settings import MethodSettings, settings_help
 
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned; every seed raycache derives stays in range
+
+
 def _with_slot(templates: list[str], what: str) -> list[str]:
+    """Each template has exactly one `{}` slot (the class name) and no other replacement field: `str.format`
+    is what fills it, so `"{} {x}"`, `"a {} of {}"` or an unpaired brace would fail only at run time.
+    Literal braces are written doubled (`{{` and `}}`), as for `str.format`."""
+    from string import Formatter
+
     for t in templates:
-        if "{}" not in t:
+        try:
+            fields = [f for _, f, spec, conv in Formatter().parse(t) if f is not None or spec or conv]
+        except ValueError as err:  # "Single '}' encountered", ...
+            raise ValueError(f"{what} {t!r}: {err} (write a literal brace as {{{{ or }}}})") from None
+        if not fields:
             raise ValueError(f"{what} {t!r} has no '{{}}' slot for the class name")
+        if fields != [""]:
+            raise ValueError(f"{what} {t!r} must have exactly one '{{}}' slot for the class name and no other "
+                             f"replacement field (write a literal brace as {{{{ or }}}})")
     return templates
 
 
@@ -32,7 +47,7 @@ class ModelConfig(_Section):
     pretrained: str | None = Field(None, description="open_clip pretrained tag, a local checkpoint file, or "
                                                      "'local-dir:PATH' (open_clip_config.json + weights); "
                                                      "null = random init")
-    init_seed: int = Field(0, description="seed for random init (pretrained: null); part of the feature key")
+    init_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for random init (pretrained: null); part of the feature key")
     templates: list[str] = Field(["a photo of a {}."], min_length=1,
                                  description="prompt templates; text embeddings are averaged over them")
 
@@ -110,10 +125,12 @@ class SynthConfig(_Section):
                                            "i mod len(prompts)")
     out: str | None = Field(None, description="output folder of Parquet shards (null = under runtime.cache_dir, "
                                               "keyed by these settings)")
-    seed: int = Field(0, description="base seed; image i of class c uses a seed derived from (seed, c, i)")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="base seed; image i of class c uses a seed derived from (seed, c, i)")
     steps: int = Field(25, ge=1, description="denoising steps")
     guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale")
-    size: int | None = Field(None, ge=8, description="image height and width in pixels (null = the model's)")
+    size: int | None = Field(None, ge=8, multiple_of=8, description="image height and width in pixels, a "
+                                                                     "multiple of 8 (the diffusion VAE's "
+                                                                     "downsampling; null = the model's)")
     batch_size: int = Field(4, ge=1, description="images per pipeline call")
     half: bool = Field(False, description="float16 weights (GPU only)")
     allow_download: bool = Field(False, description="let a hub id download its weights; false = it must already "
@@ -273,7 +290,7 @@ def settings_for(name: str = DEFAULT_METHOD, **settings) -> MethodSettings:
 
 
 class ExperimentConfig(_Section):
-    seed: int = Field(0, description="seed for splits, partitions, client sampling and local training")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for splits, partitions, client sampling and local training")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     method: SerializeAsAny[MethodSettings] = Field({"name": DEFAULT_METHOD}, validate_default=True)

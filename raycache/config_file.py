@@ -5,6 +5,7 @@ with one line naming the dotted key (the closest known key suggested for a typo)
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -114,25 +115,64 @@ def build_config(tree: dict[str, Any]) -> ExperimentConfig:
         raise UserError(f"config error: {_one_line(err)}") from None
 
 
+def read_yaml_file(path: str | Path, expected: str = "a mapping of config sections") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (or nothing); a missing file or a YAML error is one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        loaded = read_yaml(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{p}: not valid YAML{where}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"{p}: expected {expected}, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load a YAML experiment (or the defaults when `path` is None) and apply `key=value` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            loaded = read_yaml(p.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{p}: not valid YAML{where}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
-        tree = loaded or {}
+    tree: dict[str, Any] = {} if path is None else read_yaml_file(path)
     for item in overrides:
         apply_override(tree, *parse_override(item))
     return build_config(tree)
+
+
+# Keys whose value may be a local path (some also take a hub id, a tag or a built-in name): paths are
+# relative to the working directory of the command that reads the config.
+PATH_KEYS = ("data.dataset", "data.split_file", "data.class_names", "model.pretrained", "synth.generator",
+             "synth.out", "runtime.cache_dir")
+
+
+def absolute_path(key: str, value: Any) -> Any:
+    """`value` of `key` (one of PATH_KEYS) made absolute against the current directory where it is a local
+    path: an existing file or folder, or any string for `synth.out` and `runtime.cache_dir` (always paths,
+    perhaps not made yet). Anything else (a hub id, a pretrained tag, a built-in dataset) is returned as is."""
+    from raycache.models.clip import LOCAL_DIR
+
+    if key not in PATH_KEYS or not isinstance(value, str):
+        return value
+    prefix = LOCAL_DIR if value.startswith(LOCAL_DIR) else ""
+    path = Path(value.removeprefix(prefix)).expanduser()
+    if key in ("synth.out", "runtime.cache_dir") or path.exists():
+        return prefix + str(path.resolve())
+    return value
+
+
+def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
+    """The tree with every relative local path made absolute (`absolute_path`), for a process that runs
+    elsewhere: a sweep's trial runs in its own working directory."""
+    tree = copy.deepcopy(tree)
+    runtime = tree.setdefault("runtime", {})
+    if isinstance(runtime, dict):  # the default cache folder too (anything else: build_config names it)
+        runtime.setdefault("cache_dir", ExperimentConfig().runtime.cache_dir)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and name in node:
+            node[name] = absolute_path(key, node[name])
+    return tree
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

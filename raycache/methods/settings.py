@@ -37,7 +37,7 @@ class TrainSettings(MethodSettings):
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="local optimiser: adam (coupled L2 "
                                                                            "weight decay), adamw (decoupled) "
                                                                            "or sgd (with momentum)")
-    betas: tuple[float, float] = Field((0.9, 0.999), strict=False, description="adam/adamw betas")
+    betas: tuple[float, float] = Field((0.9, 0.999), strict=False, description="adam/adamw betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0, description="adam/adamw epsilon")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
@@ -53,6 +53,13 @@ class TrainSettings(MethodSettings):
     persist_optimizer: bool = Field(False, description="keep each client's optimiser state (moments, step count) "
                                                        "across rounds, private to the client and never sent; "
                                                        "false = a fresh optimiser every round")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):  # torch's Adam refuses them too, but only inside an actor
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
 
     def resolved(self) -> "TrainSettings":
         if self.lr_scale == 1.0:

@@ -117,8 +117,11 @@ def check_spec(spec: ModelSpec) -> None:
 
 def load_clip(spec: ModelSpec, device: str = "cpu"):
     """Build (model in eval mode, image preprocess, tokenizer) for `spec`; weights stay frozen."""
+    import pickle
+
     import open_clip
     import torch
+    from safetensors import SafetensorError
 
     check_spec(spec)
     preset = spec.preset
@@ -137,7 +140,13 @@ def load_clip(spec: ModelSpec, device: str = "cpu"):
         if preset is not None and spec.pretrained in preset.weights:
             module, _, fn = preset.weights[spec.pretrained].partition(":")
             getattr(importlib.import_module(module), fn)(model)
-    except (RuntimeError, OSError, ValueError) as err:
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickled object, not tensors
+        raise UserError(f"model.pretrained: {spec.pretrained} holds a pickled object, not a state dict of "
+                        f"tensors; raycache loads weights only (never unpickles code): save "
+                        f"model.state_dict() or a .safetensors file") from None
+    except SafetensorError as err:
+        raise UserError(f"model.pretrained: {spec.pretrained} is not a valid .safetensors file ({err})") from None
+    except (RuntimeError, OSError, ValueError, EOFError) as err:
         what = spec.pretrained or spec.name
         raise UserError(f"model.pretrained: weights {what!r} for {spec.name} could not be loaded offline "
                         f"or downloaded ({str(err).splitlines()[0][:160]})") from None

@@ -22,24 +22,12 @@ import numpy as np
 
 from raycache.config import ExperimentConfig
 
-from raycache.config_file import apply_override, build_config
+from raycache.config_file import absolute_paths, apply_override, build_config
 from raycache.resume import CHECKPOINT_TAG
 from raycache.errors import StopRun, UserError
 from raycache.sweep.space import SweepConfig, grid_points, tune_space
 
 PARENT_FILE = "raycache_sweep.json"
-
-
-def _absolute_paths(tree: dict) -> dict:
-    """Trials run with their own working directory: make the base's relative paths absolute."""
-    tree = copy.deepcopy(tree)
-    runtime = tree.setdefault("runtime", {})
-    runtime["cache_dir"] = str(Path(runtime.get("cache_dir", ".raycache")).resolve())
-    data = tree.setdefault("data", {})
-    for key in ("dataset", "split_file", "class_names"):  # paths (class_names may be a mapping)
-        if isinstance(data.get(key), str) and Path(data[key]).exists():
-            data[key] = str(Path(data[key]).resolve())
-    return tree
 
 
 def trial_config(base: dict, params: dict[str, Any], run_name: str) -> ExperimentConfig:
@@ -191,7 +179,7 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
 
     from raycache.tracking import Run, tracking_uri
 
-    base = _absolute_paths(base)
+    base = absolute_paths(base)  # load_sweep made them absolute; a caller's own tree too
     if address is not None:
         apply_override(base, "runtime.address", address)
     cfg = build_config(base)

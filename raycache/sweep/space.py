@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raycache.config import ExperimentConfig, known_keys
 
-from raycache.config_file import apply_override, build_config, parse_override, read_yaml
+from raycache.config_file import absolute_path, absolute_paths, apply_override, build_config, parse_override, read_yaml_file
 from raycache.errors import UserError
 
 SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -125,12 +125,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     p = Path(path)
     if not p.is_file():
         raise UserError(f"sweep file not found: {p}")
-    try:
-        raw = read_yaml(p.read_text())
-    except Exception:  # noqa: BLE001 (yaml errors of every kind are the user's file)
-        raise UserError(f"{p}: not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: expected a mapping with name, base and space")
+    raw = read_yaml_file(p, expected="a mapping with name, base and space")
     if name is not None:  # checked below like the file's own name
         raw = {**raw, "name": name}
     try:
@@ -147,9 +142,15 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     base_path = (p.parent / sweep.base).resolve()
     if not base_path.is_file():
         raise UserError(f"base: experiment file {base_path} not found")
-    tree = read_yaml(base_path.read_text()) or {}
+    tree = read_yaml_file(base_path)
     for item in [*sweep.set, *overrides]:
         apply_override(tree, *parse_override(item))
+    # Trials run in their own working directories: a relative path means what it means here, for the checks
+    # below and for every trial.
+    tree = absolute_paths(tree)
+    sweep = sweep.model_copy(update={"space": {  # and so does one in the space's values
+        key: {kind: [absolute_path(key, v) for v in values] if kind in ("grid", "choice") else values
+              for kind, values in spec.items()} for key, spec in sweep.space.items()}})
     build_config(tree)  # the base itself must be valid
     check_space(sweep.space, tree)
     _check_validation_metric(sweep, tree)

@@ -75,6 +75,9 @@ def decode_image(data: Any, key: str):
         img = Image.open(io.BytesIO(data))
         img.load()  # decode fully now: a truncated file fails here, not later
         return img.convert("RGB")
+    except Image.DecompressionBombError:  # PIL's guard against a small file that decodes to gigabytes
+        raise UserError(f"data.dataset: image {key} has more pixels than PIL's decompression-bomb limit "
+                        f"({2 * Image.MAX_IMAGE_PIXELS:,}); it may be malicious, or resize it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise UserError(f"data.dataset: cannot decode image {key}: {err}") from None
 

@@ -25,6 +25,34 @@ def _files(root: Path) -> list[str]:
     return [str(f.resolve()) for f in files]
 
 
+def _checked_labels(table, path: str, column: str, first_path: str, first):
+    """`table`'s label column as int64 or string, the same kind as the first file's: a label column must hold
+    integers or class names, have no nulls, and be of one kind in every file of a folder."""
+    import pyarrow as pa
+
+    col = table.column(column)
+    if pa.types.is_dictionary(col.type):  # e.g. a pandas categorical: its values are the labels
+        col = col.cast(col.type.value_type)
+    kind = "int" if pa.types.is_integer(col.type) else \
+        "str" if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else None
+    if kind is None:
+        raise UserError(f"data.dataset: column {column!r} of {path} must hold ints or class names, not {col.type}")
+    if col.null_count:
+        raise UserError(f"data.dataset: column {column!r} of {path} has {col.null_count} empty (null) labels")
+    if first is not None:
+        first_kind = "int" if pa.types.is_integer(first.column(column).type) else "str"
+        if kind != first_kind:
+            raise UserError(f"data.dataset: column {column!r} holds {col.type} in {path} but "
+                            f"{first.column(column).type} in {first_path}; one folder's files must agree")
+    if "class_name" in table.column_names and table.column("class_name").null_count:
+        raise UserError(f"data.dataset: column 'class_name' of {path} has empty (null) values")
+    try:
+        col = col.cast(pa.int64() if kind == "int" else pa.string())
+    except pa.ArrowInvalid:  # uint64 beyond int64
+        raise UserError(f"data.dataset: column {column!r} of {path} has labels too large for int64") from None
+    return table.set_column(table.column_names.index(column), column, col)
+
+
 def load(cfg) -> Source:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -48,28 +76,49 @@ def load(cfg) -> Source:
         cols = [cfg.label_column] + (["class_name"] if "class_name" in schema.names else [])
         cols += [cfg.domain_column] if with_domains else []
         try:
-            tables.append(pq.read_table(f, columns=cols))
+            table = pq.read_table(f, columns=cols)
         except (pa.ArrowInvalid, OSError) as err:
             raise UserError(f"data.dataset: {f} is corrupt or truncated ({err})") from None
+        if tables and ("class_name" in table.column_names) != ("class_name" in tables[0].column_names):
+            has, lacks = (f, files[0]) if "class_name" in table.column_names else (files[0], f)
+            raise UserError(f"data.dataset: {has} has a 'class_name' column and {lacks} has none; one folder's "
+                            f"files must agree")
+        table = _checked_labels(table, f, cfg.label_column, files[0], tables[0] if tables else None)
+        if with_domains:
+            dom = table.column(cfg.domain_column)
+            if dom.null_count:
+                raise UserError(f"data.dataset: column {cfg.domain_column!r} of {f} has {dom.null_count} empty "
+                                f"(null) domains")
+            table = table.set_column(table.column_names.index(cfg.domain_column), cfg.domain_column,
+                                     dom.cast(pa.string()))
+        tables.append(table)
         st = Path(f).stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{cfg.image_column}|{cfg.label_column}\n".encode())
     table = pa.concat_tables(tables, promote_options="default")
     raw = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
     if raw.dtype.kind in "iu":
         labels = raw.astype(np.int64)
-        n = int(labels.max()) + 1 if len(labels) else 0
-        names = [str(i) for i in range(n)]
-        if "class_name" in table.column_names:
-            for lab, name in zip(labels, table.column("class_name").to_pylist()):
-                names[lab] = str(name)
         if len(labels) and labels.min() < 0:
             raise UserError(f"data.dataset: {files[0]} has negative labels in column {cfg.label_column!r}")
-    elif raw.dtype.kind in "OUS":
+        n = int(labels.max()) + 1 if len(labels) else 0
+        if n > len(labels):  # a class index, not an id: 10**9 would otherwise name 10**9 classes
+            raise UserError(f"data.dataset: column {cfg.label_column!r} has labels up to {n - 1} in {len(labels)} "
+                            f"rows; integer labels are class indices 0..C-1 (or use class names)")
+        names = [str(i) for i in range(n)]
+        if "class_name" in table.column_names:
+            named: dict[int, str] = {}
+            for lab, name in zip(labels.tolist(), table.column("class_name").to_pylist()):
+                if named.setdefault(lab, str(name)) != str(name):
+                    raise UserError(f"data.dataset: label {lab} has two class names in column 'class_name' "
+                                    f"({named[lab]!r} and {str(name)!r}) in {cfg.dataset}")
+                names[lab] = str(name)
+            dupes = sorted({x for x in names if names.count(x) > 1})
+            if dupes:
+                raise UserError(f"data.dataset: class name {dupes[0]!r} is given to two labels in column "
+                                f"'class_name' of {cfg.dataset}")
+    else:  # strings (checked per file above)
         names, labels = np.unique(raw.astype(str), return_inverse=True)
         names, labels = [str(x) for x in names], labels.astype(np.int64)
-    else:
-        raise UserError(f"data.dataset: column {cfg.label_column!r} must hold ints or class names, "
-                        f"not {raw.dtype}")
     domains = domain_names = None
     if cfg.partition == "domain" or cfg.test_domain is not None:
         names_, inverse = np.unique(np.asarray(table.column(cfg.domain_column).to_pylist(), dtype=str),
