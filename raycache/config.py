@@ -178,7 +178,11 @@ class FederationConfig(_Section):
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round")
     min_clients: int = Field(1, ge=1, description="a round with fewer successful clients fails the run")
     client_timeout_s: float | None = Field(None, gt=0, description="a client whose local training takes "
-                                           "longer is dropped from the round (null = no limit)")
+                                           "longer is dropped from the round, and a host that has not answered "
+                                           "after this many seconds per client (+5 s) is replaced; null = "
+                                           "automatic: a host may take 30 s plus 10x the slowest training "
+                                           "measured so far (seconds per sample) times its samples, no limit "
+                                           "until a first client has reported")
     dropout: float = Field(0.0, ge=0, lt=1, description="fault injection: probability that a sampled client "
                                                           "does not report")
     straggler: StragglerConfig = Field(default_factory=StragglerConfig)
@@ -202,6 +206,9 @@ class FederationConfig(_Section):
                                                   "(any strategy; 0 = off)")
     dp: DPConfig | None = Field(None, description="client-level differential privacy (null = off)")
     checkpoint: bool = Field(True, description="checkpoint the full server state after every round")
+    keep_checkpoints: int = Field(1, ge=1, description="round checkpoints kept per run: the newest this many, "
+                                                       "plus the best validation round's (older ones are "
+                                                       "deleted once a newer one is on disk)")
     selection: Literal["best_val", "final"] = Field(
         "best_val", description="which round's state is the run's result (checkpointed as final, reported by "
                                 "compare): the one with the highest val_accuracy (earliest on ties), or the last")

@@ -186,8 +186,17 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     `warm`: take the federation's actors from this process's warm pool and give them back after (a sweep's
     trials, whose process Tune reuses)."""
     stage = on_stage or (lambda s: None)
+    from raycache.resume import hold_driver
+
     prep = prepare(cfg)  # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
-    run, ckpt = open_run(prep, tags, resume)
+    lock = hold_driver(cfg, resume) if resume is not None else None  # one live driver per run
+    try:
+        run, ckpt = open_run(prep, tags, resume)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    lock = lock or hold_driver(cfg, run.run_id)
     try:
         if ckpt is None:  # a resumed run has these already
             log_inputs(prep, run)
@@ -199,6 +208,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
 
         run.finish(find_run_failure(err) or find_user_error(err) or err)  # the reason, not Ray's wrapper
         raise
+    finally:
+        lock.close()
     if summary.stopped_by is not None:
         run.stop(summary.stopped_by)
     else:
@@ -353,17 +364,24 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             run.log_metrics(fed.start(), step=0)
         else:
             fed.restore(ckpt.snapshot)
+            log_checkpointed_round(run, ckpt)
             run.set_tags({"raycache.resumed_from_round": ckpt.round})
         timings["time_actors_s"] = time.perf_counter() - t
         stage("training")
         t = time.perf_counter()
         for r in range(first, cfg.federation.rounds + 1):
             metrics = fed.run_round(r)
-            run.log_metrics(metrics, step=r)
             history.append(metrics)
             totals["up"] += metrics["comm_bytes_up"]
             totals["down"] += metrics["comm_bytes_down"]
             last = metrics
+            # The checkpoint first, then the metrics: a driver that dies between the two resumes after this
+            # round and logs its metrics from the checkpoint (`log_checkpointed_round`); logged first, a
+            # death before the checkpoint would log the round again when it is redone.
+            if cfg.federation.checkpoint:
+                save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
+                                                         "method": cfg.method.name})
+            run.log_metrics(metrics, step=r)
             if audit:
                 messages += [{**m, "round": r} for m in fed.audit_log()]
             if on_round:
@@ -372,9 +390,6 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                 except StopRun as stop:  # e.g. a sweep's scheduler stopped this trial: end cleanly
                     stopped_by = stop.reason
                     break
-            if cfg.federation.checkpoint:
-                save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
-                                                         "method": cfg.method.name})
         timings["time_rounds_s"] = time.perf_counter() - t
         try:
             result = fed.result(cfg.federation.selection)
@@ -392,6 +407,16 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
                    history, stopped_by, messages, result["metrics"] if result else {})
+
+
+def log_checkpointed_round(run, ckpt) -> None:
+    """Log the checkpointed round's metrics (kept in the checkpoint) if its driver died before it logged
+    them: each round is in the run's history exactly once."""
+    from raycache.tracking import history
+
+    last = ckpt.meta.get("last") or {}
+    if last and ckpt.round not in {step for step, _ in history(run.run_id, next(iter(last)))}:
+        run.log_metrics(last, step=ckpt.round)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

@@ -1,7 +1,8 @@
 """A run's checkpoints and result files, and resuming a run whose driver died.
 
-After every round the full server state is written (atomically) to `<cache_dir>/checkpoints/<run id>/
-latest.safetensors` and linked from the run; the selected result goes beside it as `final.safetensors`.
+After every round the full server state is written (atomically, durably) to `<cache_dir>/checkpoints/<run id>/
+round-<r>.safetensors` and linked from the run, and older round files beyond `federation.keep_checkpoints`
+(and the best validation round's) are deleted; the selected result goes beside them as `final.safetensors`.
 `--resume <run id>` continues from the latest checkpoint, in the same run, after checking that the config is
 the run's own.
 """
@@ -16,8 +17,79 @@ CHECKPOINT_TAG = "raycache.checkpoint"
 RESULT_TAG = "raycache.result_checkpoint"
 
 
-def checkpoint_path(cfg, run_id: str) -> Path:
-    return (Path(cfg.runtime.cache_dir) / "checkpoints" / run_id / "latest.safetensors").resolve()
+def run_folder(cfg, run_id: str) -> Path:
+    """Where a run's checkpoints and result file live."""
+    return (Path(cfg.runtime.cache_dir) / "checkpoints" / run_id).resolve()
+
+
+def round_path(cfg, run_id: str, round_idx: int) -> Path:
+    return run_folder(cfg, run_id) / f"round-{round_idx:05d}.safetensors"
+
+
+def rounds_on_disk(folder: Path) -> dict[int, Path]:
+    """The round checkpoints in a run's folder, by round."""
+    out = {}
+    for p in folder.glob("round-*.safetensors"):
+        try:
+            out[int(p.stem.removeprefix("round-"))] = p
+        except ValueError:
+            continue
+    return out
+
+
+def prune(folder: Path, keep: int, best_round: int | None) -> list[int]:
+    """Delete round checkpoints beyond the newest `keep` and the best validation round's; returns the rounds
+    deleted. Called only after the newest is on disk and linked, so a resume never points at a deleted file."""
+    from raycache.storage import remove_stale
+
+    rounds = rounds_on_disk(folder)
+    kept = set(sorted(rounds)[-keep:]) | ({best_round} if best_round is not None else set())
+    gone = []
+    for r, p in sorted(rounds.items()):
+        if r not in kept:
+            p.unlink(missing_ok=True)
+            gone.append(r)
+    remove_stale(folder)  # a writer that died mid-write left its temporary file
+    return gone
+
+
+LOCK = "driver.lock"
+
+
+class _NoLock:
+    def close(self) -> None:
+        pass
+
+
+def hold_driver(cfg, run_id: str):
+    """Mark this process as the live driver of `run_id` (an exclusive lock on `<run folder>/driver.lock`,
+    which the operating system drops when the process dies, kill -9 included) and return the open lock
+    file; close it to let go. A run another live driver holds is refused: two drivers on one run would
+    write one checkpoint and one history."""
+    import fcntl
+    import os
+
+    from raycache.storage import host_name
+
+    folder = run_folder(cfg, run_id)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / LOCK, "a+")  # noqa: SIM115 (held for the run's life)
+    except OSError:  # an unwritable cache folder: the run's first checkpoint will say so, in one line
+        return _NoLock()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"--resume: run {run_id} is still being run by a live driver ({who}); stop that "
+                        f"process first (a driver that died holds nothing)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {host_name()}\n")
+    f.flush()
+    return f
 
 
 def resumable(cfg, run_id: str):
@@ -49,11 +121,13 @@ def resumable(cfg, run_id: str):
 
 
 def save_round(cfg, run, round_idx: int, snapshot: dict, meta: dict) -> None:
-    """Write this round's checkpoint (atomically, replacing the last) and link it from the run."""
+    """Write this round's checkpoint (atomically and durably), link it from the run, then delete the round
+    checkpoints `federation.keep_checkpoints` does not keep."""
     from raycache.federation import checkpoint
 
-    path = checkpoint.save(checkpoint_path(cfg, run.run_id), round_idx, snapshot, meta)
+    path = checkpoint.save(round_path(cfg, run.run_id, round_idx), round_idx, snapshot, meta)
     run.set_tags({CHECKPOINT_TAG: str(path), "raycache.checkpoint_round": round_idx})
+    prune(path.parent, cfg.federation.keep_checkpoints, (snapshot.get("selection") or {}).get("best_round"))
 
 
 def save_result(cfg, run, result: dict) -> None:
@@ -61,7 +135,7 @@ def save_result(cfg, run, result: dict) -> None:
     checkpoints, linked from the run."""
     from raycache.federation import checkpoint
 
-    path = checkpoint_path(cfg, run.run_id).with_name("final.safetensors")
+    path = run_folder(cfg, run.run_id) / "final.safetensors"
     checkpoint.save(path, result["round"], result["snapshot"],
                     {"selection": cfg.federation.selection, "method": cfg.method.name, "seed": cfg.seed})
     run.set_tags({RESULT_TAG: str(path), "raycache.selection": cfg.federation.selection,

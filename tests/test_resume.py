@@ -84,18 +84,24 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith("already finished")
 
 
-def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_session, mlflow_uri):
-    """local_only keeps one state per client on the hosts: a run that dies after round 2 (before that round's
-    checkpoint) resumes from round 1's with every client's own state and optimiser, and ends exactly where
-    an uninterrupted run ends."""
+@pytest.mark.parametrize("dies", ["after logging round 2", "between round 2's checkpoint and its metrics"])
+def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_session, mlflow_uri, monkeypatch,
+                                                                capsys, dies):
+    """local_only keeps one state per client on the hosts: a run that dies after round 2's checkpoint resumes
+    from it with every client's own state and optimiser, ends exactly where an uninterrupted run ends, and
+    has every round in its history exactly once, whether or not the dead driver had logged round 2. While a
+    driver is alive (here: a process holding the run), --resume is refused."""
+    import raycache.resume
     from raycache.config_file import load_config
     from raycache.experiment import run_experiment
+    from raycache.resume import rounds_on_disk
 
-    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), [
+    cfg_overrides = [
         "method.name=local_only", "per_method.local_only.cache_init=real", "per_method.local_only.lr=1.0e-5",
         "per_method.local_only.beta=100", "per_method.local_only.alpha=10", "data.clients=4",
         "runtime.client_actors=2", "federation.rounds=3", "federation.fraction=0.5",
-        f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=resume-local"])
+        f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=resume-local"]
+    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), cfg_overrides)
     whole = run_experiment(cfg)
 
     class Crash(Exception):
@@ -105,14 +111,53 @@ def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_se
         if r == 2:
             raise Crash("driver died")
 
+    real_save = raycache.resume.save_round
+
+    def save_then_die(cfg, run, r, snapshot, meta):
+        real_save(cfg, run, r, snapshot, meta)
+        crash(r, None)
+
+    if dies.startswith("after"):
+        kwargs = {"on_round": crash}
+    else:
+        monkeypatch.setattr(raycache.resume, "save_round", save_then_die)
+        kwargs = {}
     with pytest.raises(Crash):
-        run_experiment(cfg, on_round=crash)
+        run_experiment(cfg, **kwargs)
+    monkeypatch.setattr(raycache.resume, "save_round", real_save)
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("resume-local").experiment_id
     died = client.search_runs([exp], "attributes.status = 'FAILED'")[0]
-    assert died.data.tags["raycache.checkpoint_round"] == "1"
-    resumed = run_experiment(cfg, resume=died.info.run_id)
-    assert resumed.rounds == 2  # rounds 2 and 3
+    assert died.data.tags["raycache.checkpoint_round"] == "2"
+    if dies.startswith("after"):  # a driver that is still alive keeps its run: --resume is refused
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time; from raycache.config_file import load_config; from raycache.resume import "
+            "hold_driver; lock = hold_driver(load_config(None, [sys.argv[1]]), sys.argv[2]); print('held', "
+            "flush=True); time.sleep(120)"), f"runtime.cache_dir={tmp_path / 'store'}", died.info.run_id],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            from raycache.cli import main
+
+            capsys.readouterr()  # what the runs above printed
+            code = main(["run", str(ROOT / "experiments/quickstart.yaml"), "--resume", died.info.run_id,
+                         *[a for o in cfg_overrides for a in ("--set", o)]])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and f"run {died.info.run_id} is still being run by a live driver " \
+                f"(pid {holder.pid} on " in err[0], err
+        finally:
+            holder.kill()
+            holder.wait()
+    resumed = run_experiment(cfg, resume=died.info.run_id)  # its driver is gone: resumed
+    assert resumed.rounds == 1  # round 3
     for k in ("accuracy", "loss", "client_accuracy_mean", "val_accuracy", "comm_bytes_down"):
-        assert [m[k] for m in resumed.history] == [m[k] for m in whole.history[1:]], k
+        logged = [(m.step, m.value) for m in client.get_metric_history(died.info.run_id, k)]
+        steps = [step for step, _ in logged]
+        assert len(steps) == len(set(steps)), (k, steps)  # each round once
+        assert {st: v for st, v in logged if st >= 1} == {r + 1: m[k] for r, m in enumerate(whole.history)}, k
     assert resumed.selection["result_accuracy"] == whole.selection["result_accuracy"]
+    # keep_checkpoints (default 1): the newest round's file and the best validation round's, no temp files
+    folder = Path(died.data.tags["raycache.checkpoint"]).parent
+    best = int(resumed.selection["best_round"])
+    assert set(rounds_on_disk(folder)) == {3} | ({best} if best > 0 else set())
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]

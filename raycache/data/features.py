@@ -167,7 +167,7 @@ def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, see
     meta = {"model": json.dumps(spec.__dict__), "dataset": source.fingerprint}
     with ShardWriter(store, key, meta) as writer:
         feats, encoded = _encode(source, spec, runtime, transform, views, seed, writer)
-    return Features(feats, encoded, writer.path)
+    return Features(feats, encoded, writer.stored)
 
 
 def load_rows(source: Source, spec: ModelSpec, runtime, rows: np.ndarray, transform=None) -> Features:
@@ -210,42 +210,69 @@ INDEX = "index.json"
 
 
 class ShardWriter:
-    """Writes features as they arrive, one safetensors shard per block, into a temporary folder that becomes
-    `<store>/<key>` only when every row is written (its `index.json` lists the shards in order); a failed or
-    interrupted encode leaves nothing behind that a reader would take for features."""
+    """Writes features as they arrive, one safetensors shard per block, into a temporary folder of this
+    writer's own (`raycache.storage.temp_path`) that becomes `<store>/<key>` only when every row is written
+    (its `index.json` lists the shards in order); a failed or interrupted encode leaves nothing behind that a
+    reader would take for features.
+
+    The store is a cache: when it cannot be written (a full disk, a read-only folder) the writer says so in
+    one line on stderr, drops what it wrote and stops writing, and the run goes on with the features it
+    holds in memory (they are encoded again next time)."""
 
     def __init__(self, store: Path, key: str, meta: dict[str, str]) -> None:
+        from raycache.storage import temp_path
+
         self.store, self.path, self.meta = store, store / key, meta
-        self.tmp = store / f".{key}.tmp{os.getpid()}"
+        self.tmp = temp_path(self.path)
         self.shards: list[tuple[str, int]] = []
         self.dim = 0  # feature width, from the first shard written
+        self.failed: str | None = None  # why the store could not be written (then nothing more is tried)
+
+    def _fail(self, err: BaseException, where: Path) -> None:
+        import shutil
+        import sys
+
+        from raycache.storage import cause
+
+        self.failed = f"{where}: {cause(err)}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        print(f"raycache: cannot store features in {where} ({cause(err)}); the run goes on with them in memory "
+              f"(they will be encoded again next time)", file=sys.stderr)
 
     def __enter__(self) -> "ShardWriter":
-        import shutil
+        from raycache.storage import remove_stale
 
         try:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
+            self.store.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.store)  # folders of writers that died on this host
+            self.tmp.mkdir()
         except OSError as err:
-            raise UserError(f"runtime.cache_dir: cannot write features to {self.store} ({err.strerror})") from None
+            self._fail(err, self.store)
         return self
 
     def write(self, feats: np.ndarray) -> None:
         from safetensors.numpy import save_file
 
+        if self.failed is not None:
+            return
         name = f"shard-{len(self.shards):05d}.safetensors"
         try:
             save_file({"features": np.ascontiguousarray(feats)}, str(self.tmp / name), metadata=self.meta)
         except Exception as err:  # noqa: BLE001 (OSError, or safetensors' own error on a full disk)
-            raise UserError(f"runtime.cache_dir: cannot write features to {self.tmp / name} "
-                            f"({getattr(err, 'strerror', None) or err})") from None
+            self._fail(err, self.tmp / name)
+            return
         self.shards.append((name, len(feats)))
         self.dim = feats.shape[1]
+
+    @property
+    def stored(self) -> Path | None:
+        """Where the features were stored (None when the store could not be written)."""
+        return None if self.failed else self.path
 
     def __exit__(self, kind, err, tb) -> None:
         import shutil
 
-        if kind is not None:
+        if kind is not None or self.failed is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         n = sum(rows for _, rows in self.shards)
@@ -258,8 +285,7 @@ class ShardWriter:
                     raise
                 shutil.rmtree(self.tmp, ignore_errors=True)
         except OSError as err:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise UserError(f"runtime.cache_dir: cannot write features to {self.store} ({err.strerror})") from None
+            self._fail(err, self.path)
 
 
 def encoder_plan(runtime) -> tuple[int, float, int]:

@@ -1,5 +1,6 @@
-"""Round checkpoints: the full server state in one safetensors file, written atomically (a temp file, then
-a rename), read back only through safetensors (no pickle, nothing executable).
+"""Round checkpoints: the full server state in one safetensors file, written atomically and durably
+(`raycache.storage.write_atomic`: the writer's own temp file, fsync, rename, fsync of the folder), read back
+only through safetensors (no pickle, nothing executable).
 
 Layout: tensors `global/<key>` (the global state), `client/<id>/<key>` (a local method's per-client states),
 `reached` (which clients already hold the initial state) and the same under `best/` (the state at the best
@@ -12,13 +13,13 @@ the round number is the whole RNG state.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from raycache.errors import UserError
+from raycache.storage import write_atomic
 
 FORMAT = "raycache-checkpoint/1"
 
@@ -42,11 +43,8 @@ def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
     info = {"format": FORMAT, "round": str(round_idx), "meta": json.dumps(meta)}
     if "selection" in snapshot:
         info["selection"] = json.dumps(snapshot["selection"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=info)
-    os.replace(tmp, path)  # atomic: a reader sees the previous checkpoint or this one, never half of one
-    return path
+    # A reader sees the previous checkpoint or this one, never half of one; a full disk is one line.
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=info), what="checkpoint")
 
 
 def _tensors(snap: dict) -> dict[str, np.ndarray]:

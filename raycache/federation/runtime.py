@@ -95,7 +95,8 @@ class Federation:
                 starting.append(host.reinit.remote(*args, **kwargs))
             self.hosts.append(host)
         server_args = (method_cls, cfg.method, task_ref, evals_ref, server_data, class_counts, self.hosts,
-                       len(parts), cfg.federation, cfg.seed, (options, specs))
+                       len(parts), cfg.federation, cfg.seed, (options, specs),
+                       np.array([len(p) for p in parts], np.int64))
         # The server can replace a host that dies or times out: it gets the same options and arguments.
         self.server = WARM.take(("server",)) if self.warm else None
         if self.server is None:

@@ -5,6 +5,7 @@ FedAdam, ... for a federated flow; nothing for a personal one) and evaluates.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -17,11 +18,18 @@ from raycache.federation.selection import Selection
 from raycache.methods.base import State, state_nbytes, state_params
 
 
+# The automatic host deadline (federation.client_timeout_s: null): see Server._deadline.
+AUTO_FLOOR_S = 30.0
+AUTO_FACTOR = 10.0
+
+
 class Server:
     def __init__(self, method_cls, settings, task, evals: EvalSets, server_data, class_counts: np.ndarray,
-                 hosts: list, trainers: int, federation, seed: int, host_spec: tuple | None = None) -> None:
+                 hosts: list, trainers: int, federation, seed: int, host_spec: tuple | None = None,
+                 sizes: np.ndarray | None = None) -> None:
         """`evals`: the test, validation and client-test sets. `host_spec` = (actor options, [(args, kwargs)
-        per host]): how to start a replacement for a host that died or timed out."""
+        per host]): how to start a replacement for a host that died or timed out. `sizes`: each trainer's
+        training samples (the automatic deadline scales with them)."""
         from raycache.federation.strategies import strategy_class
 
         self.method = method_cls(settings, task)
@@ -38,6 +46,8 @@ class Server:
         self.seed = seed
         self.host_spec = host_spec
         self.restarts = 0
+        self.sizes = np.ones(trainers, np.int64) if sizes is None else np.maximum(np.asarray(sizes), 1)
+        self.rate: float | None = None  # the slowest local training seen, in seconds per sample (auto deadline)
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (personal flow)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
@@ -203,31 +213,63 @@ class Server:
         # Wait until it has started (imports, model build): the next round's deadline must not pay for that.
         ray.get(self.hosts[h].node.remote())
 
+    def _deadline(self, clients: list[int]) -> float | None:
+        """Seconds a host may take for `clients` before it is given up on (None: no limit yet).
+
+        `federation.client_timeout_s` set: that many per client, plus 5 s. Null (the default): automatic,
+        AUTO_FLOOR_S plus AUTO_FACTOR times the slowest local training measured so far (seconds per sample of
+        one host's reported clients together, in this run, this round's earlier hosts included) times the
+        host's samples: generous enough that no legitimate round is cut off, short enough that a hung host costs
+        minutes, not the run. Before any client has reported there is no measurement and no limit."""
+        timeout = self.federation.client_timeout_s
+        if timeout is not None:
+            return timeout * len(clients) + 5.0
+        if self.rate is None:
+            return None
+        return AUTO_FLOOR_S + AUTO_FACTOR * self.rate * float(self.sizes[clients].sum())
+
+    def _measure(self, rep) -> None:
+        seconds, samples = rep.column("seconds"), rep.column("samples")
+        if len(seconds):  # the host's clients together (a client's fixed cost spread over its samples)
+            rate = float(seconds.sum() / max(samples.sum(), 1))
+            self.rate = rate if self.rate is None else max(self.rate, rate)
+
     def _collect(self, calls: dict[int, tuple], round_idx: int) -> tuple[list, int, int]:
-        """Wait for the hosts' reports. A host that died, or is still busy past its deadline, loses its
-        clients for this round and is replaced. Returns (reports, clients failed, clients timed out)."""
+        """Wait for the hosts' reports, each until its deadline (`_deadline`). A host that died, or is still
+        busy past its deadline, loses its clients for this round and is replaced. Returns (reports, clients
+        failed, clients timed out)."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        timeout = self.federation.client_timeout_s
-        refs = [ref for ref, _ in calls.values()]
-        wait = None if timeout is None else timeout * max(len(c) for _, c in calls.values()) + 5.0
-        ray.wait(refs, num_returns=len(refs), timeout=wait)
+        start = time.monotonic()
+        pending = dict(calls)
         reports, failed, timed_out = [], 0, 0
-        for h, (ref, clients) in calls.items():
-            ready, _ = ray.wait([ref], timeout=0)
-            if not ready:  # past its deadline: every client on it missed the round
-                failed += len(clients)
-                self._respawn(h)
-                continue
-            try:
-                rep = ray.get(ref)
-            except (RayActorError, ActorDiedError, ActorUnavailableError):  # the host died mid-round
-                failed += len(clients)
-                self._respawn(h)
-                continue
-            timed_out += len(rep.timed_out)
-            reports.append(rep)
+        while pending:
+            limits = {h: self._deadline(clients) for h, (_, clients) in pending.items()}
+            due = [start + d for d in limits.values() if d is not None]
+            wait = None if not due else max(0.0, min(due) - time.monotonic())
+            ray.wait([ref for ref, _ in pending.values()], num_returns=1, timeout=wait)
+            for h in list(pending):
+                ref, clients = pending[h]
+                if not ray.wait([ref], timeout=0)[0]:
+                    if limits[h] is not None and time.monotonic() - start >= limits[h]:
+                        print(f"raycache: round {round_idx}: client host {h} gave no answer within "
+                              f"{limits[h]:.0f} s; its {len(clients)} clients miss the round and the host is "
+                              f"replaced", file=sys.stderr)
+                        del pending[h]
+                        failed += len(clients)
+                        self._respawn(h)
+                    continue
+                del pending[h]
+                try:
+                    rep = ray.get(ref)
+                except (RayActorError, ActorDiedError, ActorUnavailableError):  # the host died mid-round
+                    failed += len(clients)
+                    self._respawn(h)
+                    continue
+                self._measure(rep)
+                timed_out += len(rep.timed_out)
+                reports.append(rep)
         return reports, failed, timed_out
 
     def run_round(self, round_idx: int) -> dict[str, float]:

@@ -1,8 +1,10 @@
 """A synthetic set on disk: one Parquet shard per class, written atomically, plus two markers.
 
 `_PLAN.json` records the settings the folder is for; `_COMPLETE.json` is written only when every class has
-a shard with exactly K images. A killed run leaves finished shards (reused on resume) and no marker that
-claims the set is whole.
+a shard with exactly K images. Every file is written atomically by its own writer (`raycache.storage`), so
+two runs making the same set at once never break each other (their shards are the same bytes); a killed
+run leaves finished shards (reused on resume), its temporary files (removed by the next run on its host)
+and no marker that claims the set is whole.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from pathlib import Path
 
 from raycache.errors import UserError
+from raycache.storage import remove_stale, write_atomic
 
 PLAN, COMPLETE = "_PLAN.json", "_COMPLETE.json"
 COLUMNS = ("image", "label", "class_name", "prompt", "seed", "generator", "index")
@@ -38,8 +41,7 @@ class SynthStore:
             probe.unlink()
         except OSError as err:
             raise UserError(f"synth.out: cannot write to {self.out} ({err.strerror or err})") from None
-        for stale in self.out.glob(".class-*.tmp*"):  # a killed run's half-written shard
-            stale.unlink(missing_ok=True)
+        remove_stale(self.out)  # half-written files of writers that died (another live run's are its own)
         plan = self.out / PLAN
         if plan.is_file():
             try:
@@ -75,9 +77,7 @@ class SynthStore:
             raise RuntimeError(f"class {label}: {len(rows['image'])} images, expected {self.settings['per_class']}")
         order = sorted(range(len(rows["index"])), key=rows["index"].__getitem__)
         table = pa.table({c: [rows[c][i] for i in order] for c in COLUMNS})
-        tmp = self.out / f".class-{label:05d}.parquet.tmp{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.shard(label))
+        write_atomic(self.shard(label), lambda tmp: pq.write_table(table, tmp), what="synthetic shard")
 
     def complete(self) -> bool:
         return (self.out / COMPLETE).is_file()
@@ -91,6 +91,5 @@ class SynthStore:
 
     @staticmethod
     def _write_json(path: Path, data: dict) -> None:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        text = json.dumps(data, indent=1, sort_keys=True)
+        write_atomic(path, lambda tmp: tmp.write_text(text), what="synthetic set marker")

@@ -1,6 +1,7 @@
 """`raycache synth` with the offline tiny pipeline: balance, determinism, resume, MLflow, bad input."""
 
 import json
+import os
 import shutil
 
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ from raycache.cli import main
 from raycache.config import SynthConfig
 from raycache.errors import UserError
 from raycache.synth.generate import ensure_set, fill, prepare
+from raycache.storage import host_name
 from raycache.synth.store import COMPLETE, PLAN
 
 CLASSES = ["cat", "dog", "owl"]
@@ -57,8 +59,13 @@ def test_resume_skips_finished_shards_and_redoes_broken_ones(reference, tmp_path
     shutil.copy(ref / "class-00000.parquet", out / "class-00000.parquet")
     short = pq.read_table(ref / "class-00001.parquet").slice(0, 1)
     pq.write_table(short, out / "class-00001.parquet")
-    (out / ".class-00002.parquet.tmp123").write_bytes(b"partial")
+    dead = _dead_pid()
+    (out / f".class-00002.parquet.{host_name()}-{dead}-0123abcd.tmp").write_bytes(b"partial")  # a dead writer's
+    live = out / f".class-00002.parquet.{host_name()}-{os.getpid()}-0123abcd.tmp"  # another run, still writing
+    live.write_bytes(b"partial")
     store = prepare(synth_cfg(out), CLASSES, str(tmp_path))
+    assert [p.name for p in out.glob(".*.tmp")] == [live.name]  # only the dead writer's file is removed
+    live.unlink()
     assert store.done_classes() == {0} and not store.complete()
     with pytest.raises(UserError, match="unfinished synthetic set"):
         from raycache.config import DataConfig
@@ -70,6 +77,14 @@ def test_resume_skips_finished_shards_and_redoes_broken_ones(reference, tmp_path
     for shard in sorted(ref.glob("*.parquet")):
         assert (out / shard.name).read_bytes() == shard.read_bytes()
     assert fill(store, synth_cfg(out)).generated == 0  # complete: nothing more to do
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 class Interrupted(Exception):
