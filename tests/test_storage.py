@@ -19,12 +19,14 @@ DISK_FULL = "Error while serializing: I/O error: No space left on device (os err
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 256 kB tmpfs: a disk that really fills (needs root; skipped without it, the injected-error tests
-    below cover the same paths everywhere)."""
+def small_disk(tmp_path, request):
+    """A small tmpfs (256 kB, or the size a test's `disk_size` mark asks for): a disk that really fills
+    (needs root; skipped without it, the injected-error tests here cover the same paths everywhere)."""
+    mark = request.node.get_closest_marker("disk_size")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+    size = mark.args[0] if mark else "256k"
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     yield mnt
@@ -137,3 +139,43 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best_round(tmp_path):
     assert sorted(rounds_on_disk(tmp_path)) == [3, 5, 6]
     assert prune(tmp_path, keep=1, best_round=6) == [3, 5]
     assert sorted(rounds_on_disk(tmp_path)) == [6]
+
+
+@pytest.mark.disk_size("4m")
+def test_a_disk_that_fills_mid_run_fails_it_in_one_line_and_it_resumes_once_there_is_room(
+        small_disk, tmp_path, ray_session, mlflow_uri):
+    """The cache folder on a small disk that a neighbour fills after round 1: round 2's checkpoint cannot be
+    written, the run ends FAILED naming the file and the cause, round 1's checkpoint is whole, and once there
+    is room again the run resumes from it and finishes."""
+    from mlflow.tracking import MlflowClient
+
+    from raycache.config_file import load_config
+    from raycache.errors import RunFailed
+    from raycache.experiment import run_experiment
+    from raycache.federation import checkpoint
+
+    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), [
+        "method.cache_init=real", "federation.rounds=3", "data.clients=4", "runtime.client_actors=1",
+        f"runtime.cache_dir={small_disk}", "tracking.experiment=full-disk"])
+    filler = small_disk / "neighbour.bin"
+
+    def fill_the_disk(r, metrics):
+        if r == 1:
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:  # the disk is full
+                pass
+            finally:
+                os.close(fd)
+
+    with pytest.raises(RunFailed, match=r"cannot write checkpoint .*round-00002\.safetensors: No space left"):
+        run_experiment(cfg, on_round=fill_the_disk)
+    client = MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("full-disk").experiment_id])[0]
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["failure_reason"]
+    assert checkpoint.load(Path(run.data.tags["raycache.checkpoint"])).round == 1  # whole
+    filler.unlink()
+    resumed = run_experiment(cfg, resume=run.info.run_id)
+    assert resumed.rounds == 2 and client.get_run(run.info.run_id).info.status == "FINISHED"
