@@ -282,10 +282,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from raycache.tracking import tracking_uri
+    from raycache.tracking import masked, tracking_uri
 
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(), "--host", args.host, "--port", str(args.port)]
-    os.execvp(argv[0], argv)
+    # The store goes through the environment, not the command line, which every user of the machine can read
+    # (ps); what is printed is masked.
+    argv = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
+    print(f"mlflow ui on http://{args.host}:{args.port} for {masked(tracking_uri())}", file=sys.stderr)
+    os.execvpe(argv[0], argv, {**os.environ, "MLFLOW_BACKEND_STORE_URI": tracking_uri()})
     return 0  # not reached
 
 

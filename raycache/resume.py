@@ -99,9 +99,9 @@ def resumable(cfg, run_id: str):
 
     old = logged_run(run_id)
     if old is None:
-        from raycache.tracking import tracking_uri
+        from raycache.tracking import masked, tracking_uri
 
-        raise UserError(f"--resume: no MLflow run {run_id!r} in {tracking_uri()}")
+        raise UserError(f"--resume: no MLflow run {run_id!r} in {masked(tracking_uri())}")
     if old.status == "FINISHED":
         raise UserError(f"--resume: run {run_id} already finished")
     for key, value in cfg.flat().items():  # the same experiment, or the result would be neither run

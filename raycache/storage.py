@@ -127,3 +127,36 @@ def remove_stale(folder: Path) -> int:
         except OSError:
             pass
     return removed
+
+
+def check_private(folder: Path, what: str) -> None:
+    """Refuse (UserError, one line) to read `folder` back with pickle unless only this user could have
+    written it: the folder, everything under it and every folder above it up to the root must be owned by
+    this user or root and not writable by group or others (a sticky shared folder such as /tmp is fine above
+    it, as the kernel keeps others from replacing what is ours there)."""
+    import stat
+
+    from raycache.errors import UserError
+
+    me = os.geteuid()
+
+    def bad(path: Path, st) -> str | None:
+        if st.st_uid not in (me, 0):
+            return f"is owned by another user (uid {st.st_uid})"
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (sticky_dir and path != folder):
+            return f"can be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+        return None
+
+    folder = Path(folder).resolve()
+    paths = [*reversed(folder.parents), folder]
+    paths += sorted(folder.rglob("*"))
+    for path in paths:
+        try:
+            st = path.stat()  # a link is judged by what it points at (its own mode means nothing)
+        except OSError:
+            continue
+        why = bad(path, st)
+        if why is not None:
+            raise UserError(f"{what}: {path} {why}; restoring it would unpickle files another user could have "
+                            f"written. Make it yours alone (chmod -R go-w {folder}) or start afresh")

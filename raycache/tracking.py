@@ -24,6 +24,31 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_SECRET = ("pass", "pwd", "token", "secret", "key", "credential", "auth", "signature")
+
+
+def masked(uri: str) -> str:
+    """`uri` as raycache prints it: a password in its user part and secret-looking query values (password,
+    token, api key, signature, ...) replaced by `***`. The unmasked URI never reaches a terminal or a log."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "***"
+    out = uri  # edited in place: re-assembling a URI can change it (sqlite:////abs loses a slash)
+    if "@" in parts.netloc:
+        user, _, host = parts.netloc.rpartition("@")
+        name, sep, _ = user.partition(":")
+        out = out.replace(parts.netloc, f"{name}{':***' if sep else ''}@{host}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, "***" if any(s in k.lower() for s in _SECRET) else v) for k, v in pairs], safe="*")
+        if query != parts.query:
+            out = out.replace("?" + parts.query, "?" + query, 1)
+    return out
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """One stored run as the rest of raycache reads it (no MLflow types leave this module)."""
@@ -177,9 +202,10 @@ class Run:
 
     def ui_hint(self, view: str | None = None) -> str:
         """How to open this run (or, with `view`, the experiment's runs table under that saved view)."""
-        store = self.uri
         page = (f"#/experiments/{self.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={view}" if view else
                 f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{UI_QUERY}")
+        # A store with credentials is named by the variable that holds it, never printed (masked or not).
+        store = self.uri if masked(self.uri) == self.uri else '"$MLFLOW_TRACKING_URI"'
         return f"mlflow ui --backend-store-uri {store} --host 127.0.0.1   (or: make ui), then open http://127.0.0.1:5000/{page}"
 
     def save_view(self, key: str, name: str, params: list[str], metrics: list[str]) -> None:

@@ -317,3 +317,22 @@ def test_a_validation_metric_without_a_validation_split_is_refused(tmp_path, cap
     code = main(["sweep", str(path), "--set", "federation.selection=final"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "metric: 'val_accuracy' needs a validation split" in err[0], err
+
+
+@pytest.mark.parametrize("loose", ["folder", "file"])
+def test_resume_refuses_a_sweep_folder_others_can_write(tmp_path, capsys, loose):
+    """--resume unpickles Tune's state from the sweep's folder: it is restored only when no other user
+    could have written it (refused before Ray starts)."""
+    import os
+
+    path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.5]}})
+    folder = tmp_path / "store" / "sweeps" / "s"
+    folder.mkdir(parents=True)
+    (folder / "raycache_sweep.json").write_text(json.dumps({"parent_run_id": "x"}))
+    state = folder / "tuner.pkl"
+    state.write_bytes(b"not a pickle anyone should load")
+    os.chmod(folder if loose == "folder" else state, 0o777 if loose == "folder" else 0o666)
+    code = main(["sweep", str(path), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()[1:]  # after the sweep's heading
+    target = folder if loose == "folder" else state
+    assert code == 2 and len(err) == 1 and f"error: --resume: {target} can be written by other users" in err[0], err

@@ -188,6 +188,10 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
     state_file = folder / PARENT_FILE
     if resume and not state_file.is_file():
         raise UserError(f"--resume: no sweep {sweep.name!r} to resume under {storage}")
+    if resume:  # Tune's restore unpickles the folder's state: only from a folder no one else can write
+        from raycache.storage import check_private
+
+        check_private(folder, "--resume")
     if not resume and folder.exists():
         raise UserError(f"name: sweep {sweep.name!r} already exists under {storage}; pass --resume to continue it "
                         f"or choose another name")
