@@ -359,6 +359,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     with Federation(cfg, prep.task, train, prep.trainers, evals, enc.cache, prep.counts, audit=audit,
                     warm=warm) as fed:
         run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes)),  # nodes the client actors span
+                         "client_gpu_devices": fed.gpu_devices,  # GPUs they span (fractions share one)
                          "actors_reused": fed.reused})  # taken from a warm pool (a sweep's earlier trial)
         if ckpt is None:
             run.log_metrics(fed.start(), step=0)

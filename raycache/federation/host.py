@@ -221,6 +221,13 @@ class ClientHost:
 
         return ray.get_runtime_context().get_node_id()
 
+    def gpus(self) -> list[str]:
+        """The GPUs Ray gave this host, as `<node>/<gpu id>` (a fraction of one GPU names that GPU)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return [f"{ctx.get_node_id()}/{g}" for g in ctx.get_accelerator_ids().get("GPU", [])]
+
 
 def _check_finite(update: State, cid: int, round_idx: int) -> None:
     for k, v in update.items():

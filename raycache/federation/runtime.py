@@ -105,6 +105,8 @@ class Federation:
             self.reused += 1
             ray.get(self.server.reinit.remote(*server_args))
         self.nodes: list[str] = ray.get(starting)  # waits until all have started
+        # the distinct GPUs the hosts hold (four hosts of client_gpus: 0.25 on one GPU: 1)
+        self.gpu_devices = len({g for gs in ray.get([h.gpus.remote() for h in self.hosts]) for g in gs})
 
     def info(self) -> dict[str, int]:
         import ray
