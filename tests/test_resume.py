@@ -84,7 +84,8 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith("already finished")
 
 
-@pytest.mark.parametrize("dies", ["after logging round 2", "between round 2's checkpoint and its metrics"])
+@pytest.mark.parametrize("dies", ["after logging round 2", pytest.param(
+    "between round 2's checkpoint and its metrics", marks=pytest.mark.slow)])
 def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_session, mlflow_uri, monkeypatch,
                                                                 capsys, dies):
     """local_only keeps one state per client on the hosts: a run that dies after round 2's checkpoint resumes

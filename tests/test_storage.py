@@ -141,6 +141,7 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best_round(tmp_path):
     assert sorted(rounds_on_disk(tmp_path)) == [6]
 
 
+@pytest.mark.slow
 @pytest.mark.disk_size("4m")
 def test_a_disk_that_fills_mid_run_fails_it_in_one_line_and_it_resumes_once_there_is_room(
         small_disk, tmp_path, ray_session, mlflow_uri):
