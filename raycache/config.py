@@ -33,6 +33,10 @@ def _with_slot(templates: list[str], what: str) -> list[str]:
         if fields != [""]:
             raise ValueError(f"{what} {t!r} must have exactly one '{{}}' slot for the class name and no other "
                              f"replacement field (write a literal brace as {{{{ or }}}})")
+        try:  # the slot's own format spec or conversion must suit a name ("{:>10}" does, "{::}" does not)
+            t.format("class name")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{what} {t!r}: {err}") from None
     return templates
 
 
@@ -180,8 +184,8 @@ class FederationConfig(_Section):
     client_timeout_s: float | None = Field(None, gt=0, description="a client whose local training takes "
                                            "longer is dropped from the round, and a host that has not answered "
                                            "after this many seconds per client (+5 s) is replaced; null = "
-                                           "automatic: a host may take 30 s plus 10x the slowest training "
-                                           "measured so far (seconds per sample) times its samples, no limit "
+                                           "automatic: a host may take 30 s plus 10x its clients' time at the slowest "
+                                           "pace measured so far (doubled after each miss), no limit "
                                            "until a first client has reported")
     dropout: float = Field(0.0, ge=0, lt=1, description="fault injection: probability that a sampled client "
                                                           "does not report")

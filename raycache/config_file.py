@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 
 from raycache.config import ExperimentConfig, known_keys
 from raycache.errors import UserError
+from raycache.models.clip import LOCAL_DIR, WEIGHT_SUFFIXES
 
 
 class _Loader(yaml.SafeLoader):
@@ -149,10 +151,16 @@ def absolute_path(key: str, value: Any) -> Any:
     """`value` of `key` (one of PATH_KEYS) made absolute against the current directory where it is a local
     path: an existing file or folder, or any string for `synth.out` and `runtime.cache_dir` (always paths,
     perhaps not made yet). Anything else (a hub id, a pretrained tag, a built-in dataset) is returned as is."""
-    from raycache.models.clip import LOCAL_DIR
-
     if key not in PATH_KEYS or not isinstance(value, str):
         return value
+    if key == "data.dataset":
+        from raycache.data.sources import BUILTINS
+
+        if value in BUILTINS:  # a built-in name, even where a folder of that name exists
+            return value
+    if key == "model.pretrained" and not (value.startswith(LOCAL_DIR) or os.sep in value or
+                                          Path(value).suffix in WEIGHT_SUFFIXES):
+        return value  # a pretrained tag (check_spec reads the value the same way)
     prefix = LOCAL_DIR if value.startswith(LOCAL_DIR) else ""
     path = Path(value.removeprefix(prefix)).expanduser()
     if key in ("synth.out", "runtime.cache_dir") or path.exists():

@@ -196,24 +196,26 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
         if lock is not None:
             lock.close()
         raise
-    lock = lock or hold_driver(cfg, run.run_id)
     try:
-        if ckpt is None:  # a resumed run has these already
-            log_inputs(prep, run)
-        start_ray(prep, stage)
-        encoded = encode(prep, run, stage, shared or {})
-        summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm)
-    except BaseException as err:
-        from raycache.errors import find_run_failure, find_user_error
+        try:
+            lock = lock or hold_driver(cfg, run.run_id)
+            if ckpt is None:  # a resumed run has these already
+                log_inputs(prep, run)
+            start_ray(prep, stage)
+            encoded = encode(prep, run, stage, shared or {})
+            summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm)
+        except BaseException as err:
+            from raycache.errors import find_run_failure, find_user_error
 
-        run.finish(find_run_failure(err) or find_user_error(err) or err)  # the reason, not Ray's wrapper
-        raise
-    finally:
-        lock.close()
-    if summary.stopped_by is not None:
-        run.stop(summary.stopped_by)
-    else:
-        run.finish()
+            run.finish(find_run_failure(err) or find_user_error(err) or err)  # the reason, not Ray's wrapper
+            raise
+        if summary.stopped_by is not None:
+            run.stop(summary.stopped_by)
+        else:
+            run.finish()
+    finally:  # let go only once the run is ended: a --resume in between would find it still RUNNING
+        if lock is not None:
+            lock.close()
     return summary
 
 

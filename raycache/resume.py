@@ -47,7 +47,13 @@ def prune(folder: Path, keep: int, best_round: int | None) -> list[int]:
     gone = []
     for r, p in sorted(rounds.items()):
         if r not in kept:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as err:  # clean-up only: never a reason to fail the run
+                import sys
+
+                print(f"raycache: cannot delete old checkpoint {p} ({err.strerror})", file=sys.stderr)
+                continue
             gone.append(r)
     remove_stale(folder)  # a writer that died mid-write left its temporary file
     return gone
@@ -71,6 +77,11 @@ def hold_driver(cfg, run_id: str):
 
     from raycache.storage import host_name
 
+    import re
+    import sys
+
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):  # an MLflow run id; never a path
+        raise UserError(f"--resume: {run_id!r} is not an MLflow run id (32 hexadecimal characters)")
     folder = run_folder(cfg, run_id)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -85,10 +96,18 @@ def hold_driver(cfg, run_id: str):
         f.close()
         raise UserError(f"--resume: run {run_id} is still being run by a live driver ({who}); stop that "
                         f"process first (a driver that died holds nothing)") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {host_name()}\n")
-    f.flush()
+    except OSError as err:  # a filesystem without locks (ENOLCK, ENOSYS): the run goes on unguarded
+        f.close()
+        print(f"raycache: cannot lock {folder / LOCK} ({err.strerror}); nothing keeps a second driver off "
+              f"this run", file=sys.stderr)
+        return _NoLock()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {host_name()}\n")
+        f.flush()
+    except OSError:  # a full disk: the lock holds without its note
+        pass
     return f
 
 

@@ -132,31 +132,44 @@ def remove_stale(folder: Path) -> int:
 def check_private(folder: Path, what: str) -> None:
     """Refuse (UserError, one line) to read `folder` back with pickle unless only this user could have
     written it: the folder, everything under it and every folder above it up to the root must be owned by
-    this user or root and not writable by group or others (a sticky shared folder such as /tmp is fine above
-    it, as the kernel keeps others from replacing what is ours there)."""
+    this user or root and writable by no one else: not by others, and not by a group other than the user's
+    own private one (umask 002 systems); a sticky shared folder such as /tmp is fine above it (the kernel
+    keeps others from replacing what is ours there), never inside it."""
     import stat
 
     from raycache.errors import UserError
 
     me = os.geteuid()
 
-    def bad(path: Path, st) -> str | None:
+    def private_group(gid: int) -> bool:
+        """The user's own group with no other members (umask 002 systems give every user one)."""
+        import grp
+        import pwd
+
+        try:
+            group, user = grp.getgrgid(gid), pwd.getpwuid(me)
+        except KeyError:
+            return False
+        return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+    def bad(path: Path, st, above: bool) -> str | None:
         if st.st_uid not in (me, 0):
             return f"is owned by another user (uid {st.st_uid})"
-        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (sticky_dir and path != folder):
+        if st.st_mode & stat.S_IWOTH and not (above and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
             return f"can be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+        if st.st_mode & stat.S_IWGRP and not private_group(st.st_gid) and \
+                not (above and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            return f"can be written by its group (mode {stat.S_IMODE(st.st_mode):o})"
         return None
 
     folder = Path(folder).resolve()
-    paths = [*reversed(folder.parents), folder]
-    paths += sorted(folder.rglob("*"))
-    for path in paths:
+    above = list(reversed(folder.parents))  # a sticky shared folder (/tmp) is fine above, never inside
+    for path in [*above, folder, *sorted(folder.rglob("*"))]:
         try:
             st = path.stat()  # a link is judged by what it points at (its own mode means nothing)
         except OSError:
             continue
-        why = bad(path, st)
+        why = bad(path, st, path in above)
         if why is not None:
             raise UserError(f"{what}: {path} {why}; restoring it would unpickle files another user could have "
                             f"written. Make it yours alone (chmod -R go-w {folder}) or start afresh")

@@ -30,17 +30,19 @@ _SECRET = ("pass", "pwd", "token", "secret", "key", "credential", "auth", "signa
 def masked(uri: str) -> str:
     """`uri` as raycache prints it: a password in its user part and secret-looking query values (password,
     token, api key, signature, ...) replaced by `***`. The unmasked URI never reaches a terminal or a log."""
+    import re
     from urllib.parse import parse_qsl, urlencode, urlsplit
 
     try:
         parts = urlsplit(uri)
     except ValueError:
         return "***"
-    out = uri  # edited in place: re-assembling a URI can change it (sqlite:////abs loses a slash)
-    if "@" in parts.netloc:
-        user, _, host = parts.netloc.rpartition("@")
-        name, sep, _ = user.partition(":")
-        out = out.replace(parts.netloc, f"{name}{':***' if sep else ''}@{host}", 1)
+    # The password runs from the first ':' after the user to the last '@' (SQLAlchemy takes '/', '?' and
+    # '#' unencoded in it, which urlsplit would read as the start of the path): mask all of it. A URI
+    # without credentials whose query holds an '@' is masked too much, never too little.
+    out = re.sub(r"^([A-Za-z][\w+.-]*://[^:/@?#]*):.*@", r"\1:***@", uri, flags=re.S)
+    if out != uri:
+        parts = urlsplit(out)
     if parts.query:
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         query = urlencode([(k, "***" if any(s in k.lower() for s in _SECRET) else v) for k, v in pairs], safe="*")
@@ -205,8 +207,9 @@ class Run:
         page = (f"#/experiments/{self.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={view}" if view else
                 f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{UI_QUERY}")
         # A store with credentials is named by the variable that holds it, never printed (masked or not).
-        store = self.uri if masked(self.uri) == self.uri else '"$MLFLOW_TRACKING_URI"'
-        return f"mlflow ui --backend-store-uri {store} --host 127.0.0.1   (or: make ui), then open http://127.0.0.1:5000/{page}"
+        if masked(self.uri) != self.uri:  # `raycache ui` keeps the URI off the command line
+            return f"raycache ui   (the store in $MLFLOW_TRACKING_URI), then open http://127.0.0.1:5000/{page}"
+        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1   (or: make ui), then open http://127.0.0.1:5000/{page}"
 
     def save_view(self, key: str, name: str, params: list[str], metrics: list[str]) -> None:
         """A saved runs-table view of this run's experiment (MLflow's shared view state, an experiment tag):

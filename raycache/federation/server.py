@@ -21,6 +21,7 @@ from raycache.methods.base import State, state_nbytes, state_params
 # The automatic host deadline (federation.client_timeout_s: null): see Server._deadline.
 AUTO_FLOOR_S = 30.0
 AUTO_FACTOR = 10.0
+RESPAWN_TIMEOUT_S = 600.0  # a replacement host that has not started by then cannot be placed
 
 
 class Server:
@@ -48,6 +49,8 @@ class Server:
         self.restarts = 0
         self.sizes = np.ones(trainers, np.int64) if sizes is None else np.maximum(np.asarray(sizes), 1)
         self.rate: float | None = None  # the slowest local training seen, in seconds per sample (auto deadline)
+        self.client_max = 0.0  # the slowest single client's seconds seen (auto deadline)
+        self.missed: dict[int, int] = {}  # host index -> deadlines it missed (each doubles its next one)
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (personal flow)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
@@ -211,28 +214,41 @@ class Server:
         name = f"{options['name']}-{h}-{self.restarts}"
         self.hosts[h] = ray.remote(ClientHost).options(**{**options, "name": name}).remote(*args, **kwargs)
         # Wait until it has started (imports, model build): the next round's deadline must not pay for that.
-        ray.get(self.hosts[h].node.remote())
+        # A replacement that cannot be placed (its node is gone, the autoscaler is at its maximum) ends the
+        # run in one line rather than waiting for ever.
+        from ray.exceptions import GetTimeoutError
 
-    def _deadline(self, clients: list[int]) -> float | None:
-        """Seconds a host may take for `clients` before it is given up on (None: no limit yet).
+        try:
+            ray.get(self.hosts[h].node.remote(), timeout=RESPAWN_TIMEOUT_S)
+        except GetTimeoutError:
+            raise RunFailed(f"client host {h} failed and its replacement did not start within "
+                            f"{RESPAWN_TIMEOUT_S:.0f} s (no room for it on the cluster?)") from None
+
+    def _deadline(self, h: int, clients: list[int]) -> float | None:
+        """Seconds host `h` may take for `clients` before it is given up on (None: no limit yet).
 
         `federation.client_timeout_s` set: that many per client, plus 5 s. Null (the default): automatic,
-        AUTO_FLOOR_S plus AUTO_FACTOR times the slowest local training measured so far (seconds per sample of
-        one host's reported clients together, in this run, this round's earlier hosts included) times the
-        host's samples: generous enough that no legitimate round is cut off, short enough that a hung host costs
-        minutes, not the run. Before any client has reported there is no measurement and no limit."""
+        AUTO_FLOOR_S plus AUTO_FACTOR times what the host's clients would take at the slowest pace measured
+        so far in this run (this round's earlier hosts included): the host's samples at the slowest seconds
+        per sample of one host's clients together, plus its clients at the slowest single client's seconds
+        (a per-client cost that samples do not show); doubled for every deadline this host missed before
+        (a host slower than the ones measured gets more time, not the same cut every round). Generous
+        enough that no legitimate round is cut off, short enough that a hung host costs minutes, not the
+        run. Before any client has reported there is no measurement and no limit."""
         timeout = self.federation.client_timeout_s
         if timeout is not None:
             return timeout * len(clients) + 5.0
         if self.rate is None:
             return None
-        return AUTO_FLOOR_S + AUTO_FACTOR * self.rate * float(self.sizes[clients].sum())
+        pace = self.rate * float(self.sizes[clients].sum()) + self.client_max * len(clients)
+        return (AUTO_FLOOR_S + AUTO_FACTOR * pace) * 2.0 ** self.missed.get(h, 0)
 
     def _measure(self, rep) -> None:
         seconds, samples = rep.column("seconds"), rep.column("samples")
         if len(seconds):  # the host's clients together (a client's fixed cost spread over its samples)
             rate = float(seconds.sum() / max(samples.sum(), 1))
             self.rate = rate if self.rate is None else max(self.rate, rate)
+            self.client_max = max(self.client_max, float(seconds.max()))
 
     def _collect(self, calls: dict[int, tuple], round_idx: int) -> tuple[list, int, int]:
         """Wait for the hosts' reports, each until its deadline (`_deadline`). A host that died, or is still
@@ -245,7 +261,7 @@ class Server:
         pending = dict(calls)
         reports, failed, timed_out = [], 0, 0
         while pending:
-            limits = {h: self._deadline(clients) for h, (_, clients) in pending.items()}
+            limits = {h: self._deadline(h, clients) for h, (_, clients) in pending.items()}
             due = [start + d for d in limits.values() if d is not None]
             wait = None if not due else max(0.0, min(due) - time.monotonic())
             ray.wait([ref for ref, _ in pending.values()], num_returns=1, timeout=wait)
@@ -258,6 +274,7 @@ class Server:
                               f"replaced", file=sys.stderr)
                         del pending[h]
                         failed += len(clients)
+                        self.missed[h] = self.missed.get(h, 0) + 1
                         self._respawn(h)
                     continue
                 del pending[h]

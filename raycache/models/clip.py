@@ -18,6 +18,7 @@ from raycache.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 LOCAL_DIR = "local-dir:"
+WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors"}  # a model.pretrained value with one is a file
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,7 @@ def check_spec(spec: ModelSpec) -> None:
             raise UserError(f"model.pretrained: {spec.name} has weights {', '.join(spec.preset.weights)} "
                             f"(or null for random init), not {spec.pretrained!r}")
         return
-    looks_like_path = os.sep in spec.pretrained or Path(spec.pretrained).suffix in {".pt", ".pth", ".bin",
-                                                                                    ".safetensors"}
+    looks_like_path = os.sep in spec.pretrained or Path(spec.pretrained).suffix in WEIGHT_SUFFIXES
     if looks_like_path and not Path(spec.pretrained).is_file():
         raise UserError(f"model.pretrained: weights file {spec.pretrained} not found")
     if not looks_like_path and spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.arch):
@@ -140,10 +140,13 @@ def load_clip(spec: ModelSpec, device: str = "cpu"):
         if preset is not None and spec.pretrained in preset.weights:
             module, _, fn = preset.weights[spec.pretrained].partition(":")
             getattr(importlib.import_module(module), fn)(model)
-    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickled object, not tensors
-        raise UserError(f"model.pretrained: {spec.pretrained} holds a pickled object, not a state dict of "
-                        f"tensors; raycache loads weights only (never unpickles code): save "
-                        f"model.state_dict() or a .safetensors file") from None
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):  # torch.load(weights_only=True) met objects, not tensors
+            raise UserError(f"model.pretrained: {spec.pretrained} holds a pickled object, not a state dict of "
+                            f"tensors; raycache loads weights only (never unpickles code): save "
+                            f"model.state_dict() or a .safetensors file") from None
+        raise UserError(f"model.pretrained: {spec.pretrained} is damaged or not a weights file "
+                        f"({str(err).splitlines()[0][:120]})") from None
     except SafetensorError as err:
         raise UserError(f"model.pretrained: {spec.pretrained} is not a valid .safetensors file ({err})") from None
     except (RuntimeError, OSError, ValueError, EOFError) as err:

@@ -152,7 +152,7 @@ def test_a_host_that_hangs_past_its_deadline_is_replaced(tmp_path, ray_session, 
         # round 1 measured the clients (a fraction of a second each): the limit is the floor plus a little,
         # far above any legitimate round here and far below for ever
         assert first["client_seconds"] < 30
-        assert AUTO_FLOOR_S <= hung["round_seconds"] < AUTO_FLOOR_S + AUTO_FACTOR * first["client_seconds"] + 30
+        assert AUTO_FLOOR_S <= hung["round_seconds"] < AUTO_FLOOR_S + AUTO_FACTOR * 3 * first["client_seconds"] + 30
     assert after["clients_failed"] == 0 and after["clients_succeeded"] == 4  # the replacement serves them
 
 

@@ -25,6 +25,13 @@ def _files(root: Path) -> list[str]:
     return [str(f.resolve()) for f in files]
 
 
+def _is_text(typ) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or \
+        getattr(pa.types, "is_string_view", lambda t: False)(typ)
+
+
 def _checked_labels(table, path: str, column: str, first_path: str, first):
     """`table`'s label column as int64 or string, the same kind as the first file's: a label column must hold
     integers or class names, have no nulls, and be of one kind in every file of a folder."""
@@ -33,8 +40,7 @@ def _checked_labels(table, path: str, column: str, first_path: str, first):
     col = table.column(column)
     if pa.types.is_dictionary(col.type):  # e.g. a pandas categorical: its values are the labels
         col = col.cast(col.type.value_type)
-    kind = "int" if pa.types.is_integer(col.type) else \
-        "str" if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else None
+    kind = "int" if pa.types.is_integer(col.type) else "str" if _is_text(col.type) else None
     if kind is None:
         raise UserError(f"data.dataset: column {column!r} of {path} must hold ints or class names, not {col.type}")
     if col.null_count:
@@ -44,8 +50,17 @@ def _checked_labels(table, path: str, column: str, first_path: str, first):
         if kind != first_kind:
             raise UserError(f"data.dataset: column {column!r} holds {col.type} in {path} but "
                             f"{first.column(column).type} in {first_path}; one folder's files must agree")
-    if "class_name" in table.column_names and table.column("class_name").null_count:
-        raise UserError(f"data.dataset: column 'class_name' of {path} has empty (null) values")
+    if "class_name" in table.column_names:
+        names = table.column("class_name")
+        if names.null_count:
+            raise UserError(f"data.dataset: column 'class_name' of {path} has empty (null) values")
+        if pa.types.is_dictionary(names.type):
+            names = names.cast(names.type.value_type)
+        try:  # one type in every file (string, large_string, a categorical, numbers: all become strings)
+            table = table.set_column(table.column_names.index("class_name"), "class_name", names.cast(pa.string()))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise UserError(f"data.dataset: column 'class_name' of {path} must hold names, not {names.type}") \
+                from None
     try:
         col = col.cast(pa.int64() if kind == "int" else pa.string())
     except pa.ArrowInvalid:  # uint64 beyond int64
@@ -112,7 +127,9 @@ def load(cfg) -> Source:
                     raise UserError(f"data.dataset: label {lab} has two class names in column 'class_name' "
                                     f"({named[lab]!r} and {str(name)!r}) in {cfg.dataset}")
                 names[lab] = str(name)
-            dupes = sorted({x for x in names if names.count(x) > 1})
+            from collections import Counter
+
+            dupes = sorted(x for x, k in Counter(names).items() if k > 1)
             if dupes:
                 raise UserError(f"data.dataset: class name {dupes[0]!r} is given to two labels in column "
                                 f"'class_name' of {cfg.dataset}")
