@@ -154,3 +154,12 @@ def test_mutated_image_files(kind):
         assert img.mode == "RGB" and min(img.size) >= 1
 
     check()
+
+
+def test_a_tiff_whose_tag_the_fuzz_corrupted_is_named():
+    """The case the fuzz test found: one flipped bit in a TIFF's tag area made PIL raise TypeError (a
+    rational where an integer belongs), which escaped as a traceback."""
+    raw = bytearray(_encoded("TIFF"))
+    raw[72] ^= 1
+    with pytest.raises(UserError, match="cannot decode image x.tif"):
+        decode_image(bytes(raw), "x.tif")

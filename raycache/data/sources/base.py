@@ -65,7 +65,7 @@ def from_table(table):
 
 def decode_image(data: Any, key: str):
     """Encoded bytes (or a Hugging Face style {'bytes': ...} struct) -> RGB PIL image; UserError if corrupt."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(data, dict):
         data = data.get("bytes")
@@ -78,8 +78,10 @@ def decode_image(data: Any, key: str):
     except Image.DecompressionBombError:  # PIL's guard against a small file that decodes to gigabytes
         raise UserError(f"data.dataset: image {key} has more pixels than PIL's decompression-bomb limit "
                         f"({2 * Image.MAX_IMAGE_PIXELS:,}); it may be malicious, or resize it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise UserError(f"data.dataset: cannot decode image {key}: {err}") from None
+    except Exception as err:  # noqa: BLE001 (a malformed file makes PIL's decoders raise anything:
+        # UnidentifiedImageError, OSError, ValueError, SyntaxError, and TypeError, IndexError or struct.error
+        # from a corrupt TIFF tag, found by the fuzz test)
+        raise UserError(f"data.dataset: cannot decode image {key}: {str(err) or type(err).__name__}") from None
 
 
 def png_bytes(array: np.ndarray) -> bytes:
