@@ -33,9 +33,9 @@ def _with_slot(templates: list[str], what: str) -> list[str]:
         if fields != [""]:
             raise ValueError(f"{what} {t!r} must have exactly one '{{}}' slot for the class name and no other "
                              f"replacement field (write a literal brace as {{{{ or }}}})")
-        try:  # the slot's own format spec or conversion must suit a name ("{:>10}" does, "{::}" does not)
+        try:  # the slot's own format spec must suit a name ("{:>10}" does; "{::}" and "{:{}}" do not)
             t.format("class name")
-        except (ValueError, TypeError) as err:
+        except Exception as err:  # noqa: BLE001 (ValueError, IndexError for a nested field, ...)
             raise ValueError(f"{what} {t!r}: {err}") from None
     return templates
 

@@ -39,6 +39,8 @@ def one_line(capsys, code: int) -> str:
     ("model.templates=['{} {']", "model.templates: template '{} {': Single '{' encountered"),
     ("model.templates=['a photo']", "model.templates: template 'a photo' has no '{}' slot"),
     ("synth.prompts=['{0} and {1}']", "synth.prompts: prompt '{0} and {1}' must have exactly one"),
+    ("model.templates=['a {::}']", "model.templates: template 'a {::}': Unknown format code"),  # found by
+    ("model.templates=['}}}}{:{}}']", "model.templates: template '}}}}{:{}}': Replacement index 1"),  # the fuzz
     ("synth.size=100", "synth.size: Input should be a multiple of 8"),
     ("method.betas=[1.0, 0.9]", "method.betas: each beta must be in [0, 1), got [1.0, 0.9]"),
     ("method.betas=[0.9]", "method.betas"),
