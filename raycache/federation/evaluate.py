@@ -29,12 +29,19 @@ class EvalSets:
         return inputs[mine], labels[mine]
 
 
+IMAGE_CHUNK = 256  # images decoded and pushed through the encoder at once: 256 x 3 x 224^2 floats = 154 MB
+
+
 @torch.no_grad()
 def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, chunk: int = 4096,
             device: str | torch.device = "cpu") -> np.ndarray:
-    """Predicted classes for `inputs` (features, or images decoded `chunk` at a time), `chunk` at a time."""
+    """Predicted classes for `inputs`, `chunk` rows at a time (features), or at most IMAGE_CHUNK images at a
+    time (images, decoded a chunk at a time: 4,096 images at 224 px would be 2.5 GB of pixels before the
+    encoder's activations)."""
     from raycache.data.pixels import ImageRows, materialize
 
+    if isinstance(inputs, ImageRows):
+        chunk = min(chunk, IMAGE_CHUNK)
     x = inputs if isinstance(inputs, ImageRows) else torch.from_numpy(np.ascontiguousarray(inputs))
     if len(x) == 0:
         return np.zeros(0, np.int64)
