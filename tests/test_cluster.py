@@ -240,11 +240,12 @@ def _alive_nodes(address: str) -> list[dict]:
     import subprocess
     import sys
 
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % address)
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print('NODES=' + json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % address)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [x for x in out.stdout.splitlines() if x.startswith("NODES=")]  # Ray prints autoscaler events too
+    assert out.returncode == 0 and lines, out.stdout[-1000:] + out.stderr[-2000:]
+    return json.loads(lines[-1].removeprefix("NODES="))
 
 
 @pytest.mark.slow
