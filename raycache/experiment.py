@@ -344,7 +344,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
     from raycache.data.pixels import compact
     from raycache.federation.runtime import Federation
-    from raycache.resume import save_result, save_round
+    from raycache.resume import log_checkpointed_round, save_result, save_round
 
     cfg, splits, timings = prep.cfg, prep.splits, prep.timings
     y = prep.source.labels
@@ -410,16 +410,6 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
                    history, stopped_by, messages, result["metrics"] if result else {})
-
-
-def log_checkpointed_round(run, ckpt) -> None:
-    """Log the checkpointed round's metrics (kept in the checkpoint) if its driver died before it logged
-    them: each round is in the run's history exactly once."""
-    from raycache.tracking import history
-
-    last = ckpt.meta.get("last") or {}
-    if last and ckpt.round not in {step for step, _ in history(run.run_id, next(iter(last)))}:
-        run.log_metrics(last, step=ckpt.round)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

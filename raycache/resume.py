@@ -159,3 +159,13 @@ def save_result(cfg, run, result: dict) -> None:
                     {"selection": cfg.federation.selection, "method": cfg.method.name, "seed": cfg.seed})
     run.set_tags({RESULT_TAG: str(path), "raycache.selection": cfg.federation.selection,
                   "raycache.result_round": result["round"]})
+
+
+def log_checkpointed_round(run, ckpt) -> None:
+    """Log the checkpointed round's metrics (kept in the checkpoint) if its driver died before it logged
+    them: each round is in the run's history exactly once."""
+    from raycache.tracking import history
+
+    last = ckpt.meta.get("last") or {}
+    if last and ckpt.round not in {step for step, _ in history(run.run_id, next(iter(last)))}:
+        run.log_metrics(last, step=ckpt.round)
