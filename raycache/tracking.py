@@ -107,6 +107,19 @@ def logged_run(run_id: str) -> RunRecord | None:
         return None
 
 
+def _set_tag(client, run_id: str, key: str, value: str) -> None:
+    """Set a tag that two writers may set at once. MLflow's SQL store adds a new tag by SELECT, then INSERT,
+    so two writers of the same new tag (a stopped trial closing its run while the sweep's summary closes it
+    for it) can both INSERT, and the later one fails on the unique key (seen on CI). Tried again, it finds the
+    row and updates it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_tag(run_id, key, value)
+    except MlflowException:
+        client.set_tag(run_id, key, value)
+
+
 class Run:
     def __init__(self, experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
         self.uri = tracking_uri()
@@ -169,20 +182,20 @@ class Run:
 
     def end_child(self, run_id: str, reason: str) -> RunRecord:
         """End a child left RUNNING (a trial its scheduler stopped) as KILLED with `stopped_by`."""
-        self.client.set_tag(run_id, "stopped_by", reason)
+        _set_tag(self.client, run_id, "stopped_by", reason)
         self.client.set_terminated(run_id, "KILLED")
         return RunRecord.of(self.client.get_run(run_id))
 
     def fail_child(self, run_id: str, error: BaseException) -> RunRecord:
         """End a child left RUNNING by a trial that died (its process or node lost) as FAILED, with why."""
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        self.client.set_tag(run_id, "failure_reason", reason[:5000])
+        _set_tag(self.client, run_id, "failure_reason", reason[:5000])
         self.client.set_terminated(run_id, "FAILED")
         return RunRecord.of(self.client.get_run(run_id))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v)[:5000])
+            _set_tag(self.client, self.run_id, k, str(v)[:5000])
 
     def finish(self, error: BaseException | None = None) -> None:
         if error is None:
@@ -191,14 +204,14 @@ class Run:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         reason = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
         try:
-            self.client.set_tag(self.run_id, "failure_reason", reason[:5000])
+            _set_tag(self.client, self.run_id, "failure_reason", reason[:5000])
         finally:
             self.client.set_terminated(self.run_id, status)
 
     def stop(self, reason: str) -> None:
         """End the run early but cleanly (not a failure): KILLED, with `stopped_by`."""
         try:
-            self.client.set_tag(self.run_id, "stopped_by", reason)
+            _set_tag(self.client, self.run_id, "stopped_by", reason)
         finally:
             self.client.set_terminated(self.run_id, "KILLED")
 
