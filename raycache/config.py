@@ -142,6 +142,8 @@ class SynthConfig(_Section):
     actors: int = Field(1, ge=1, description="generator actors in the Ray Data pool")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per generator actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (fractions share one GPU)")
+    retries: int = Field(3, ge=0, description="times a job is rerun whose generator actor was lost (its process "
+                         "or node died), the actor restarted as often; a job's images depend only on the job")
 
     @field_validator("classes")
     @classmethod
@@ -210,6 +212,9 @@ class FederationConfig(_Section):
                                                   "(any strategy; 0 = off)")
     dp: DPConfig | None = Field(None, description="client-level differential privacy (null = off)")
     checkpoint: bool = Field(True, description="checkpoint the full server state after every round")
+    server_restarts: int = Field(2, ge=0, description="times a run replaces a lost server actor (its process or "
+                                 "node died) with a new federation restored from the last round's checkpoint "
+                                 "(without checkpoints: every round so far replayed), before it fails")
     keep_checkpoints: int = Field(1, ge=1, description="round checkpoints kept per run: the newest this many, "
                                                        "plus the best validation round's (older ones are "
                                                        "deleted once a newer one is on disk)")
@@ -254,6 +259,9 @@ class RuntimeConfig(_Section):
                                                       "decodes and preprocesses images for the encoder actors")
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (fractions share one GPU)")
     encoder_batch_size: int = Field(128, ge=1, description="images per encoder batch")
+    encode_retries: int = Field(3, ge=0, description="times a batch is rerun whose decode task or encoder actor "
+                                "was lost (its process or node died), the actor restarted as often; a batch's "
+                                "features depend on nothing else, so a rerun gives the same rows")
     cache_dir: str = Field(".raycache", description="where encoded features persist across runs")
 
 

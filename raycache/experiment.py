@@ -366,7 +366,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
         if ckpt is None:
             run.log_metrics(fed.start(), step=0)
         else:
-            fed.restore(ckpt.snapshot)
+            fed.restore(ckpt.snapshot, ckpt.round)
             log_checkpointed_round(run, ckpt)
             run.set_tags({"raycache.resumed_from_round": ckpt.round})
         timings["time_actors_s"] = time.perf_counter() - t
@@ -403,7 +403,9 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             # result: it ends as stopped (KILLED, with the reason), with its rounds logged and no result.
             result = None
     run.log_metrics(timings)
-    run.log_metrics({"comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
+    run.log_metrics({"server_restarts": fed.server_restarts,  # lost server actors replaced ...
+                     "rounds_replayed": fed.rounds_replayed,  # ... and the rounds they ran again
+                     "comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
                      "final_accuracy": last["accuracy"], **(result["metrics"] if result else {})})
     if result is not None:
         save_result(cfg, run, result)

@@ -53,3 +53,20 @@ def image_folder(tmp_path) -> Path:
             (root / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(root / name / f"{i:03d}.png")
     return root
+
+
+def kill_pool_actors(marker: str) -> list[int]:
+    """SIGKILL the Ray worker processes of a Ray Data actor pool whose class is `marker` (Ray titles an actor's
+    process `ray::MapWorker(MapBatches(<class>))`): what a lost node does to them. Returns the pids killed."""
+    import psutil
+
+    killed = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::") and marker in title:
+            try:
+                proc.kill()
+                killed.append(proc.info["pid"])
+            except psutil.NoSuchProcess:
+                pass
+    return killed

@@ -335,13 +335,17 @@ def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, see
     ds = source.to_ray().map_batches(
         decode_views, fn_kwargs={"transform": transform, "views": views, "seed": seed}, batch_size=batch,
         batch_format="numpy", num_cpus=runtime.decode_cpus,
+        max_retries=runtime.encode_retries,  # Ray Data's default retries a lost task for ever
     ).map_batches(
         ImageEncoder,
         fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "threads": threads,
                                "transform": augmentation(transform) if views > 1 else transform},
         batch_size=batch, batch_format="numpy", num_cpus=cpus, num_gpus=runtime.encoder_gpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        max_restarts=0,  # a failed encoder fails the encode (nothing half-written); no restart warning
+        # A lost actor (its process or node died) is restarted and its batches rerun, a bounded number of
+        # times (Ray Data's default is for ever: a batch that kills its actor would hang the encode). An
+        # exception a batch raises is not retried: it fails the encode, nothing half-written.
+        max_restarts=runtime.encode_retries, max_task_retries=runtime.encode_retries,
     )
     n = len(source.labels)
     out, at, calls = None, 0, 0

@@ -46,8 +46,17 @@ class Federation:
         self.warm = warm
         self.reused = 0  # actors taken from the warm pool
         self.failed = False
+        self.cfg, self.audit = cfg, audit
+        self._spec = (cfg, task, train, parts, evals, server_data, class_counts, audit)
+        self.round = 0  # the last round the server's state holds
+        self._started = False  # round 0 (`start`) done
+        self._snap: dict | None = None  # the latest snapshot, the state after round `_snap_round`
+        self._snap_round = 0
+        self._lost: BaseException | None = None  # the server was lost: rebuild before the next call
+        self.server_restarts = 0  # lost servers replaced
+        self.rounds_replayed = 0  # rounds run again on a replacement
         try:
-            self._start(cfg, task, train, parts, evals, server_data, class_counts, audit)
+            self._start(*self._spec)
         except BaseException:
             self.failed = True
             self.close()  # never leave actors holding a shared cluster's CPUs
@@ -100,7 +109,8 @@ class Federation:
         # The server can replace a host that dies or times out: it gets the same options and arguments.
         self.server = WARM.take(("server",)) if self.warm else None
         if self.server is None:
-            self.server = ray.remote(Server).options(num_cpus=0).remote(*server_args)
+            self.server = ray.remote(Server).options(num_cpus=0, name=f"raycache-server-{uuid.uuid4().hex[:8]}"
+                                                     ).remote(*server_args)
         else:
             self.reused += 1
             ray.get(self.server.reinit.remote(*server_args))
@@ -108,53 +118,106 @@ class Federation:
         # the distinct GPUs the hosts hold (four hosts of client_gpus: 0.25 on one GPU: 1)
         self.gpu_devices = len({g for gs in ray.get([h.gpus.remote() for h in self.hosts]) for g in gs})
 
-    def info(self) -> dict[str, int]:
+    # Every call to the server goes through `_call`: a lost server actor (its process or node died) is
+    # replaced by a new federation (server and hosts), restored from the latest snapshot the driver took (the
+    # round checkpoint) or started afresh, and brought back to the round it had reached by replaying the rounds
+    # since; then the call is made again. Client sampling, faults and local training draw from (seed, round,
+    # client), so a replayed round is the round it replaces. At most `federation.server_restarts` times a run.
+
+    def _call(self, method: str, *args):
         import ray
 
-        return ray.get(self.server.info.remote())
+        while True:
+            try:
+                if self._lost is not None:
+                    self._rebuild()
+                return ray.get(getattr(self.server, method).remote(*args))
+            except ray.exceptions.RayActorError as err:
+                server = self.server
+                if (isinstance(err, ray.exceptions.RayTaskError) or server is None
+                        or err.actor_id != server._actor_id.hex()):
+                    raise  # the server raised (a host it could not replace, ...): not a lost server
+                self._note_lost(err)
+
+    def _note_lost(self, err: BaseException) -> None:
+        import sys
+
+        from raycache.errors import RunFailed
+
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        limit = self.cfg.federation.server_restarts
+        if self.server_restarts >= limit:
+            raise RunFailed(f"round {self.round + 1}: the server actor was lost ({cause}) and "
+                            f"federation.server_restarts={limit} replacements are used up; --resume continues "
+                            f"the run from its last checkpoint") from None
+        self.server_restarts += 1
+        self._lost = err
+        since = f"its round {self._snap_round} snapshot" if self._snap is not None else "the start"
+        print(f"raycache: round {self.round + 1}: the server actor was lost ({cause}); starting a new "
+              f"federation from {since}", file=sys.stderr)
+
+    def _rebuild(self) -> None:
+        import ray
+
+        self._kill()
+        self.hosts, self.server = [], None
+        self._start(*self._spec)
+        if self._snap is not None:
+            ray.get(self.server.restore.remote(self._snap))
+        elif self._started:
+            ray.get(self.server.start.remote())
+        for r in range(self._snap_round + 1, self.round + 1):  # rounds since the snapshot
+            ray.get(self.server.run_round.remote(r))
+            self.rounds_replayed += 1
+        if self.audit:  # the replayed rounds' messages were recorded when they first ran
+            ray.get(self.server.audit_log.remote())
+        self._lost = None
+
+    def info(self) -> dict[str, int]:
+        return self._call("info")
 
     def state(self):
-        import ray
-
-        return ray.get(self.server.get_state.remote())
+        return self._call("get_state")
 
     def snapshot(self) -> dict:
-        import ray
+        """The server's full state now; kept as the point a lost server is rebuilt from."""
+        snap = self._call("snapshot")
+        self._snap, self._snap_round = snap, self.round
+        return snap
 
-        return ray.get(self.server.snapshot.remote())
-
-    def restore(self, snap: dict) -> None:
-        import ray
-
-        ray.get(self.server.restore.remote(snap))
+    def restore(self, snap: dict, round_idx: int) -> None:
+        """Continue from `snap`, the server's state after round `round_idx` (a checkpoint)."""
+        self._call("restore", snap)
+        self._snap, self._snap_round, self.round = snap, round_idx, round_idx
 
     def audit_log(self) -> list[dict]:
         """Every client message recorded since the last call (a federation started with `audit`)."""
-        import ray
-
-        return ray.get(self.server.audit_log.remote())
+        return self._call("audit_log")
 
     def evaluate(self) -> dict[str, float]:
-        import ray
-
-        return ray.get(self.server.evaluate.remote())
+        return self._call("evaluate")
 
     def start(self) -> dict[str, float]:
         """Round 0: evaluate the initial state and offer it for selection."""
-        import ray
-
-        return ray.get(self.server.start.remote())
+        metrics = self._call("start")
+        self._started = True
+        return metrics
 
     def result(self, selection: str) -> dict:
         """The run's selected result: {"round", "snapshot", "metrics"}."""
-        import ray
-
-        return ray.get(self.server.result.remote(selection))
+        return self._call("result", selection)
 
     def run_round(self, round_idx: int) -> dict[str, float]:
+        metrics = self._call("run_round", round_idx)
+        self.round = round_idx
+        return metrics
+
+    def _kill(self) -> None:
         import ray
 
-        return ray.get(self.server.run_round.remote(round_idx))
+        for actor in [self.server, *self.hosts]:
+            if actor is not None:
+                ray.kill(actor)
 
     def close(self) -> None:
         import ray
@@ -170,9 +233,7 @@ class Federation:
                     WARM.give(self.host_key, host)
                 self.server, self.hosts = None, []
                 return
-        for actor in [self.server, *self.hosts]:
-            if actor is not None:
-                ray.kill(actor)
+        self._kill()
 
     def __enter__(self) -> "Federation":
         return self

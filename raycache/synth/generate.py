@@ -64,7 +64,9 @@ def fill(store: SynthStore, synth, on_images: Callable[[int], None] | None = Non
             compute=ray.data.ActorPoolStrategy(size=synth.actors),
             num_cpus=synth.num_cpus,
             num_gpus=synth.num_gpus,
-            max_restarts=0,
+            # a lost actor is restarted and its jobs rerun (a job's images depend only on the job), at most
+            # `synth.retries` times: a job that kills its actor fails the set instead of looping for ever
+            max_restarts=synth.retries, max_task_retries=synth.retries,
         )
         pending: dict[int, dict[str, list]] = {}
         try:

@@ -187,3 +187,36 @@ def test_pixels_cross_as_uint8_and_the_encoder_finishes_the_transform_exactly():
 
     plain = decode_views(batch, lambda img: torch.full((3, 4, 4), float(img.size[0])))["pixels"]
     assert plain.dtype == np.float32 and (plain == 30.0).all()
+
+
+def test_an_encoder_actor_lost_mid_encode_is_restarted_and_its_batches_rerun(ray_session, tmp_path, monkeypatch):
+    """The encoder actor's process killed (-9, what a lost node does to it) once the first block of features
+    has reached the driver: the pool restarts it and reruns the batches it lost (a batch's features depend on
+    that batch alone), and the encode ends with exactly the features of an undisturbed one, each image
+    delivered once. With no restarts allowed the same kill fails the encode, so the kill lands mid-encode."""
+    from conftest import kill_pool_actors
+
+    from raycache.data import features
+
+    src = open_source(DataConfig()).subset(np.arange(480))  # 30 batches of 16 digits
+    clean = load_or_encode(src, ModelSpec("tiny"), RuntimeConfig(cache_dir=str(tmp_path / "clean"),
+                                                                 encoder_batch_size=16))
+    killed: list[int] = []
+    write = features.ShardWriter.write
+
+    def write_then_kill(self, feats):
+        write(self, feats)
+        if not killed:
+            killed.extend(kill_pool_actors("ImageEncoder"))
+
+    monkeypatch.setattr(features.ShardWriter, "write", write_then_kill)
+    again = load_or_encode(src, ModelSpec("tiny"), RuntimeConfig(cache_dir=str(tmp_path / "killed"),
+                                                                 encoder_batch_size=16))
+    assert killed
+    np.testing.assert_array_equal(again.features, clean.features)
+    assert again.encoded == len(src.labels)  # every image once: a rerun batch replaces what was lost
+    killed.clear()
+    with pytest.raises(Exception):
+        load_or_encode(src, ModelSpec("tiny"), RuntimeConfig(cache_dir=str(tmp_path / "no-retries"),
+                                                             encoder_batch_size=16, encode_retries=0))
+    assert killed

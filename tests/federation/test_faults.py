@@ -109,6 +109,58 @@ def test_a_host_killed_mid_round_loses_its_clients_for_that_round_and_is_replace
     assert run.info.status == "FINISHED"
 
 
+def _server_killer(after_round: int, wait: bool = True):
+    """An `on_round` callback that kills this run's server actor (as a lost node would) after `after_round`."""
+    import ray
+
+    before = set(ray.util.list_named_actors())
+    killed = []
+
+    def kill(r, metrics):
+        if r != after_round:
+            return
+        name, = [n for n in ray.util.list_named_actors() if n.startswith("raycache-server-") and n not in before]
+        server = ray.get_actor(name)
+        ray.kill(server, no_restart=True)
+        while wait:  # until it is gone: the next call must find it dead
+            try:
+                ray.get(server.info.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+        killed.append(name)
+
+    return kill, killed
+
+
+def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, ray_session, mlflow_uri):
+    """The server actor killed after round 2: the next call finds it gone, a new federation starts from round
+    2's snapshot (the checkpoint; without checkpoints, from the start, replaying rounds 1 and 2), and the run
+    ends as if nothing had happened: every round's metrics and the selected result equal an undisturbed
+    run's, each round logged once."""
+    clean = run_experiment(quick(tmp_path, "federation.rounds=4", "tracking.run_name=undisturbed"))
+    client = MlflowClient(mlflow_uri)
+    for checkpoint, replayed in ((True, 0), (False, 2)):
+        kill, killed = _server_killer(after_round=2)
+        lost = run_experiment(quick(tmp_path, "federation.rounds=4", f"federation.checkpoint={str(checkpoint).lower()}",
+                                    "tracking.run_name=server-lost"), on_round=kill)
+        assert killed and lost.rounds == 4
+        assert [{k: m[k] for k in MODEL_METRICS} for m in lost.history] == \
+               [{k: m[k] for k in MODEL_METRICS} for m in clean.history]
+        assert lost.selection == clean.selection and lost.selection
+        run = client.get_run(lost.run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["server_restarts"] == 1
+        assert run.data.metrics["rounds_replayed"] == replayed
+        assert [m.step for m in client.get_metric_history(lost.run_id, "accuracy")] == [0, 1, 2, 3, 4]
+
+
+def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(tmp_path, ray_session, mlflow_uri):
+    kill, killed = _server_killer(after_round=1, wait=False)
+    with pytest.raises(RunFailed, match=r"round \d: the server actor was lost .* federation.server_restarts=0 "
+                                        r"replacements are used up; --resume continues the run"):
+        run_experiment(quick(tmp_path, "federation.server_restarts=0"), on_round=kill)
+    assert killed
+
+
 @pytest.mark.parametrize("deadline", [
     "explicit",  # client_timeout_s=0.5: 0.5 s per client on the host + 5 s
     pytest.param("automatic", marks=pytest.mark.slow),  # the default: 30 s + 10x the measured rate x samples

@@ -166,3 +166,34 @@ def test_cachefl_refuses_synthetic_classes_that_differ(capsys, mlflow_uri):
                  "--set", "synth.classes=[a,b]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "synth.classes" in err[-1] and "differ from the dataset's classes" in err[-1]
+
+
+def test_a_generator_actor_lost_mid_set_is_restarted_and_its_jobs_rerun(ray_session, tmp_path):
+    """The generator actor's process killed (-9, as a lost node would) once the first images have reached the
+    driver: the pool restarts it and reruns its lost jobs (a job's images depend on the job alone), and the
+    set is byte for byte the undisturbed one. With no retries allowed the same kill fails the set, so the
+    kill lands while jobs are left."""
+    from conftest import kill_pool_actors
+
+    def cfg(out, **kw):  # 12 one-image jobs
+        return SynthConfig(generator="tiny", classes=CLASSES, per_class=4, steps=2, batch_size=1, out=str(out),
+                           **kw)
+
+    ref = tmp_path / "undisturbed"
+    fill(prepare(cfg(ref), CLASSES, str(tmp_path)), cfg(ref))
+    killed: list[int] = []
+
+    def kill_once(n):
+        if n and not killed:  # the first images are in (the call before generation reports 0)
+            killed.extend(kill_pool_actors("ImageGenerator"))
+
+    out = tmp_path / "lost"
+    result = fill(prepare(cfg(out), CLASSES, str(tmp_path)), cfg(out), on_images=kill_once)
+    assert killed and (out / COMPLETE).is_file() and result.images == len(CLASSES) * 4
+    for shard in sorted(ref.glob("*.parquet")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    killed.clear()
+    out = tmp_path / "no-retries"
+    with pytest.raises(Exception):
+        fill(prepare(cfg(out, retries=0), CLASSES, str(tmp_path)), cfg(out, retries=0), on_images=kill_once)
+    assert killed and not (out / COMPLETE).exists()
