@@ -189,6 +189,7 @@ def test_pixels_cross_as_uint8_and_the_encoder_finishes_the_transform_exactly():
     assert plain.dtype == np.float32 and (plain == 30.0).all()
 
 
+@pytest.mark.slow  # CI runs it (.ci/run)
 def test_an_encoder_actor_lost_mid_encode_is_restarted_and_its_batches_rerun(ray_session, tmp_path, monkeypatch):
     """The encoder actor's process killed (-9, what a lost node does to it) once the first block of features
     has reached the driver: the pool restarts it and reruns the batches it lost (a batch's features depend on

@@ -153,6 +153,7 @@ def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, 
         assert [m.step for m in client.get_metric_history(lost.run_id, "accuracy")] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow  # CI runs it (.ci/run)
 def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(tmp_path, ray_session, mlflow_uri):
     kill, killed = _server_killer(after_round=1, wait=False)
     with pytest.raises(RunFailed, match=r"round \d: the server actor was lost .* federation.server_restarts=0 "

@@ -168,6 +168,7 @@ def test_cachefl_refuses_synthetic_classes_that_differ(capsys, mlflow_uri):
     assert code == 2 and "synth.classes" in err[-1] and "differ from the dataset's classes" in err[-1]
 
 
+@pytest.mark.slow  # CI runs it (.ci/run)
 def test_a_generator_actor_lost_mid_set_is_restarted_and_its_jobs_rerun(ray_session, tmp_path):
     """The generator actor's process killed (-9, as a lost node would) once the first images have reached the
     driver: the pool restarts it and reruns its lost jobs (a job's images depend on the job alone), and the
