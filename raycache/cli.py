@@ -1,4 +1,4 @@
-"""`raycache run | check | synth | sweep | compare | ui`. A user's mistake exits 2 with one line."""
+"""`raycache run | check | synth | sweep | compare | methods | predict | ui`. A user's mistake exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("experiment", help="MLflow experiment name (tracking.experiment)")
     methods = sub.add_parser("methods", help="list the registered methods, or one method's settings")
     methods.add_argument("name", nargs="?", default=None, help="a method: its settings, defaults and help")
+    pred = sub.add_parser("predict", help="classify image files or folders with a finished run's model")
+    pred.add_argument("run_id", metavar="RUN_ID", help="the MLflow run whose model classifies")
+    pred.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders (searched recursively)")
+    pred.add_argument("--out", default=None, metavar="CSV", help="write path,class,score rows here instead")
+    pred.add_argument("--client", type=int, default=None, metavar="N",
+                      help="a personal method's run: predict with client N's own state")
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -281,6 +287,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from raycache.predict import predict_files
+
+    quiet_libraries()
+    return predict_files(args.run_id, args.paths, args.out, args.client)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from raycache.tracking import masked, tracking_uri
 
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"run": cmd_run, "check": cmd_check, "synth": cmd_synth, "sweep": cmd_sweep, "compare": cmd_compare,
-                    "methods": cmd_methods, "ui": cmd_ui}
+                    "methods": cmd_methods, "predict": cmd_predict, "ui": cmd_ui}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -408,7 +408,10 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                      "comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
                      "final_accuracy": last["accuracy"], **(result["metrics"] if result else {})})
     if result is not None:
-        save_result(cfg, run, result)
+        from raycache.serving import log_model
+
+        stage("logging the result as an MLflow model")
+        log_model(cfg, run, prep.task, save_result(cfg, run, result), result["round"])
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
                    history, stopped_by, messages, result["metrics"] if result else {})

@@ -149,7 +149,7 @@ def save_round(cfg, run, round_idx: int, snapshot: dict, meta: dict) -> None:
     prune(path.parent, cfg.federation.keep_checkpoints, (snapshot.get("selection") or {}).get("best_round"))
 
 
-def save_result(cfg, run, result: dict) -> None:
+def save_result(cfg, run, result: dict) -> Path:
     """The run's result (the state `federation.selection` chose) as `final.safetensors` beside the round
     checkpoints, linked from the run."""
     from raycache.federation import checkpoint
@@ -159,6 +159,7 @@ def save_result(cfg, run, result: dict) -> None:
                     {"selection": cfg.federation.selection, "method": cfg.method.name, "seed": cfg.seed})
     run.set_tags({RESULT_TAG: str(path), "raycache.selection": cfg.federation.selection,
                   "raycache.result_round": result["round"]})
+    return path
 
 
 def log_checkpointed_round(run, ckpt) -> None:

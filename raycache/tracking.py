@@ -208,6 +208,26 @@ class Run:
         finally:
             self.client.set_terminated(self.run_id, status)
 
+    def log_pyfunc_model(self, artifact: str, data: Path, loader_module: str, requirements: list[str],
+                         params: dict[str, int]) -> str:
+        """Log an MLflow model of the `pyfunc` flavour as this run's `artifact` folder: its data folder `data`,
+        loaded by `loader_module._load_pyfunc` (nothing pickled), with `params` (name: default, integers)
+        declared so that MLflow passes them to `predict`. Returns the model's URI."""
+        import tempfile
+
+        import mlflow.pyfunc
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import ParamSchema, ParamSpec
+
+        signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, "long", v)
+                                                                   for k, v in params.items()]))
+        with tempfile.TemporaryDirectory(prefix="raycache-model-") as tmp:
+            out = Path(tmp) / artifact
+            mlflow.pyfunc.save_model(str(out), loader_module=loader_module, data_path=str(data),
+                                     pip_requirements=requirements, signature=signature)
+            self.client.log_artifacts(self.run_id, str(out), artifact)
+        return f"runs:/{self.run_id}/{artifact}"
+
     def stop(self, reason: str) -> None:
         """End the run early but cleanly (not a failure): KILLED, with `stopped_by`."""
         try:
@@ -234,3 +254,15 @@ class Run:
         state = {"selectedColumns": cols}
         self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(
             {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
+
+
+def load_pyfunc(uri: str):
+    """The object an MLflow pyfunc model's loader returned (`get_raw_model`), loaded from `uri`; a store or
+    model that cannot be read raises LookupError with MLflow's first line."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(uri).get_raw_model()
+    except (MlflowException, OSError) as err:
+        raise LookupError(str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None

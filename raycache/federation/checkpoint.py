@@ -70,19 +70,20 @@ def _per_client(tensors: dict[str, np.ndarray], prefix: str) -> dict[int, dict[s
     return out
 
 
-def load(path: Path) -> Checkpoint:
+def load(path: Path, what: str = "--resume") -> Checkpoint:
+    """The checkpoint at `path`; `what` names the option or key a missing or damaged file is reported under."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise UserError(f"--resume: checkpoint {path} not found")
+        raise UserError(f"{what}: checkpoint {path} not found")
     try:
         with safe_open(str(path), framework="numpy") as f:
             info = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 (any failure to parse is a damaged file)
-        raise UserError(f"--resume: checkpoint {path} is damaged or not a checkpoint ({type(err).__name__})") from None
+        raise UserError(f"{what}: checkpoint {path} is damaged or not a checkpoint ({type(err).__name__})") from None
     if info.get("format") != FORMAT:
-        raise UserError(f"--resume: {path} is not a raycache checkpoint")
+        raise UserError(f"{what}: {path} is not a raycache checkpoint")
     snap = _states(tensors)
     snap["memory"] = _per_client(tensors, "memory/")
     snap["strategy"] = {k.removeprefix("strategy/"): v for k, v in tensors.items() if k.startswith("strategy/")}

@@ -38,15 +38,27 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarra
     """Predicted classes for `inputs`, `chunk` rows at a time (features), or at most IMAGE_CHUNK images at a
     time (images, decoded a chunk at a time: 4,096 images at 224 px would be 2.5 GB of pixels before the
     encoder's activations)."""
+    if len(inputs) == 0:
+        return np.zeros(0, np.int64)
+    return np.concatenate([z.argmax(dim=1).cpu().numpy() for z in _chunks(logits_fn, inputs, chunk, device)])
+
+
+def logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, chunk: int = 4096,
+           device: str | torch.device = "cpu") -> np.ndarray:
+    """(n, classes) logits for `inputs`, chunked as `predict` chunks them."""
+    parts = [z.float().cpu().numpy() for z in _chunks(logits_fn, inputs, chunk, device)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _chunks(logits_fn, inputs, chunk: int, device):
     from raycache.data.pixels import ImageRows, materialize
 
     if isinstance(inputs, ImageRows):
         chunk = min(chunk, IMAGE_CHUNK)
     x = inputs if isinstance(inputs, ImageRows) else torch.from_numpy(np.ascontiguousarray(inputs))
-    if len(x) == 0:
-        return np.zeros(0, np.int64)
-    return np.concatenate([logits_fn(materialize(x[i:i + chunk]).to(device)).argmax(dim=1).cpu().numpy()
-                           for i in range(0, len(x), chunk)])
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            yield logits_fn(materialize(x[i:i + chunk]).to(device))
 
 
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:

@@ -67,6 +67,12 @@ class Flow:
     def client_states(self, server: "Server") -> dict[int, State]:
         return {}
 
+    per_client = False  # the result is a state per client (a prediction names the client whose state it uses)
+
+    def result_state(self, snapshot: dict, client: int | None) -> State:
+        """The state a prediction uses from a result snapshot: the global one (`client` is not needed)."""
+        return snapshot["state"]
+
     def restore(self, server: "Server", snap: dict) -> None:
         pass
 
@@ -159,6 +165,12 @@ class Personal(Flow):
         import ray
 
         ray.get([h.set_states.remote(snap["clients"]) for h in server.hosts])
+
+    per_client = True
+
+    def result_state(self, snapshot, client) -> State:
+        """Client `client`'s own state (the initial state, if it never trained)."""
+        return snapshot["clients"].get(client, snapshot["state"])
 
 
 class Pooled(Flow):
