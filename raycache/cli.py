@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a dotted config key, e.g. --set data.alpha=0.1 (repeatable)")
     run.add_argument("--resume", metavar="RUN_ID", default=None,
                      help="continue this MLflow run (its driver died) from its last checkpointed round")
+    run.add_argument("--register", metavar="NAME", default=None,
+                     help="register the run's model in MLflow's model registry (same as tracking.register)")
     check = sub.add_parser("check", help="validate an experiment config (and overrides) without running it")
     check.add_argument("config", help="experiment YAML file")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -76,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raycache.config_file import load_config
     from raycache.experiment import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + ([f"tracking.register={args.register}"] if args.register
+                                                     else []))
     quiet_libraries()
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
@@ -143,6 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     Console().print(table)
     print(f"MLflow run {summary.run_id} in experiment '{cfg.tracking.experiment}'. To open it:\n  "
           f"{summary.ui_hint}")
+    if summary.model_uri:
+        registered = f" (registered as {cfg.tracking.register})" if cfg.tracking.register else ""
+        print(f"Its model, {summary.model_uri}{registered}, classifies images:\n  "
+              f"raycache predict {summary.run_id} PATH...")
     return 0
 
 

@@ -268,6 +268,9 @@ class RuntimeConfig(_Section):
 class TrackingConfig(_Section):
     experiment: str = Field("raycache", min_length=1, description="MLflow experiment name")
     run_name: str | None = Field(None, description="MLflow run name (null = generated)")
+    register: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                 description="register the run's model under this name in MLflow's model "
+                                 "registry (a new version each run; null: not registered)")
     copy_weights: bool = Field(False, description="copy a local model.pretrained file or folder into the run's "
                                "MLflow model, which then stands on its own (false: referenced, and checked "
                                "against its fingerprint when the model is loaded)")

@@ -53,6 +53,7 @@ class Summary:
     stopped_by: str | None = None  # the reason a callback ended the run before its last round
     messages: list[dict] = field(default_factory=list)  # every client message, when run with `audit`
     selection: dict[str, float] = field(default_factory=dict)  # best_round, selected_accuracy, result_*, ...
+    model_uri: str | None = None  # the result as an MLflow model (None: the run stopped before it had one)
 
     @property
     def comm_bytes(self) -> float:
@@ -232,6 +233,12 @@ def open_run(prep: Prepared, tags: dict[str, str] | None, resume: str | None):
 
 
 def log_inputs(prep: Prepared, run) -> None:
+    from raycache.lineage import split_records, synthetic_record
+
+    records = split_records(prep.source, prep.cfg.data.dataset, prep.splits)
+    if prep.synth_store is not None:
+        records.append(synthetic_record(prep.synth_store))
+    run.log_datasets(records)
     run.log_params(prep.cfg.flat())
     run.log_text(dump_config(prep.cfg), "config.yaml")
     run.log_text(partition_table(prep.counts, prep.source.class_names), "partition.csv")
@@ -407,14 +414,20 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                      "rounds_replayed": fed.rounds_replayed,  # ... and the rounds they ran again
                      "comm_bytes_up_total": totals["up"], "comm_bytes_down_total": totals["down"],
                      "final_accuracy": last["accuracy"], **(result["metrics"] if result else {})})
+    uri = None
     if result is not None:
         from raycache.serving import log_model
 
         stage("logging the result as an MLflow model")
-        log_model(cfg, run, prep.task, save_result(cfg, run, result), result["round"])
+        t = time.perf_counter()
+        uri = log_model(cfg, run, prep.task, save_result(cfg, run, result), result["round"])
+        if cfg.tracking.register is not None:
+            version = run.register_model(uri, cfg.tracking.register)
+            run.set_tags({"raycache.registered_model": f"{cfg.tracking.register}/{version}"})
+        run.log_metrics({"time_model_s": time.perf_counter() - t})  # the result file and the MLflow model
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
-                   history, stopped_by, messages, result["metrics"] if result else {})
+                   history, stopped_by, messages, result["metrics"] if result else {}, uri)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

@@ -6,6 +6,7 @@ ended FAILED (KILLED on Ctrl-C) with the reason in the `failure_reason` tag, nev
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -120,6 +121,17 @@ def _set_tag(client, run_id: str, key: str, value: str) -> None:
         client.set_tag(run_id, key, value)
 
 
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One dataset a run read, as MLflow records it: `context` is training, validation, test, cache, ..."""
+
+    name: str
+    digest: str  # changes whenever its rows change
+    source: str  # where it was read from (a path, a built-in dataset's name)
+    rows: int
+    context: str
+
+
 class Run:
     def __init__(self, experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
         self.uri = tracking_uri()
@@ -208,6 +220,26 @@ class Run:
         finally:
             self.client.set_terminated(self.run_id, status)
 
+    def log_datasets(self, datasets: list["DatasetRecord"]) -> None:
+        """Record what the run read as MLflow dataset inputs (the run page's Datasets, with their context)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(d.name, d.digest, "local", json.dumps({"uri": d.source}),
+                                       profile=json.dumps({"num_rows": d.rows})),
+                               [InputTag("mlflow.data.context", d.context)]) for d in datasets]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def register_model(self, uri: str, name: str) -> int:
+        """Register the model at `uri` under `name` in MLflow's model registry; returns its version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:  # registered before: this is its next version
+            pass
+        version = self.client.create_model_version(name, uri, run_id=self.run_id)
+        return int(version.version)
+
     def log_pyfunc_model(self, artifact: str, data: Path, loader_module: str, requirements: list[str],
                          params: dict[str, int]) -> str:
         """Log an MLflow model of the `pyfunc` flavour as this run's `artifact` folder: its data folder `data`,
@@ -221,7 +253,11 @@ class Run:
 
         signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, "long", v)
                                                                    for k, v in params.items()]))
-        with tempfile.TemporaryDirectory(prefix="raycache-model-") as tmp:
+        import warnings
+
+        with tempfile.TemporaryDirectory(prefix="raycache-model-") as tmp, warnings.catch_warnings():
+            # images are paths or bytes: no input example makes sense, and MLflow would print its advice
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
             out = Path(tmp) / artifact
             mlflow.pyfunc.save_model(str(out), loader_module=loader_module, data_path=str(data),
                                      pip_requirements=requirements, signature=signature)
@@ -262,7 +298,14 @@ def load_pyfunc(uri: str):
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a few small files: no download bar
     try:
         return mlflow.pyfunc.load_model(uri).get_raw_model()
     except (MlflowException, OSError) as err:
         raise LookupError(str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet

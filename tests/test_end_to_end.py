@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from raycache.config import settings_for
 from raycache.config_file import load_config
@@ -12,18 +11,13 @@ N_CLASSES, SHOTS, DIM = 10, 16, 64
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tmp_path_factory.mktemp("e2e-features")  # this module's own store: its first run must encode
+def store(e2e_store):
+    return e2e_store
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, mlflow_uri, store):
-    cfg = load_config("experiments/quickstart.yaml", [
-        "federation.rounds=2", f"method.shots={SHOTS}", "data.clients=6", "runtime.client_actors=2",
-        "tracking.experiment=e2e", f"runtime.cache_dir={store}"])
-    rounds = []
-    summary = run_experiment(cfg, on_round=lambda r, m: rounds.append(r))
-    return cfg, summary, rounds, MlflowClient(mlflow_uri)
+def finished(e2e_run):
+    return e2e_run
 
 
 def test_cachefl_beats_zero_shot(finished):
@@ -81,6 +75,10 @@ def test_cachefl_with_a_synthetic_cache(finished, store, mlflow_uri):
     assert run.data.params["synth.generator"] == "tiny" and run.data.params["method.cache_init"] == "synthetic"
     assert 0 <= run.data.metrics["accuracy"] <= 1 and run.data.metrics["comm_bytes_up"] == 6 * 10 * 2 * DIM * 4
     assert (store / "synth").is_dir()  # the set lives in the feature store, keyed by its settings
+    (synth_dir,) = list((store / "synth").iterdir())
+    cache_input, = [i.dataset for i in run.inputs.dataset_inputs if i.tags[0].value == "cache"]
+    assert cache_input.name == "synthetic/tiny" and cache_input.source == f'{{"uri": "{synth_dir}"}}'
+    assert cache_input.profile == '{"num_rows": 20}'
     # The keys' source is the synthetic set itself, in class order, with its labels.
     from raycache.data.cache_source import cache_examples
     from raycache.data.features import load_or_encode
@@ -91,7 +89,6 @@ def test_cachefl_with_a_synthetic_cache(finished, store, mlflow_uri):
     f, y, metrics = cache_examples(syn, ModelSpec.from_config(syn.model), source, None, np.zeros((1, DIM)))
     assert metrics["synth_images_generated"] == 0  # complete: reused, not regenerated
     assert metrics["cache_views_encoded"] == 0  # the augmented keys are stored: not encoded again
-    (synth_dir,) = list((store / "synth").iterdir())
     synthetic = open_source(syn.data.model_copy(update={"dataset": str(synth_dir)}))
     encoded = load_or_encode(synthetic, ModelSpec.from_config(syn.model), syn.runtime)
     assert not np.allclose(f, encoded.features)  # the views' mean, not the centre crop
@@ -191,3 +188,28 @@ def test_compare_tabulates_and_plots_the_experiment(finished, capsys):
 
     assert Image.open(client.download_artifacts(run.run_id, "accuracy_vs_bytes.png")).size[0] >= 500
     assert main(["compare", "no-such-experiment"]) == 2
+
+
+def test_the_run_records_the_datasets_it_read(finished):
+    """Lineage: the training, validation and test splits as MLflow dataset inputs, each with its source, a
+    digest of its exact rows and its size; another seed's split of the same data has other digests."""
+    import json
+
+    from raycache.experiment import prepare
+
+    cfg, summary, _, client = finished
+    inputs = client.get_run(summary.run_id).inputs.dataset_inputs
+    got = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(got) == {"training", "validation", "test"}
+    splits = prepare(cfg).splits
+    for context, rows in (("training", splits.train), ("validation", splits.val), ("test", splits.test)):
+        assert json.loads(got[context].profile)["num_rows"] == len(rows)
+        assert json.loads(got[context].source) == {"uri": "digits"} and got[context].name == f"digits/{context}"
+    assert len({d.digest for d in got.values()}) == 3
+    other = prepare(cfg.model_copy(update={"seed": 1})).splits
+    from raycache.lineage import split_records
+
+    again = {r.context: r.digest for r in split_records(prepare(cfg).source, "digits", splits)}
+    moved = {r.context: r.digest for r in split_records(prepare(cfg).source, "digits", other)}
+    assert again == {c: d.digest for c, d in got.items()}  # the same rows: the same digest
+    assert all(moved[c] != again[c] for c in again)

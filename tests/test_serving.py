@@ -21,15 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, mlflow_uri, tmp_path_factory):
-    """The quickstart (two rounds) and its test images written out as files, with their labels."""
-    store = tmp_path_factory.mktemp("serving")
-    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), [
-        "federation.rounds=2", "tracking.experiment=serving", f"runtime.cache_dir={store / 'cache'}"])
-    summary = run_experiment(cfg)
+def finished(e2e_run, mlflow_uri, tmp_path_factory):
+    """The shared quickstart run (`e2e_run`) and its test images written out as files, with their labels."""
+    cfg, summary, _, _ = e2e_run
     prep = prepare(cfg)
     rows = prep.source.to_ray().take_all()
-    folder = store / "test-images"
+    folder = tmp_path_factory.mktemp("serving") / "test-images"
     folder.mkdir()
     labels = {}
     for i in prep.splits.test:
@@ -125,3 +122,78 @@ def test_a_model_whose_base_weights_changed_is_refused_in_one_line(finished, tmp
                                         rf"{summary.run_id} trained on \(fingerprint"):
         Classifier(data)
     shutil.rmtree(local)
+
+
+@pytest.mark.slow  # CI runs it (.ci/run)
+def test_a_registered_self_contained_model_loads_by_name_without_its_weights_file(ray_session, mlflow_uri, finished,
+                                                                                   tmp_path, capsys):
+    """`--register NAME` makes the run's model a version of NAME in MLflow's model registry, and
+    `models:/NAME/<version>` loads the same classifier as `runs:/<run id>/model`. With
+    `tracking.copy_weights`, the model carries its local weights file: it loads and predicts the same after
+    the file is gone."""
+    from safetensors.torch import save_file
+
+    from raycache.cli import main
+    from raycache.models.clip import ModelSpec, load_clip
+    from raycache.serving import read_images
+    from raycache.tracking import load_pyfunc
+
+    _, labels, _ = finished
+    weights = tmp_path / "weights" / "tiny-7.safetensors"
+    weights.parent.mkdir()
+    model, _, _ = load_clip(ModelSpec("tiny", init_seed=7))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    code = main(["run", str(ROOT / "experiments/quickstart.yaml"), "--register", "quickstart-digits",
+                 "--set", f"model.pretrained={weights}", "--set", "tracking.copy_weights=true",
+                 "--set", "federation.rounds=1", "--set", "tracking.experiment=serving",
+                 "--set", f"runtime.cache_dir={tmp_path / 'cache'}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    run_id = out.split("MLflow run ", 1)[1].split()[0]
+    assert f"raycache predict {run_id} PATH..." in out and "registered as quickstart-digits" in out
+    versions = MlflowClient(mlflow_uri).search_model_versions("name='quickstart-digits'")
+    assert [(int(v.version), v.run_id) for v in versions] == [(1, run_id)]
+    images, keys = read_images(sorted(labels)[:20])
+    by_run = load_pyfunc(f"runs:/{run_id}/model").scores(images, keys)
+    np.testing.assert_array_equal(load_pyfunc("models:/quickstart-digits/1").scores(images, keys), by_run)
+    # the run used the file's weights (init seed 7), not the preset's seed-0 init
+    assert not np.allclose(by_run, load_pyfunc(f"runs:/{finished[0].run_id}/model").scores(images, keys))
+    weights.unlink()
+    np.testing.assert_array_equal(load_pyfunc(f"runs:/{run_id}/model").scores(images, keys), by_run)
+    capsys.readouterr()
+    assert main(["check", str(ROOT / "experiments/quickstart.yaml"), "--set", "tracking.register=a/b"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tracking.register" in err[0], err
+
+
+@pytest.mark.slow  # CI runs it (.ci/run)
+def test_a_personal_run_predicts_with_the_client_it_is_told(ray_session, mlflow_uri, finished, tmp_path, capsys):
+    """local_only keeps a state per client: predict needs --client, says whose state it used, and clients
+    trained on different data predict differently (the result is round 1's states: `selection: final`; the
+    best validation round may be round 0, where every client holds the initial state)."""
+    from raycache.cli import main
+
+    _, labels, _ = finished
+    summary = run_experiment(load_config(str(ROOT / "experiments/quickstart.yaml"), [
+        "method.name=local_only", "federation.rounds=1", "federation.selection=final", "tracking.experiment=serving",
+        f"runtime.cache_dir={tmp_path / 'cache'}"]))
+    folder = str(Path(next(iter(labels))).parent)
+    assert main(["predict", summary.run_id, folder]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose whose state predicts with --client N (0 to 9)" in err[0], err
+    assert main(["predict", summary.run_id, folder, "--client", "10"]) == 2
+    assert "--client: 10 is not a client of run" in capsys.readouterr().err
+    from raycache.serving import read_images
+    from raycache.tracking import load_pyfunc
+
+    model = load_pyfunc(f"runs:/{summary.run_id}/model")
+    images, keys = read_images(sorted(labels))
+    for c in (3, 4):
+        assert main(["predict", summary.run_id, folder, "--client", str(c), "--out", str(tmp_path / f"{c}.csv")]) == 0
+        assert f"predicting with client {c}'s own state" in capsys.readouterr().err
+        rows = list(csv.DictReader((tmp_path / f"{c}.csv").open()))
+        scores = model.scores(images, keys, client=c)
+        assert [r["class"] for r in rows] == [model.class_names[k] for k in scores.argmax(axis=1)]
+        assert [float(r["score"]) for r in rows] == pytest.approx(scores.max(axis=1), abs=1e-6)
+    # each client's own trained state (a little apart after one round of the quickstart's small steps)
+    assert not np.allclose(model.scores(images, keys, client=3), model.scores(images, keys, client=4), atol=1e-7)
