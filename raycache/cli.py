@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from raycache.errors import find_run_failure, find_user_error
 
@@ -59,6 +60,14 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def rate_eta(done: int, total: int, seconds: float) -> str:
+    """'512/1797  43.1/s  ETA 0:30' for work `done` of `total` after `seconds`."""
+    rate = done / seconds if seconds > 0 else 0.0
+    left = (total - done) / rate if rate > 0 else None
+    eta = "--:--" if left is None else f"{int(left) // 60}:{int(left) % 60:02d}"
+    return f"{done}/{total}  {rate:.1f}/s  ETA {eta}"
+
+
 def quiet_libraries() -> None:
     """The terminal shows our progress and our one-line errors. Library chatter (MLflow's schema set-up,
     Ray Data's own copy of an exception we re-raise) stays in their log files."""
@@ -89,6 +98,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_stage(text: str) -> None:
             progress.update(task, description=text)
 
+        work: dict[str, tuple[int, float]] = {}  # what -> (its progress task, when it started)
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            """Encoding, generation: done / total, rate and ETA on a bar of its own (a terminal only)."""
+            if not console.is_terminal:
+                return
+            if what not in work:
+                work[what] = (progress.add_task(what, total=total, status=""), time.perf_counter())
+            bar, t0 = work[what]
+            progress.update(bar, completed=done, total=total, status=rate_eta(done, total, time.perf_counter() - t0))
+
         def on_round(r: int, m: dict[str, float]) -> None:
             val = f"val {m['val_accuracy']:.4f}  " if "val_accuracy" in m else ""
             status = f"{val}test {m['accuracy']:.4f}  loss {m['loss']:.4f}  {m['round_seconds']:.2f}s"
@@ -96,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not console.is_terminal:  # a log file gets one plain line per round instead of a live bar
                 console.print(f"round {r}/{cfg.federation.rounds}  {status}", highlight=False)
 
-        summary = run_experiment(cfg, on_round=on_round, on_stage=on_stage, resume=args.resume)
+        summary = run_experiment(cfg, on_round=on_round, on_stage=on_stage, resume=args.resume,
+                                 on_progress=on_progress)
 
     split = f"Dirichlet alpha={cfg.data.alpha}" if cfg.data.partition == "dirichlet" else cfg.data.partition
     table = Table(title=f"raycache: {summary.method} on {cfg.data.dataset}, {cfg.data.clients} clients ({split})")
@@ -155,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from raycache.config import flatten
 
@@ -184,7 +205,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         total = len(classes) * cfg.synth.per_class
         console = Console(stderr=True)
         with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
+                      TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True) as progress:
             task = progress.add_task("synth", total=total)
             result = fill(store, cfg.synth, on_images=lambda n: progress.advance(task, n))
         run.log_metrics({"images": result.images, "images_generated": result.generated,
@@ -224,6 +245,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from raycache.sweep.runner import run_sweep
@@ -233,7 +255,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     quiet_libraries()
     print(f"sweep {sweep.name}: {len(sweep.space)} keys, scheduler {sweep.scheduler}, up to {sweep.max_concurrent} "
           f"trials at once", file=sys.stderr)
-    result = run_sweep(sweep, base, resume=args.resume, address=args.address)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]trials"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("trials", total=None, status="")
+        started = time.perf_counter()
+
+        def on_trial(ended: int, total: int) -> None:  # done / total, rate, ETA (a terminal only)
+            bar.update(task, completed=ended, total=total,
+                       status=rate_eta(ended, total, time.perf_counter() - started))
+
+        result = run_sweep(sweep, base, resume=args.resume, address=args.address, on_trial=on_trial)
     table = Table(title=f"raycache sweep: {sweep.name}")
     for h in ["trial", *sweep.space, sweep.metric, "test accuracy (reported)", "status"]:
         table.add_column(h)

@@ -6,6 +6,8 @@ own checks. The `method` section is the chosen method's own settings class (`Met
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -265,15 +267,20 @@ class RuntimeConfig(_Section):
     cache_dir: str = Field(".raycache", description="where encoded features persist across runs")
 
 
-class TrackingConfig(_Section):
-    experiment: str = Field("raycache", min_length=1, description="MLflow experiment name")
-    run_name: str | None = Field(None, description="MLflow run name (null = generated)")
-    register: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                                 description="register the run's model under this name in MLflow's model "
-                                 "registry (a new version each run; null: not registered)")
-    copy_weights: bool = Field(False, description="copy a local model.pretrained file or folder into the run's "
-                               "MLflow model, which then stands on its own (false: referenced, and checked "
-                               "against its fingerprint when the model is loaded)")
+# `register` names a field that ABCMeta.register (pydantic's metaclass) also names on the class: harmless (a
+# config's `tracking.register` is the field), but pydantic warns on every import.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class TrackingConfig(_Section):
+        experiment: str = Field("raycache", min_length=1, description="MLflow experiment name")
+        run_name: str | None = Field(None, description="MLflow run name (null = generated)")
+        register: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                     description="register the run's model under this name in MLflow's model "
+                                     "registry (a new version each run; null: not registered)")
+        copy_weights: bool = Field(False, description="copy a local model.pretrained file or folder into the run's "
+                                   "MLflow model, which then stands on its own (false: referenced, and checked "
+                                   "against its fingerprint when the model is loaded)")
 
 
 DEFAULT_METHOD = "cachefl"

@@ -33,6 +33,12 @@ from raycache.methods import method_class, weighting
 from raycache.models.clip import ModelSpec, check_spec
 
 RoundCallback = Callable[[int, dict[str, float]], None]
+ProgressCallback = Callable[[str, int, int], None]  # (what, done, total): long work as it advances
+
+
+def _work(progress: ProgressCallback | None, what: str) -> Callable[[int, int], None] | None:
+    """`progress` bound to one piece of work: (done, total) -> progress(what, done, total)."""
+    return None if progress is None else (lambda done, total: progress(what, done, total))
 
 
 @dataclass
@@ -176,7 +182,7 @@ def _check_federation(cfg: ExperimentConfig, method) -> None:
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
                    shared: dict[str, np.ndarray] | None = None, resume: str | None = None,
-                   audit: bool = False, warm: bool = False) -> Summary:
+                   audit: bool = False, warm: bool = False, on_progress: ProgressCallback | None = None) -> Summary:
     """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id).
 
     `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
@@ -185,7 +191,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     `shared`: inputs another process already made, keyed by `shared_key` (a sweep's driver puts its
     features and preprocessed images in the object store once; every trial reads them from there).
     `warm`: take the federation's actors from this process's warm pool and give them back after (a sweep's
-    trials, whose process Tune reuses)."""
+    trials, whose process Tune reuses). `on_progress(what, done, total)`: encoding and synthetic generation
+    as they advance."""
     stage = on_stage or (lambda s: None)
     from raycache.resume import hold_driver
 
@@ -203,7 +210,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
             if ckpt is None:  # a resumed run has these already
                 log_inputs(prep, run)
             start_ray(prep, stage)
-            encoded = encode(prep, run, stage, shared or {})
+            encoded = encode(prep, run, stage, shared or {}, on_progress)
             summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm)
         except BaseException as err:
             from raycache.errors import find_run_failure, find_user_error
@@ -285,7 +292,8 @@ def pixel_feature_rows(splits) -> np.ndarray:
     return np.concatenate([splits.test, splits.server])
 
 
-def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, np.ndarray]) -> Encoded:
+def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, np.ndarray],
+           progress: ProgressCallback | None = None) -> Encoded:
     """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on."""
     from raycache.data.features import Features, load_or_encode, load_rows
     from raycache.federation.evaluate import predict
@@ -303,9 +311,11 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
     elif prep.uses_pixels and not prep.uses_cache:
         # Training and evaluation run through the encoder on images: the frozen features serve only the
         # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded.
-        feats = load_rows(source, spec, cfg.runtime, pixel_feature_rows(splits), prep.transform)
+        feats = load_rows(source, spec, cfg.runtime, pixel_feature_rows(splits), prep.transform,
+                          _work(progress, "encoding images"))
     else:
-        feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform)
+        feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform,
+                               progress=_work(progress, "encoding images"))
         f = feats.features
     test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]  # pixel_feature_rows' order
     server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
@@ -328,7 +338,8 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
         stage(f"building the cache source ({cfg.method.cache_init})")
         t = time.perf_counter()
         cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store,
-                                                         splits.train[prep.trainers[0]])
+                                                         splits.train[prep.trainers[0]],
+                                                         _work(progress, "generating synthetic images"))
         cache = (cache_f, cache_y)
         run.log_metrics(cache_metrics)
         timings["time_cache_source_s"] = time.perf_counter() - t

@@ -158,3 +158,21 @@ def test_a_client_too_small_for_its_local_test_set_is_named_before_any_run(capsy
     assert err[0].startswith("error: data.client_test_fraction: client ") and " to test and " in err[0], err
     exps = [e.experiment_id for e in client.search_experiments()]
     assert (len(client.search_runs(exps)) if exps else 0) == before  # no MLflow run was opened
+
+
+@pytest.mark.slow  # CI runs it (.ci/run)
+def test_encoding_progress_shows_in_a_terminal_and_not_in_a_log(capsys, ray_session, mlflow_uri, tmp_path,
+                                                                monkeypatch):
+    """Encoding reports done / total, rate and ETA on a live bar when stderr is a terminal (rich's
+    TTY_COMPATIBLE / TTY_INTERACTIVE stand in for one), and nothing of it when stderr is a file."""
+    import re
+
+    args = ["--set", "federation.rounds=1", "--set", "tracking.experiment=progress"]
+    assert main(["run", QUICK, *args, "--set", f"runtime.cache_dir={tmp_path / 'log'}"]) == 0
+    err = capsys.readouterr().err
+    assert "encoding images" not in err and "ETA" not in err
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    assert main(["run", QUICK, *args, "--set", f"runtime.cache_dir={tmp_path / 'terminal'}"]) == 0
+    err = capsys.readouterr().err
+    assert "encoding images" in err and re.search(r"\b(\d+)/1797  [\d.]+/s  ETA \d+:\d\d", err), err[-2000:]

@@ -152,7 +152,9 @@ def test_warm_trials_reuse_processes_and_compute_what_a_run_alone_does(tmp_path,
 
     path = sweep_file(tmp_path, {"data.alpha": {"grid": [0.1, 1.0]}}, name="warm", max_concurrent=1)
     sweep, base = load_sweep(path, ["federation.rounds=2"])
-    result = run_sweep(sweep, base)
+    ended = []  # the CLI's progress: (trials ended, trials) as each trial ends
+    result = run_sweep(sweep, base, on_trial=lambda done, total: ended.append((done, total)))
+    assert ended == [(1, 2), (2, 2)]
     client = MlflowClient(mlflow_uri)
     runs = sorted((client.get_run(t["run_id"]) for t in result.trials), key=lambda r: r.info.start_time)
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]

@@ -30,9 +30,10 @@ def prepare_synthetic(cfg, class_names: list[str]):
 
 
 def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
-                   shot_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                   shot_rows: np.ndarray | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(features, labels, metrics): K examples per class, class-major, that the server builds its cache from.
-    `shot_rows`: the source rows the centralised trainer holds (for `cache_init: shots`)."""
+    `shot_rows`: the source rows the centralised trainer holds (for `cache_init: shots`). `progress(done,
+    total)`: synthetic images made so far, as they arrive."""
     kind = cfg.method.cache_init
     n_classes, k = len(source.class_names), cfg.method.shots
     if kind == "random":
@@ -49,7 +50,15 @@ def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
     from raycache.data.sources import open_source
     from raycache.synth.generate import fill
 
-    result = fill(store or prepare_synthetic(cfg, source.class_names), cfg.synth)
+    store = store or prepare_synthetic(cfg, source.class_names)
+    on_images = None
+    if progress is not None:
+        total, done = len(store.settings["classes"]) * store.settings["per_class"], [0]
+
+        def on_images(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+    result = fill(store, cfg.synth, on_images)
     synthetic = open_source(DataConfig(dataset=str(result.out)))
     rows = class_balanced_rows(synthetic.labels, n_classes, k)
     plain, metrics = None, {}

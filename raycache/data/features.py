@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +152,11 @@ def feature_key(spec: ModelSpec, source: Source, views: int = 1, seed: int = 0) 
 
 
 def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int = 0,
-                  transform=None) -> Features:
+                  transform=None, progress: Callable[[int, int], None] | None = None) -> Features:
     """Features for every image of `source` under `spec` (with `views` > 1: the mean raw feature of that many
     augmented views per image, seeded by `seed`); encodes only if the store lacks them. `transform`: the
-    model's eval preprocessing, if the caller has it (else it is built here)."""
+    model's eval preprocessing, if the caller has it (else it is built here). `progress(done, total)` is
+    called as blocks of features arrive (images)."""
     key = feature_key(spec, source, views, seed)
     store = Path(runtime.cache_dir) / "features"
     feats = read_store(store, key, len(source.labels))
@@ -166,18 +168,19 @@ def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, see
         transform = load_clip(spec)[1]
     meta = {"model": json.dumps(spec.__dict__), "dataset": source.fingerprint}
     with ShardWriter(store, key, meta) as writer:
-        feats, encoded = _encode(source, spec, runtime, transform, views, seed, writer)
+        feats, encoded = _encode(source, spec, runtime, transform, views, seed, writer, progress)
     return Features(feats, encoded, writer.stored)
 
 
-def load_rows(source: Source, spec: ModelSpec, runtime, rows: np.ndarray, transform=None) -> Features:
+def load_rows(source: Source, spec: ModelSpec, runtime, rows: np.ndarray, transform=None,
+              progress: Callable[[int, int], None] | None = None) -> Features:
     """Features of `source`'s `rows` only, in that order: sliced from the whole dataset's stored features
     when a run left them, else encoded for those rows alone (a subset with a store entry of its own)."""
     store = Path(runtime.cache_dir) / "features"
     whole = read_store(store, feature_key(spec, source), len(source.labels))
     if whole is not None:
         return Features(whole[rows], 0, store / feature_key(spec, source))
-    return load_or_encode(source.subset(rows), spec, runtime, transform=transform)
+    return load_or_encode(source.subset(rows), spec, runtime, transform=transform, progress=progress)
 
 
 def read_store(store: Path, key: str, n: int) -> np.ndarray | None:
@@ -322,7 +325,7 @@ def encoder_plan(runtime) -> tuple[int, float, int]:
 
 
 def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, seed: int,
-            writer: ShardWriter) -> tuple[np.ndarray, int]:
+            writer: ShardWriter, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
     """Two Ray Data stages: `decode_views` tasks (CPU) decode and preprocess, the `ImageEncoder` actor pool
     runs the model; blocks stream through both, and each block of features is written as a shard and
     copied into one preallocated array as it arrives (the dataset is held once)."""
@@ -363,6 +366,8 @@ def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, see
             at += len(feats)
             calls += int(block["encoder_images"].sum())
             writer.write(feats)
+            if progress is not None:
+                progress(at, n)
     except Exception as err:  # Ray wraps the actor's exception; surface a user's mistake as one line
         from raycache.errors import find_user_error
 

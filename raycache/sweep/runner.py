@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -172,7 +172,13 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
     return shared
 
 
-def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str | None = None) -> SweepResult:
+def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str | None = None,
+              on_trial: Callable[[int, int], None] | None = None) -> SweepResult:
+    """Run (or `resume`) a sweep; `on_trial(ended, total)` is called as its trials end."""
+    from raycache.sweep.progress import LISTENERS, TrialCounter
+
+    if on_trial is not None:
+        LISTENERS[sweep.name] = on_trial
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's verbose=0 then prints nothing: the CLI reports
     import ray
     from ray import tune
@@ -245,6 +251,8 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
                                             trial_name_creator=lambda t: f"{sweep.name}-{t.trial_id}",
                                             trial_dirname_creator=lambda t: f"{sweep.name}-{t.trial_id}"),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
+                                          callbacks=[TrialCounter(sweep.name, sweep.num_samples *
+                                                                  len(grid_points(sweep.space)))],
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures,
                                                                             fail_fast=False)))
         grid = tuner.fit()
@@ -253,6 +261,8 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
     except BaseException as err:
         parent.finish(err)
         raise
+    finally:
+        LISTENERS.pop(sweep.name, None)
     parent.finish()
     return result
 

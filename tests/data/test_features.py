@@ -13,8 +13,10 @@ from raycache.models.clip import ModelSpec
 def test_each_image_is_encoded_once(ray_session, image_folder, tmp_path):
     runtime = RuntimeConfig(cache_dir=str(tmp_path / "store"), encoder_batch_size=16)
     src = open_source(DataConfig(dataset=str(image_folder)))
-    first = load_or_encode(src, ModelSpec("tiny"), runtime)
+    seen = []  # progress: (images done, total) as blocks arrive
+    first = load_or_encode(src, ModelSpec("tiny"), runtime, progress=lambda done, total: seen.append((done, total)))
     assert first.encoded == len(src.labels) == 72  # every distinct image through the encoder once
+    assert seen[-1] == (72, 72) and [d for d, _ in seen] == sorted({d for d, _ in seen}) and seen[0][0] > 0
     assert first.features.shape == (72, 64)
     # Stored raw, as encode_image returns them (FedCLIP's adapter reads them so; other methods normalise)
     import torch

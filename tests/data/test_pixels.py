@@ -60,3 +60,16 @@ def test_a_vision_lora_run_trains_on_images_and_encodes_only_what_it_evaluates(r
     assert summary.final["trainable_params"] == layers * rank * (width + width)
     assert summary.comm_bytes_up == 2 * 3 * layers * rank * 2 * width * 4  # 2 rounds x 3 clients, float32
     assert all(np.isfinite(h["loss"]) for h in summary.history)
+    # Its MLflow model predicts through the LoRA-adapted image tower on images: the run's test accuracy again
+    from mlflow.tracking import MlflowClient
+
+    from raycache.tracking import load_pyfunc
+
+    model = load_pyfunc(f"runs:/{summary.run_id}/model")
+    assert model.uses_pixels
+    prep = prepare(cfg)
+    rows = prep.source.to_ray().take_all()
+    images = [rows[i]["image"] for i in prep.splits.test]
+    pred = model.scores(images, [f"test {i}" for i in prep.splits.test]).argmax(axis=1)
+    accuracy = float((pred == prep.source.labels[prep.splits.test]).mean())
+    assert accuracy == MlflowClient(mlflow_uri).get_run(summary.run_id).data.metrics["result_accuracy"]
