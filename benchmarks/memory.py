@@ -114,14 +114,14 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
 
     def config(clients: int):
-        return load_config("experiments/quickstart.yaml", [
+        return load_config("experiments/tiny.yaml", [
             f"data.dataset={args.dataset}", f"data.clients={clients}", f"data.alpha={args.alpha}",
             f"federation.rounds={args.rounds}",
             f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory"])
 
     # One round first, in its own Ray: the measured runs read precomputed features and cache keys from the
     # store, so the peaks compare what a federation costs, not the (client-independent) encoder pool.
-    run_experiment(load_config("experiments/quickstart.yaml", [
+    run_experiment(load_config("experiments/tiny.yaml", [
         f"data.dataset={args.dataset}", f"data.clients={args.clients[0]}", f"data.alpha={args.alpha}",
         "federation.rounds=1",
         f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory-warmup"]))

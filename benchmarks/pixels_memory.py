@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     store = tempfile.mkdtemp(prefix="raycache-bench-pixels-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
-    cfg = load_config("experiments/quickstart.yaml", [
+    cfg = load_config("experiments/tiny.yaml", [
         f"model.name={args.model}", "model.pretrained=null", f"data.dataset={args.dataset}",
         f"data.clients={args.clients}", f"data.val_fraction={args.val_fraction}", "method.name=fedavg_full",
         f"per_method.fedavg_full.batch_size={args.batch}", "per_method.fedavg_full.local_epochs=1",

@@ -5,7 +5,7 @@ For each setting it reports encoder calls against distinct images, the wall-time
 encoding, rounds), time per round and per client, and the runtime/floor ratio, all from one process run so
 the ratio is measured under the same load. Usage:
 
-    .venv/bin/python benchmarks/round_cost.py            # quickstart, 100 and 1,000 clients
+    .venv/bin/python benchmarks/round_cost.py            # tiny config, 100 and 1,000 clients
     .venv/bin/python benchmarks/round_cost.py --rounds 10 --settings 100
 """
 
@@ -34,7 +34,7 @@ from raycache.federation.sampling import client_seed, sample_clients  # noqa: E4
 from raycache.methods import method_class  # noqa: E402
 
 SETTINGS = {
-    "quickstart": [],
+    "tiny": [],
     "100": ["data.clients=100", "data.alpha=0.1"],
     "1000": ["data.clients=1000", "data.alpha=0.1"],
     # Fashion-MNIST's 60,000 training images (Debian's dataset-fashion-mnist) over 10,000 clients, all of
@@ -97,7 +97,7 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     rows = []
     for name in args.settings:
-        cfg = load_config("experiments/quickstart.yaml", SETTINGS[name] + [
+        cfg = load_config("experiments/tiny.yaml", SETTINGS[name] + [
             f"federation.rounds={args.rounds}", f"runtime.cache_dir={store}/{name}", "tracking.experiment=benchmark",
             *([f"runtime.client_actors={args.actors}"] if args.actors else [])])
         s = run_experiment(cfg)  # an empty feature store each: every setting pays its own encode and Ray start

@@ -1,5 +1,5 @@
 """What a sweep costs beyond its trials: a 9-trial offline CacheFL grid (Dirichlet alpha x shots on the
-quickstart, 2 rounds each, 2 trials at once) through `raycache sweep`, timed from the outside.
+tiny config, 2 rounds each, 2 trials at once) through `raycache sweep`, timed from the outside.
 
 - `wall_s`: the whole sweep, as a user waits for it (prepare, encode once, Tune, summary).
 - `driver_s`: before the first trial starts (checks, Ray start, encoding the shared features once).
@@ -45,7 +45,7 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     sweep_path = store / "sweep.yaml"
     sweep_path.write_text(yaml.safe_dump({
-        "name": "overhead", "base": str(ROOT / "experiments/quickstart.yaml"),
+        "name": "overhead", "base": str(ROOT / "experiments/tiny.yaml"),
         "set": [f"federation.rounds={args.rounds}", "runtime.client_actors=1", "runtime.client_cpus=0.95",
                 f"runtime.cache_dir={store}", "tracking.experiment=benchmark-sweep"],
         "max_concurrent": args.max_concurrent, "warm_trials": not args.cold,

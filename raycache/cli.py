@@ -133,6 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     method = method_class(cfg.method.name)
     label = method.flow.result_label
     sel = summary.selection
+    if "accuracy" in summary.initial:
+        table.add_row("round 0, before training (test)", f"{summary.initial['accuracy']:.4f}")
     if "best_round" in sel and cfg.federation.selection == "best_val":
         table.add_row("selected round (best validation accuracy)", f"{sel['best_round']:.0f} "
                                                                    f"(val {sel['best_val_accuracy']:.4f})")

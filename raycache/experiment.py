@@ -60,6 +60,7 @@ class Summary:
     messages: list[dict] = field(default_factory=list)  # every client message, when run with `audit`
     selection: dict[str, float] = field(default_factory=dict)  # best_round, selected_accuracy, result_*, ...
     model_uri: str | None = None  # the result as an MLflow model (None: the run stopped before it had one)
+    initial: dict[str, float] = field(default_factory=dict)  # round 0: the initial state, before training
 
     @property
     def comm_bytes(self) -> float:
@@ -362,7 +363,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
     from raycache.data.pixels import compact
     from raycache.federation.runtime import Federation
-    from raycache.resume import log_checkpointed_round, save_result, save_round
+    from raycache.resume import log_checkpointed_round, save_round
 
     cfg, splits, timings = prep.cfg, prep.splits, prep.timings
     y = prep.source.labels
@@ -382,8 +383,10 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                          "client_gpu_devices": fed.gpu_devices,  # GPUs they span (fractions share one)
                          "actors_reused": fed.reused})  # taken from a warm pool (a sweep's earlier trial)
         if ckpt is None:
-            run.log_metrics(fed.start(), step=0)
+            initial = fed.start()
+            run.log_metrics(initial, step=0)
         else:
+            initial = ckpt.meta.get("initial", {})
             fed.restore(ckpt.snapshot, ckpt.round)
             log_checkpointed_round(run, ckpt)
             run.set_tags({"raycache.resumed_from_round": ckpt.round})
@@ -401,7 +404,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             # death before the checkpoint would log the round again when it is redone.
             if cfg.federation.checkpoint:
                 save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
-                                                         "method": cfg.method.name})
+                                                         "method": cfg.method.name, "initial": initial})
             run.log_metrics(metrics, step=r)
             if audit:
                 messages += [{**m, "round": r} for m in fed.audit_log()]
@@ -427,18 +430,13 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                      "final_accuracy": last["accuracy"], **(result["metrics"] if result else {})})
     uri = None
     if result is not None:
-        from raycache.serving import log_model
+        from raycache.serving import publish
 
         stage("logging the result as an MLflow model")
-        t = time.perf_counter()
-        uri = log_model(cfg, run, prep.task, save_result(cfg, run, result), result["round"])
-        if cfg.tracking.register is not None:
-            version = run.register_model(uri, cfg.tracking.register)
-            run.set_tags({"raycache.registered_model": f"{cfg.tracking.register}/{version}"})
-        run.log_metrics({"time_model_s": time.perf_counter() - t})  # the result file and the MLflow model
+        uri = publish(cfg, run, prep.task, result)
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
-                   history, stopped_by, messages, result["metrics"] if result else {}, uri)
+                   history, stopped_by, messages, result["metrics"] if result else {}, uri, initial)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

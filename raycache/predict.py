@@ -21,13 +21,13 @@ CHUNK = 512  # images read and classified at a time: memory holds one chunk's en
 def image_files(paths: list[str]) -> list[Path]:
     """The files named, and the images (.png, .jpg, .jpeg) under the folders named, in order; one line for a
     path that does not exist or a folder without images."""
-    from raycache.data.sources.imagefolder import _images
+    from raycache.data.sources.imagefolder import images_under
 
     out: list[Path] = []
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found = _images(path)
+            found = images_under(path)
             if not found:
                 raise UserError(f"{path}: no .png, .jpg or .jpeg images under this folder")
             out += found

@@ -69,6 +69,23 @@ def write_model_data(folder: Path, cfg, task, result_file: Path, run_id: str, re
     return folder
 
 
+def publish(cfg, run, task, result: dict) -> str:
+    """A finished run's result, made usable: its state file beside the checkpoints (`resume.save_result`),
+    the MLflow model logged from it and, with `tracking.register`, registered. Returns the model's URI and
+    logs the time it took as `time_model_s`."""
+    import time
+
+    from raycache.resume import save_result
+
+    t = time.perf_counter()
+    uri = log_model(cfg, run, task, save_result(cfg, run, result), result["round"])
+    if cfg.tracking.register is not None:
+        version = run.register_model(uri, cfg.tracking.register)
+        run.set_tags({"raycache.registered_model": f"{cfg.tracking.register}/{version}"})
+    run.log_metrics({"time_model_s": time.perf_counter() - t})
+    return uri
+
+
 def log_model(cfg, run, task, result_file: Path, result_round: int) -> str:
     """Log the run's result as its `model` artifact (an MLflow pyfunc model); returns the model's URI."""
     import tempfile
@@ -124,7 +141,8 @@ class Classifier:
                             f"tracking.copy_weights: true")
         self.run_id, self.round = info["run_id"], info["round"]
         self.class_names = list(info["class_names"])
-        clip, self.transform, tokenizer = load_clip(self.spec)
+        self._clip, self.transform, tokenizer = load_clip(self.spec)
+        clip = self._clip
         task = Task(self.class_names, text_classifier(clip, tokenizer, self.class_names, info["templates"]),
                     self.spec, tuple(info["templates"]))
         settings = method_settings(info["method"])
@@ -168,7 +186,7 @@ class Classifier:
 
         if self._encoder is None:
             self._encoder = ImageEncoder(self.spec, use_gpu=False, threads=torch.get_num_threads(),
-                                         transform=self.transform)
+                                         transform=self.transform, model=self._clip)
         parts = []
         for i in range(0, len(images), BATCH):
             batch = {"image": np.asarray(images[i:i + BATCH], dtype=object), "key": np.asarray(keys[i:i + BATCH])}

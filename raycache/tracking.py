@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,20 +293,24 @@ class Run:
             {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
 
 
+_QUIET_DOWNLOADS = threading.Lock()
+
+
 def load_pyfunc(uri: str):
     """The object an MLflow pyfunc model's loader returned (`get_raw_model`), loaded from `uri`; a store or
     model that cannot be read raises LookupError with MLflow's first line."""
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a few small files: no download bar
-    try:
-        return mlflow.pyfunc.load_model(uri).get_raw_model()
-    except (MlflowException, OSError) as err:
-        raise LookupError(str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
-    finally:
-        if quiet is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+    with _QUIET_DOWNLOADS:  # one loader at a time changes and restores the variable
+        quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a few small files: no download bar
+        try:
+            return mlflow.pyfunc.load_model(uri).get_raw_model()
+        except (MlflowException, OSError) as err:
+            raise LookupError(str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
+        finally:
+            if quiet is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet

@@ -37,14 +37,14 @@ def e2e_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def e2e_run(ray_session, mlflow_uri, e2e_store):
-    """The quickstart (2 rounds, 16 shots, 6 clients on 2 actors) in experiment `e2e`: (config, summary, the
+    """The tiny config (2 rounds, 16 shots, 6 clients on 2 actors) in experiment `e2e`: (config, summary, the
     rounds its callback saw, an MLflow client). Shared by the end-to-end and the serving tests."""
     from mlflow.tracking import MlflowClient
 
     from raycache.config_file import load_config
     from raycache.experiment import run_experiment
 
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "experiments/quickstart.yaml"), [
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "experiments/tiny.yaml"), [
         "federation.rounds=2", "method.shots=16", "data.clients=6", "runtime.client_actors=2",
         "tracking.experiment=e2e", f"runtime.cache_dir={e2e_store}"])
     rounds = []

@@ -20,7 +20,7 @@ from raycache.data.sources.base import png_bytes
 from raycache.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = str(ROOT / "experiments/quickstart.yaml")
+QUICK = str(ROOT / "experiments/tiny.yaml")
 
 
 def one_line(capsys, code: int) -> str:

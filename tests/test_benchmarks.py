@@ -28,7 +28,7 @@ def test_benchmark_scripts_import(name):
 
 def test_the_floor_is_the_runtimes_arithmetic(tmp_path, ray_session, mlflow_uri):
     """Same config and seed: the plain loop's per-round accuracy equals the federated run's, exactly."""
-    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), [
+    cfg = load_config(str(ROOT / "experiments/tiny.yaml"), [
         "federation.rounds=2", "data.clients=6", f"runtime.cache_dir={tmp_path}", "tracking.experiment=bench-test"])
     summary = run_experiment(cfg)
     _, floor_accuracy = load("round_cost").floor_rounds(cfg, 2)

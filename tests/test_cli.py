@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from raycache.cli import main
 from raycache.methods import method_names
 
-QUICK = "experiments/quickstart.yaml"
+QUICK = "experiments/tiny.yaml"
 
 
 def run_cli(capsys, *args):

@@ -263,7 +263,7 @@ def test_autoscaling_adds_a_gpu_worker_shares_it_four_ways_and_removes_it(autosc
     from mlflow.tracking import MlflowClient
 
     assert [n.get("GPU", 0) for n in _alive_nodes(autoscaling_cluster)] == [0]  # the head only
-    cmd = [sys.executable, "-m", "raycache", "run", str(CLUSTER.parent / "experiments/quickstart.yaml"),
+    cmd = [sys.executable, "-m", "raycache", "run", str(CLUSTER.parent / "experiments/tiny.yaml"),
            "--set", f"runtime.address={autoscaling_cluster}", "--set", "runtime.client_actors=4",
            "--set", "runtime.client_gpus=0.25", "--set", "runtime.client_cpus=0.5",
            "--set", "runtime.encoder_cpus=1", "--set", "federation.rounds=1", "--set", "data.clients=8",
@@ -293,7 +293,7 @@ def test_an_experiment_spreads_its_client_actors_over_two_nodes(two_nodes, tmp_p
     from mlflow.tracking import MlflowClient
 
     # 2 client actors of 2 CPUs each on two 2-CPU nodes: one lands on each node
-    cmd = [sys.executable, "-m", "raycache", "run", str(Path(__file__).resolve().parents[1] / "experiments/quickstart.yaml"),
+    cmd = [sys.executable, "-m", "raycache", "run", str(Path(__file__).resolve().parents[1] / "experiments/tiny.yaml"),
            "--set", f"runtime.address={two_nodes}", "--set", "runtime.client_actors=2", "--set", "runtime.client_cpus=2",
            "--set", "runtime.encoder_cpus=1", "--set", "federation.rounds=1", "--set", "data.clients=4",
            "--set", "tracking.experiment=two-nodes", "--set", f"runtime.cache_dir={tmp_path / 'store'}"]

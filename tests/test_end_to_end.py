@@ -30,6 +30,9 @@ def test_cachefl_beats_zero_shot(finished):
 def test_mlflow_holds_the_run(finished):
     cfg, summary, _, client = finished
     run = client.get_run(summary.run_id)
+    # round 0 (the initial state, before training), as the summary table prints it, is the logged step 0
+    (step0,) = [m for m in client.get_metric_history(summary.run_id, "accuracy") if m.step == 0]
+    assert summary.initial["accuracy"] == step0.value and summary.initial["val_accuracy"] <= 1
     assert run.info.status == "FINISHED"
     assert run.data.params["data.alpha"] == "0.5" and run.data.params["method.shots"] == str(SHOTS)
     assert run.data.params["model.pretrained"] == "None"
@@ -113,7 +116,7 @@ def test_random_cache_is_balanced_unit_keys():
 
     from raycache.data.cache_source import cache_examples
 
-    cfg = load_config("experiments/quickstart.yaml", ["method.cache_init=random", "method.shots=3"])
+    cfg = load_config("experiments/tiny.yaml", ["method.cache_init=random", "method.shots=3"])
     source = SimpleNamespace(class_names=list("abcd"))
     f, y, _ = cache_examples(cfg, None, source, None, np.zeros((5, 8), np.float32))
     assert f.shape == (12, 8) and np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-6)

@@ -46,7 +46,7 @@ def refused_in_one_line(err: UserError) -> None:
        space=st.one_of(spaces, values), overrides=st.lists(st.sampled_from(
            ["data.alpha=0.3", "data.alpha=-1", "method.lr=x", "bad", "=1", "federation.rounds=1"]), max_size=2))
 def test_random_sweep_files(tmp_path, fields, space, overrides):
-    body = {"name": "s", "base": str(ROOT / "experiments/quickstart.yaml"), **fields, "space": space}
+    body = {"name": "s", "base": str(ROOT / "experiments/tiny.yaml"), **fields, "space": space}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(body, allow_unicode=True))
     try:

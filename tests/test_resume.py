@@ -24,7 +24,7 @@ EXACT = ("accuracy", "loss", "client_accuracy_mean", "client_accuracy_std", "com
 def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
-    args = [str(ROOT / "experiments/quickstart.yaml"), "--set", "federation.rounds=5", "--set",
+    args = [str(ROOT / "experiments/tiny.yaml"), "--set", "federation.rounds=5", "--set",
             "method.local_epochs=150", "--set", f"runtime.cache_dir={tmp_path / 'store'}", "--set",
             "tracking.experiment=resume", "--set", "federation.target_accuracy=0.3",
             "--set", "method.persist_optimizer=true"]  # the clients' Adam moments must resume exactly too
@@ -102,7 +102,7 @@ def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_se
         "per_method.local_only.beta=100", "per_method.local_only.alpha=10", "data.clients=4",
         "runtime.client_actors=2", "federation.rounds=3", "federation.fraction=0.5",
         f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=resume-local"]
-    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), cfg_overrides)
+    cfg = load_config(str(ROOT / "experiments/tiny.yaml"), cfg_overrides)
     whole = run_experiment(cfg)
 
     class Crash(Exception):
@@ -141,7 +141,7 @@ def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_se
             from raycache.cli import main
 
             capsys.readouterr()  # what the runs above printed
-            code = main(["run", str(ROOT / "experiments/quickstart.yaml"), "--resume", died.info.run_id,
+            code = main(["run", str(ROOT / "experiments/tiny.yaml"), "--resume", died.info.run_id,
                          *[a for o in cfg_overrides for a in ("--set", o)]])
             err = capsys.readouterr().err.strip().splitlines()
             assert code == 2 and len(err) == 1 and f"run {died.info.run_id} is still being run by a live driver " \

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def finished(e2e_run, mlflow_uri, tmp_path_factory):
-    """The shared quickstart run (`e2e_run`) and its test images written out as files, with their labels."""
+    """The shared tiny-config run (`e2e_run`) and its test images written out as files, with their labels."""
     cfg, summary, _, _ = e2e_run
     prep = prepare(cfg)
     rows = prep.source.to_ray().take_all()
@@ -143,25 +143,25 @@ def test_a_registered_self_contained_model_loads_by_name_without_its_weights_fil
     weights.parent.mkdir()
     model, _, _ = load_clip(ModelSpec("tiny", init_seed=7))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    code = main(["run", str(ROOT / "experiments/quickstart.yaml"), "--register", "quickstart-digits",
+    code = main(["run", str(ROOT / "experiments/tiny.yaml"), "--register", "tiny-digits",
                  "--set", f"model.pretrained={weights}", "--set", "tracking.copy_weights=true",
                  "--set", "federation.rounds=1", "--set", "tracking.experiment=serving",
                  "--set", f"runtime.cache_dir={tmp_path / 'cache'}"])
     out = capsys.readouterr().out
     assert code == 0
     run_id = out.split("MLflow run ", 1)[1].split()[0]
-    assert f"raycache predict {run_id} PATH..." in out and "registered as quickstart-digits" in out
-    versions = MlflowClient(mlflow_uri).search_model_versions("name='quickstart-digits'")
+    assert f"raycache predict {run_id} PATH..." in out and "registered as tiny-digits" in out
+    versions = MlflowClient(mlflow_uri).search_model_versions("name='tiny-digits'")
     assert [(int(v.version), v.run_id) for v in versions] == [(1, run_id)]
     images, keys = read_images(sorted(labels)[:20])
     by_run = load_pyfunc(f"runs:/{run_id}/model").scores(images, keys)
-    np.testing.assert_array_equal(load_pyfunc("models:/quickstart-digits/1").scores(images, keys), by_run)
+    np.testing.assert_array_equal(load_pyfunc("models:/tiny-digits/1").scores(images, keys), by_run)
     # the run used the file's weights (init seed 7), not the preset's seed-0 init
     assert not np.allclose(by_run, load_pyfunc(f"runs:/{finished[0].run_id}/model").scores(images, keys))
     weights.unlink()
     np.testing.assert_array_equal(load_pyfunc(f"runs:/{run_id}/model").scores(images, keys), by_run)
     capsys.readouterr()
-    assert main(["check", str(ROOT / "experiments/quickstart.yaml"), "--set", "tracking.register=a/b"]) == 2
+    assert main(["check", str(ROOT / "experiments/tiny.yaml"), "--set", "tracking.register=a/b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tracking.register" in err[0], err
 
@@ -174,7 +174,7 @@ def test_a_personal_run_predicts_with_the_client_it_is_told(ray_session, mlflow_
     from raycache.cli import main
 
     _, labels, _ = finished
-    summary = run_experiment(load_config(str(ROOT / "experiments/quickstart.yaml"), [
+    summary = run_experiment(load_config(str(ROOT / "experiments/tiny.yaml"), [
         "method.name=local_only", "federation.rounds=1", "federation.selection=final", "tracking.experiment=serving",
         f"runtime.cache_dir={tmp_path / 'cache'}"]))
     folder = str(Path(next(iter(labels))).parent)
@@ -195,5 +195,5 @@ def test_a_personal_run_predicts_with_the_client_it_is_told(ray_session, mlflow_
         scores = model.scores(images, keys, client=c)
         assert [r["class"] for r in rows] == [model.class_names[k] for k in scores.argmax(axis=1)]
         assert [float(r["score"]) for r in rows] == pytest.approx(scores.max(axis=1), abs=1e-6)
-    # each client's own trained state (a little apart after one round of the quickstart's small steps)
+    # each client's own trained state (a little apart after one round of the tiny config's small steps)
     assert not np.allclose(model.scores(images, keys, client=3), model.scores(images, keys, client=4), atol=1e-7)

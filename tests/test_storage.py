@@ -155,7 +155,7 @@ def test_a_disk_that_fills_mid_run_fails_it_in_one_line_and_it_resumes_once_ther
     from raycache.experiment import run_experiment
     from raycache.federation import checkpoint
 
-    cfg = load_config(str(ROOT / "experiments/quickstart.yaml"), [
+    cfg = load_config(str(ROOT / "experiments/tiny.yaml"), [
         "method.cache_init=real", "federation.rounds=3", "data.clients=4", "runtime.client_actors=1",
         f"runtime.cache_dir={small_disk}", "tracking.experiment=full-disk"])
     filler = small_disk / "neighbour.bin"

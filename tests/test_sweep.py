@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_file(tmp_path: Path, space: dict, **extra) -> Path:
-    body = {"name": extra.pop("name", "s"), "base": str(ROOT / "experiments/quickstart.yaml"),
+    body = {"name": extra.pop("name", "s"), "base": str(ROOT / "experiments/tiny.yaml"),
             "set": ["federation.rounds=1", "data.clients=4", "runtime.client_actors=1", "runtime.client_cpus=0.95",
                     "tracking.experiment=sweep-test", f"runtime.cache_dir={tmp_path / 'store'}"],
             "space": space, **extra}

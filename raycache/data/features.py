@@ -80,7 +80,8 @@ class ImageEncoder:
     Features are the raw `encode_image` output (not normalised): FedCLIP's adapter reads them as they come
     from CLIP (its reference normalises only after the adapter); every other method normalises them itself."""
 
-    def __init__(self, spec: ModelSpec, use_gpu: bool, threads: int = 1, transform=None) -> None:
+    def __init__(self, spec: ModelSpec, use_gpu: bool, threads: int = 1, transform=None, model=None) -> None:
+        """`model`: the CLIP of `spec`, already loaded on this process (a served model's), else loaded here."""
         import torch
 
         from raycache.models.clip import load_clip
@@ -91,7 +92,7 @@ class ImageEncoder:
         # blocks arrive read-only from the object store; the model only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model = load_clip(spec, device=self.device)[0]
+        self.model = load_clip(spec, device=self.device)[0] if model is None else model.to(self.device)
         self.tensor_stage = split_at_tensor(transform)[1] if transform is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

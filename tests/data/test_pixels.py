@@ -47,7 +47,7 @@ def test_rows_decode_on_demand_to_the_eval_transform_of_each_image_in_source_ord
 def test_a_vision_lora_run_trains_on_images_and_encodes_only_what_it_evaluates(ray_session, mlflow_uri, tmp_path):
     from raycache.experiment import prepare, run_experiment
 
-    cfg = load_config("experiments/quickstart.yaml", [
+    cfg = load_config("experiments/tiny.yaml", [
         "method.name=flora", "per_method.flora.lora_targets=[vision.attn.q_proj]", "per_method.flora.lr=1.0e-3",
         "data.clients=3", "runtime.client_actors=1", "federation.rounds=2", f"runtime.cache_dir={tmp_path}",
         "tracking.experiment=pixels"])

@@ -50,14 +50,14 @@ def test_stragglers_miss_the_deadline_by_their_simulated_delay():
 def test_a_straggler_distribution_needs_a_deadline(capsys):
     from raycache.cli import main
 
-    code = main(["check", str(ROOT / "experiments/quickstart.yaml"), "--set",
+    code = main(["check", str(ROOT / "experiments/tiny.yaml"), "--set",
                  "federation.straggler.distribution=exponential"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "federation.round_deadline_s" in err[0], err
 
 
 def quick(tmp_path, *extra):
-    return load_config(str(ROOT / "experiments/quickstart.yaml"), [
+    return load_config(str(ROOT / "experiments/tiny.yaml"), [
         "federation.rounds=3", f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=faults", *extra])
 
 
@@ -132,25 +132,35 @@ def _server_killer(after_round: int, wait: bool = True):
     return kill, killed
 
 
-def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, ray_session, mlflow_uri):
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, ray_session, mlflow_uri):
+    return run_experiment(quick(tmp_path_factory.mktemp("undisturbed"), "federation.rounds=4",
+                                "tracking.run_name=undisturbed"))
+
+
+@pytest.mark.parametrize("checkpoint, replayed", [
+    (True, 0),  # from round 2's checkpoint
+    pytest.param(False, 2, marks=pytest.mark.slow),  # from the start, replaying rounds 1 and 2 (CI runs it)
+])
+def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, undisturbed, mlflow_uri,
+                                                                      checkpoint, replayed):
     """The server actor killed after round 2: the next call finds it gone, a new federation starts from round
     2's snapshot (the checkpoint; without checkpoints, from the start, replaying rounds 1 and 2), and the run
     ends as if nothing had happened: every round's metrics and the selected result equal an undisturbed
     run's, each round logged once."""
-    clean = run_experiment(quick(tmp_path, "federation.rounds=4", "tracking.run_name=undisturbed"))
+    clean = undisturbed
     client = MlflowClient(mlflow_uri)
-    for checkpoint, replayed in ((True, 0), (False, 2)):
-        kill, killed = _server_killer(after_round=2)
-        lost = run_experiment(quick(tmp_path, "federation.rounds=4", f"federation.checkpoint={str(checkpoint).lower()}",
-                                    "tracking.run_name=server-lost"), on_round=kill)
-        assert killed and lost.rounds == 4
-        assert [{k: m[k] for k in MODEL_METRICS} for m in lost.history] == \
-               [{k: m[k] for k in MODEL_METRICS} for m in clean.history]
-        assert lost.selection == clean.selection and lost.selection
-        run = client.get_run(lost.run_id)
-        assert run.info.status == "FINISHED" and run.data.metrics["server_restarts"] == 1
-        assert run.data.metrics["rounds_replayed"] == replayed
-        assert [m.step for m in client.get_metric_history(lost.run_id, "accuracy")] == [0, 1, 2, 3, 4]
+    kill, killed = _server_killer(after_round=2)
+    lost = run_experiment(quick(tmp_path, "federation.rounds=4", f"federation.checkpoint={str(checkpoint).lower()}",
+                                "tracking.run_name=server-lost"), on_round=kill)
+    assert killed and lost.rounds == 4
+    assert [{k: m[k] for k in MODEL_METRICS} for m in lost.history] == \
+           [{k: m[k] for k in MODEL_METRICS} for m in clean.history]
+    assert lost.selection == clean.selection and lost.selection
+    run = client.get_run(lost.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["server_restarts"] == 1
+    assert run.data.metrics["rounds_replayed"] == replayed
+    assert [m.step for m in client.get_metric_history(lost.run_id, "accuracy")] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow  # CI runs it (.ci/run)
@@ -163,7 +173,8 @@ def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(tmp_pat
 
 
 @pytest.mark.parametrize("deadline", [
-    "explicit",  # client_timeout_s=0.5: 0.5 s per client on the host + 5 s
+    # client_timeout_s=0.5: 0.5 s per client on the host + 5 s (about 40 s here: CI runs it)
+    pytest.param("explicit", marks=pytest.mark.slow),
     pytest.param("automatic", marks=pytest.mark.slow),  # the default: 30 s + 10x the measured rate x samples
 ])
 def test_a_host_that_hangs_past_its_deadline_is_replaced(tmp_path, ray_session, mlflow_uri, deadline):

@@ -21,7 +21,7 @@ def test_adaptive_server_with_dp_and_fedprox(ray_session, mlflow_uri):
 
     from raycache.federation.privacy import epsilon
 
-    cfg = load_config("experiments/quickstart.yaml", [
+    cfg = load_config("experiments/tiny.yaml", [
         *BASE, "federation.strategy=fedadam", "federation.server_lr=0.001", "federation.prox_mu=0.1",
         "federation.fraction=0.5", "federation.dp={clip_norm: 0.05, noise_multiplier: 0.8, delta: 1.0e-5}"])
     summary = run_experiment(cfg, audit=True)
@@ -36,7 +36,7 @@ def test_adaptive_server_with_dp_and_fedprox(ray_session, mlflow_uri):
 
 
 def test_classwise_clients_send_their_class_counts(ray_session, mlflow_uri):
-    cfg = load_config("experiments/quickstart.yaml", [*BASE, "federation.rounds=1", "federation.strategy=classwise",
+    cfg = load_config("experiments/tiny.yaml", [*BASE, "federation.rounds=1", "federation.strategy=classwise",
                                                       "data.alpha=0.1"])
     prep = prepare(cfg)
     summary = run_experiment(cfg, audit=True)

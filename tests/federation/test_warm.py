@@ -22,8 +22,8 @@ def _learned(summary) -> list[dict]:
 
 @pytest.mark.slow  # four runs (about a minute): CI runs it after the default suite
 def test_a_warm_federation_reuses_its_actors_and_computes_what_a_cold_one_does(ray_session, mlflow_uri):
-    first = load_config("experiments/quickstart.yaml", [*BASE, "data.alpha=0.5", "method.lr_scale=3"])
-    second = load_config("experiments/quickstart.yaml", [*BASE, "data.alpha=0.1", "seed=1"])
+    first = load_config("experiments/tiny.yaml", [*BASE, "data.alpha=0.5", "method.lr_scale=3"])
+    second = load_config("experiments/tiny.yaml", [*BASE, "data.alpha=0.1", "seed=1"])
     cold = run_experiment(second)
     assert WARM.size() == 0  # a run that is not warm kills its actors
 

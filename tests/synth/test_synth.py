@@ -156,13 +156,13 @@ def test_pipeline_from_a_local_folder(ray_session, tmp_path):
     ("synth.out=/proc/raycache-cannot-write", "synth.out: cannot write to /proc/raycache-cannot-write"),
 ])
 def test_bad_synth_input_is_one_line_exit_2(capsys, mlflow_uri, override, expect):
-    code = main(["synth", "experiments/quickstart.yaml", "--set", override])
+    code = main(["synth", "experiments/tiny.yaml", "--set", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expect.replace("Value error, ", "") in err[0], err
 
 
 def test_cachefl_refuses_synthetic_classes_that_differ(capsys, mlflow_uri):
-    code = main(["run", "experiments/quickstart.yaml", "--set", "method.cache_init=synthetic",
+    code = main(["run", "experiments/tiny.yaml", "--set", "method.cache_init=synthetic",
                  "--set", "synth.classes=[a,b]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "synth.classes" in err[-1] and "differ from the dataset's classes" in err[-1]

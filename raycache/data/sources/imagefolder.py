@@ -22,7 +22,8 @@ def _subdirs(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
+    """The image files (by extension) anywhere under `folder`, sorted."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
 
 
@@ -52,7 +53,7 @@ def load(cfg) -> Source:
         for label, name in enumerate(classes):
             if not (folder / name).is_dir():
                 continue  # a domain may lack a class; the class must exist somewhere (checked by Source)
-            files = _images(folder / name)
+            files = images_under(folder / name)
             if not files and domain is None:
                 raise UserError(f"data.dataset: class {name!r} in {root} has no images (.png/.jpg)")
             for p in files:
