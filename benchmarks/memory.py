@@ -48,8 +48,11 @@ def role_of(p: psutil.Process) -> str:
 class PeakSampler:
     """Samples the summed RSS and PSS of this process and all its descendants until stopped."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, report_every: float | None = None) -> None:
+        """`report_every`: also print the peaks so far to stderr every that many seconds (a long run that is
+        stopped early still leaves its figures)."""
         self.interval = interval
+        self.report_every = report_every
         self.peak_rss = self.peak_pss = self.peak_driver_pss = 0.0
         self.peak_processes = 0
         self._roles: dict[int, str] = {}  # pid -> what it became (a worker starts as default_worker / IDLE)
@@ -88,9 +91,17 @@ class PeakSampler:
             out[role] = out.get(role, 0.0) + peak
         return out
 
+    def report(self) -> str:
+        return (f"peak PSS {self.peak_pss / MB:.0f} MB (driver {self.peak_driver_pss / MB:.0f}), by role: "
+                + ", ".join(f"{k} {v / MB:.0f}" for k, v in sorted(self.by_role.items(), key=lambda kv: -kv[1])))
+
     def _loop(self) -> None:
+        start = last = time.monotonic()
         while not self._stop.is_set():
             self._sample()
+            if self.report_every is not None and time.monotonic() - last >= self.report_every:
+                last = time.monotonic()
+                print(f"[mem {last - start:.0f}s] {self.report()}", file=sys.stderr, flush=True)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakSampler:

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.01, help="clients trained in the round")
     ap.add_argument("--batch", type=int, default=32, help="local minibatch (activations scale with it)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--client-cpus", type=float, default=1.0, help="the client actor's CPUs (and threads)")
+    ap.add_argument("--report-every", type=float, default=60.0, help="seconds between peak reports on stderr")
     args = ap.parse_args(argv)
     store = tempfile.mkdtemp(prefix="raycache-bench-pixels-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
@@ -45,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         f"data.clients={args.clients}", f"data.val_fraction={args.val_fraction}", "method.name=fedavg_full",
         f"per_method.fedavg_full.batch_size={args.batch}", "per_method.fedavg_full.local_epochs=1",
         "federation.rounds=1", f"federation.fraction={args.fraction}", "runtime.client_actors=1",
+        f"runtime.client_cpus={args.client_cpus}",
         f"runtime.cache_dir={store}", "tracking.experiment=benchmark-pixels"])
     t = time.perf_counter()
-    with PeakSampler() as mem:
-        s = run_experiment(cfg)
+    def stage(name: str) -> None:  # where the run is, beside the periodic peak reports
+        print(f"[pixels {time.perf_counter() - t:.0f}s] {name}", file=sys.stderr, flush=True)
+
+    with PeakSampler(report_every=args.report_every) as mem:
+        s = run_experiment(cfg, on_stage=stage)
         ray.shutdown()
     wall = time.perf_counter() - t
     from raycache.data.features import input_size

@@ -35,12 +35,14 @@ def test_the_floor_is_the_runtimes_arithmetic(tmp_path, ray_session, mlflow_uri)
     assert floor_accuracy == [m["accuracy"] for m in summary.history]
 
 
-def test_memory_sampler_sees_this_process_and_its_children():
+def test_memory_sampler_sees_this_process_and_its_children(capsys):
     import subprocess
 
-    sampler = load("memory").PeakSampler(interval=0.05)
+    sampler = load("memory").PeakSampler(interval=0.05, report_every=0.3)
     with sampler:
         child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(1)"])
         child.wait()
     assert sampler.peak_processes >= 2
     assert sampler.peak_pss >= sampler.peak_driver_pss + 150 * 2**20  # the child's 200 MB counted
+    reports = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[mem ")]
+    assert reports and "peak PSS" in reports[-1] and "driver" in reports[-1]  # a long run's figures as it goes
