@@ -5,7 +5,8 @@ its evaluation on the validation and test splits included, sampled every 0.2 s o
 The yardstick is what the images would take as float pixels, the way this path held them before (every image
 preprocessed into one float32 array in the object store): 70,000 x 3 x 224 x 224 x 4 bytes = 42 GB.
 
-    .venv/bin/python benchmarks/pixels_memory.py             # about 25 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/pixels_memory.py             # about 2 hours on 2 CPU cores
+    .venv/bin/python benchmarks/pixels_memory.py --val-fraction 0.01 --client-cpus 2   # 51 minutes here
     .venv/bin/python benchmarks/pixels_memory.py --model tiny --val-fraction 0.01   # a quick look
 """
 
