@@ -15,6 +15,22 @@ import numpy as np
 State = dict[str, np.ndarray]
 
 
+CHUNK = 1 << 20  # elements per step of `add_product`: an 8 MB float64 temporary, whatever the state's size
+
+
+def add_product(out: np.ndarray, v: np.ndarray, w) -> None:
+    """out += v * w in float64, in place, a block of rows at a time: a full model's update (hundreds of
+    millions of values) is folded without a float64 copy of it and a temporary of the same size. Each element
+    gets exactly the arithmetic of `out + float64(v) * w`, so the result is the same bits."""
+    if out.ndim == 0 or out.size <= CHUNK:
+        out += np.multiply(v, w, dtype=np.float64)
+        return
+    step = max(1, CHUNK // max(1, out.size // out.shape[0]))
+    rows = np.ndim(w) > 0 and np.shape(w)[0] > 1  # per-row weights: slice them with the rows
+    for i in range(0, out.shape[0], step):
+        out[i:i + step] += np.multiply(v[i:i + step], w[i:i + step] if rows else w, dtype=np.float64)
+
+
 class WeightedSum:
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
@@ -29,13 +45,13 @@ class WeightedSum:
             w = np.asarray(rows[k], np.float64) if k in rows else np.asarray(weight, np.float64)
             if (w < 0).any():
                 raise ValueError(f"negative aggregation weight for {k!r}")
-            v = np.asarray(v, dtype=np.float64)
-            term = v * (w.reshape(-1, *([1] * (v.ndim - 1))) if w.ndim else w)
+            v = np.asarray(v)
+            wb = w.reshape(-1, *([1] * (v.ndim - 1))) if w.ndim else w
             if k in self.sums:
-                self.sums[k] += term
+                add_product(self.sums[k], v, wb)
                 self.weights[k] = self.weights[k] + w
             else:
-                self.sums[k], self.weights[k] = term, w.copy()
+                self.sums[k], self.weights[k] = np.asarray(np.multiply(v, wb, dtype=np.float64)), w.copy()
         self.weight += weight
 
     def merge(self, other: "WeightedSum") -> None:

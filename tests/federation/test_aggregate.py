@@ -52,3 +52,43 @@ def test_client_accuracy_is_the_label_mix_of_per_class_accuracy():
     np.testing.assert_allclose(per_class, [1.0, 0.5, 1.0])
     counts = np.array([[10, 0, 0], [0, 5, 5], [1, 1, 2]])
     np.testing.assert_allclose(client_accuracy(counts, per_class), [1.0, 0.75, (1 + 0.5 + 2) / 4])
+
+
+def test_folding_in_blocks_gives_the_plain_float64_sum_bit_for_bit(monkeypatch):
+    """`add` folds big states a block of rows at a time; every element still gets float64(v) * w added in
+    client order, so the sum equals the plain formula exactly, per-row weights included."""
+    import raycache.federation.aggregate as agg
+
+    monkeypatch.setattr(agg, "CHUNK", 7)  # blocks of 2 rows of (50, 3), 7 elements of (11,)
+    rng = np.random.default_rng(1)
+    states = [{"m": rng.normal(size=(50, 3)).astype(np.float32), "v": rng.normal(size=11).astype(np.float32),
+               "s": np.float32(rng.normal())} for _ in range(4)]
+    weights = [3.0, 1.0, 7.0, 2.0]
+    rows = [rng.integers(0, 5, 50).astype(float) + 0.5 for _ in range(4)]
+    fold = WeightedSum()
+    for st, w, r in zip(states, weights, rows):
+        fold.add(st, w, {"m": r})
+    for key in ("m", "v", "s"):
+        expected = np.zeros_like(np.asarray(states[0][key]), np.float64)
+        for st, w, r in zip(states, weights, rows):
+            wk = r[:, None] if key == "m" else w
+            expected = expected + np.asarray(st[key]).astype(np.float64) * wk
+        np.testing.assert_array_equal(fold.sums[key], expected)
+
+
+def test_folding_a_big_update_needs_no_float64_copy_of_it():
+    """A full model's update (here 4M values, 16 MB in float32) is added to a running sum with a bounded
+    temporary, not a float64 copy plus a product of the same size (64 MB)."""
+    import tracemalloc
+
+    update = {"w": np.ones(4 << 20, np.float32)}
+    fold = WeightedSum()
+    fold.add(update, 1.0)
+    tracemalloc.start()
+    try:
+        fold.add(update, 2.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 2**20, peak  # one block's float64 temporary (8 MB), not 64 MB
+    assert fold.sums["w"][0] == 3.0 and fold.sums["w"].dtype == np.float64
