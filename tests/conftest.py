@@ -52,6 +52,21 @@ def e2e_run(ray_session, mlflow_uri, e2e_store):
     return cfg, summary, rounds, MlflowClient(mlflow_uri)
 
 
+def write_test_split(cfg, folder: Path) -> dict[str, int]:
+    """The run's test images as files in `folder` (created), each path with its label."""
+    from raycache.experiment import prepare
+
+    prep = prepare(cfg)
+    rows = prep.source.to_ray().take_all()
+    folder.mkdir(parents=True)
+    labels = {}
+    for i in prep.splits.test:
+        path = folder / f"{i:05d}.png"
+        path.write_bytes(rows[i]["image"])
+        labels[str(path)] = int(prep.source.labels[i])
+    return labels
+
+
 def write_png(path: Path, rng: np.random.Generator, size: int = 12, value: int | None = None) -> None:
     from PIL import Image
 

@@ -12,7 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raycache.config_file import load_config
-from raycache.experiment import prepare
+
+from conftest import write_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments/quickstart.yaml"
@@ -39,15 +40,9 @@ def test_the_quickstart_fine_tunes_clearly_past_its_start_and_its_model_predicts
     assert m["best_round"] > 0
 
     # `raycache predict` on the run's own test images reproduces its logged test accuracy
-    prep = prepare(load_config(str(QUICKSTART)))
-    rows = prep.source.to_ray().take_all()
     folder = tmp_path / "test-images"
-    folder.mkdir()
-    truth = {}
-    for i in prep.splits.test:
-        path = folder / f"{i:05d}.png"
-        path.write_bytes(rows[i]["image"])
-        truth[str(path)] = prep.source.class_names[int(prep.source.labels[i])]
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # digits' classes
+    truth = {path: names[label] for path, label in write_test_split(load_config(str(QUICKSTART)), folder).items()}
     out = tmp_path / "predictions.csv"
     proc = subprocess.run([sys.executable, "-m", "raycache", "predict", run_id, str(folder), "--out", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -15,7 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from raycache.config_file import load_config
 from raycache.errors import UserError
-from raycache.experiment import prepare, run_experiment
+from raycache.experiment import run_experiment
+
+from conftest import write_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,16 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def finished(e2e_run, mlflow_uri, tmp_path_factory):
     """The shared tiny-config run (`e2e_run`) and its test images written out as files, with their labels."""
     cfg, summary, _, _ = e2e_run
-    prep = prepare(cfg)
-    rows = prep.source.to_ray().take_all()
-    folder = tmp_path_factory.mktemp("serving") / "test-images"
-    folder.mkdir()
-    labels = {}
-    for i in prep.splits.test:
-        path = folder / f"{i:05d}.png"
-        path.write_bytes(rows[i]["image"])
-        labels[str(path)] = int(prep.source.labels[i])
-    return summary, labels, mlflow_uri
+    return summary, write_test_split(cfg, tmp_path_factory.mktemp("serving") / "test-images"), mlflow_uri
 
 
 def test_a_fresh_process_loads_the_model_through_pyfunc_and_reproduces_the_test_accuracy(finished, tmp_path):
