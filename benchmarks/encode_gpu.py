@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--images", type=int, default=8000)
+    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4],
+                    help="encoder pools to measure: each N holds 1/N of the GPU per actor")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("encode_gpu: no CUDA device here (use --device cpu for the script's own check)")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         source = open_source(DataConfig(dataset=str(write_folder(Path(tmp) / "folder", args.images))))
         floor_rate, ceiling, expected = saturating(source, spec, args.batch, max(0, args.cpus - 1), args.device)
         # the pool holds one CPU in all, as the loop's process does beside its workers: the rest decode
-        settings = {"1 x 1 GPU": 1, "2 x 0.5 GPU": 2, "4 x 0.25 GPU": 4}
+        settings = {f"{n} x {1 / n:g} GPU": n for n in args.actors}
         for label, actors in settings.items():
             ray.init(num_cpus=args.cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
             try:

@@ -70,6 +70,17 @@ def decode_views(batch: dict[str, np.ndarray], transform, views: int = 1, seed: 
     return {"pixels": torch.stack(out).numpy()}
 
 
+def decode_block(block: dict[str, np.ndarray], transform, rows: int, views: int = 1, seed: int = 0):
+    """Ray Data task over one whole block as the source reads it: `decode_views` on at most `rows` images at
+    a time, each slice yielded as its own output block. Taking whole blocks (no `batch_size`) lets Ray Data
+    fuse this stage into the read (one task reads, decodes and preprocesses; no hop through the object store
+    in between), and slicing keeps each output block to one encoder batch however large the source's
+    blocks are (a parquet row group can hold thousands of images)."""
+    n = len(block["key"])
+    for at in range(0, n, rows):
+        yield decode_views({k: v[at:at + rows] for k, v in block.items()}, transform, views, seed)
+
+
 class ImageEncoder:
     """Ray Data callable class, the pipeline's model stage: one model per actor, (B, views, 3, H, W) pixels
     in, (B, D) features out (the mean over the views). It only runs the model and the transform's tensor
@@ -325,10 +336,22 @@ def encoder_plan(runtime) -> tuple[int, float, int]:
     return actors, cpus, runtime.encoder_threads or max(1, int(have) // actors)
 
 
+def decoded(source: Source, runtime, transform, rows: int, views: int = 1, seed: int = 0):
+    """The pipeline's CPU stage: `source`'s images as blocks of at most `rows` decoded, preprocessed images
+    (`decode_block`). The source's read gets the stage's remote args, so that Ray Data fuses the read into
+    it: a read operator of its own gets a sliver of the CPUs from Ray Data's resource budget and paces the
+    whole pipeline (one or two read tasks at a time beside 15 decode tasks, on a 16-core machine). Ray
+    Data's default retries a lost task for ever: here `runtime.encode_retries` times."""
+    stage = {"num_cpus": runtime.decode_cpus, "max_retries": runtime.encode_retries}
+    return source.to_ray(**stage).map_batches(
+        decode_block, fn_kwargs={"transform": transform, "rows": rows, "views": views, "seed": seed},
+        batch_size=None, batch_format="numpy", **stage)
+
+
 def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, seed: int,
             writer: ShardWriter, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
-    """Two Ray Data stages: `decode_views` tasks (CPU) decode and preprocess, the `ImageEncoder` actor pool
-    runs the model; blocks stream through both, and each block of features is written as a shard and
+    """Two Ray Data stages: `decode_block` tasks (CPU, fused into the source's read) decode and preprocess,
+    the `ImageEncoder` actor pool runs the model; blocks stream through both, and each block of features is written as a shard and
     copied into one preallocated array as it arrives (the dataset is held once)."""
     import ray.data
 
@@ -336,11 +359,7 @@ def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, see
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # features line up with source.labels
     batch = max(1, runtime.encoder_batch_size // views)  # images x views per forward pass
-    ds = source.to_ray().map_batches(
-        decode_views, fn_kwargs={"transform": transform, "views": views, "seed": seed}, batch_size=batch,
-        batch_format="numpy", num_cpus=runtime.decode_cpus,
-        max_retries=runtime.encode_retries,  # Ray Data's default retries a lost task for ever
-    ).map_batches(
+    ds = decoded(source, runtime, transform, batch, views, seed).map_batches(
         ImageEncoder,
         fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "threads": threads,
                                "transform": augmentation(transform) if views > 1 else transform},

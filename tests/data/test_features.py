@@ -223,3 +223,53 @@ def test_an_encoder_actor_lost_mid_encode_is_restarted_and_its_batches_rerun(ray
         load_or_encode(src, ModelSpec("tiny"), RuntimeConfig(cache_dir=str(tmp_path / "no-retries"),
                                                              encoder_batch_size=16, encode_retries=0))
     assert killed
+
+
+def test_decode_block_yields_encoder_sized_blocks_of_the_same_pixels():
+    """A source block of any size is decoded `rows` images at a time, each slice its own output block, and
+    together they are exactly the whole block decoded at once."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from raycache.data.features import decode_block, decode_views
+
+    rng = np.random.default_rng(3)
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    block = {"image": np.array([png(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)) for _ in range(5)],
+                               dtype=object), "key": np.array([f"k{i}" for i in range(5)])}
+    transform = T.Compose([T.CenterCrop(8), T.ToTensor()])
+    parts = list(decode_block(block, transform, rows=2))
+    assert [len(p["pixels"]) for p in parts] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([p["pixels"] for p in parts]),
+                                  decode_views(block, transform)["pixels"])
+
+
+def test_a_folder_is_read_and_decoded_by_the_same_tasks(ray_session, image_folder):
+    """Ray Data fuses the folder source's file reads into the decode stage (one task reads, decodes and
+    preprocesses), because the read takes the stage's remote args. A read operator of its own got one or
+    two CPUs of sixteen from Ray Data's budget and paced the whole encode (benchmarks/README.md). The
+    decoded images come out in the source's order."""
+    from raycache.config import DataConfig, RuntimeConfig
+    from raycache.data.features import decoded
+    from raycache.data.sources import open_source
+    from raycache.models.clip import ModelSpec, load_clip
+
+    source = open_source(DataConfig(dataset=str(image_folder)))
+    transform = load_clip(ModelSpec("tiny"))[1]
+    ds = decoded(source, RuntimeConfig(), transform, rows=16)
+    pixels = np.concatenate([b["pixels"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+    assert "ReadBinary->Project->MapBatches(decode_block)" in ds.stats()
+    assert pixels.shape[0] == len(source.labels)
+    first = source.to_ray().take(1)[0]
+    from raycache.data.features import decode_views
+
+    one = decode_views({"image": np.array([first["image"]], dtype=object), "key": np.array([first["key"]])},
+                       transform)["pixels"]
+    np.testing.assert_array_equal(pixels[:1], one)

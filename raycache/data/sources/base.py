@@ -18,13 +18,17 @@ class Source:
     `labels[i]` and row `i` of `to_ray()` describe the same image: Ray Data runs with `preserve_order`,
     so features come back in this order. `to_ray()` yields an `image` column (encoded bytes) and a `key`
     column naming where each image came from, for error messages.
+
+    `to_ray(rows=None, **read_args)`: `read_args` are Ray remote args for the tasks that read files (a
+    source that reads them with `ray.data.read_*`); in-memory sources have no read tasks and ignore them.
+    A map stage with the same remote args is fused into the read by Ray Data: one task reads and decodes.
     """
 
     name: str
     labels: np.ndarray  # (n,) int64 in [0, len(class_names))
     class_names: list[str]
     fingerprint: str  # changes whenever any image or label changes
-    to_ray: Callable[..., Any] = field(repr=False)  # to_ray(rows=None): all images, or just these rows
+    to_ray: Callable[..., Any] = field(repr=False)  # to_ray(rows=None, **read_args): all images, or these rows
     domains: np.ndarray | None = None  # (n,) int64 into domain_names, for sources with a domain per image
     domain_names: list[str] | None = None
     splits: dict[str, np.ndarray] | None = None  # the source's own train / val / test positions, if it has them
@@ -47,7 +51,7 @@ class Source:
         rows = np.asarray(rows, dtype=np.int64)
         digest = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         return Source(f"{self.name}[{len(rows)} rows]", self.labels[rows], self.class_names,
-                      f"{self.fingerprint}/rows-{digest}", lambda: self.to_ray(rows),
+                      f"{self.fingerprint}/rows-{digest}", lambda **read: self.to_ray(rows, **read),
                       None if self.domains is None else self.domains[rows], self.domain_names, every_class=False)
 
 

@@ -22,7 +22,7 @@ def load(cfg) -> Source:
     h = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
     table = pa.table({"image": encoded, "key": [f"digits[{i}]" for i in range(len(encoded))]})
 
-    def to_ray(rows=None):
+    def to_ray(rows=None, **read_args):  # in memory: no read tasks
         return from_table(table if rows is None else table.take(rows))
 
     return Source("digits", labels, list(CLASS_NAMES), f"digits-{h}", to_ray)

@@ -84,7 +84,7 @@ def load(cfg) -> Source:
             positions[SPLIT_NAMES[name]] = np.arange(start, len(labels), dtype=np.int64)
     splits = positions if {"train", "test"} <= set(positions) else None
 
-    def to_ray(rows=None):
+    def to_ray(rows=None, **read_args):  # in memory: no read tasks
         import pyarrow as pa
 
         picked = range(len(images)) if rows is None else rows

@@ -81,7 +81,7 @@ def load(cfg, root: Path | None = None, class_names: list[str] | None = None) ->
         [str(c) for c in range(n_classes)]
     keys = [f"{root.name}[{s}][{i}]" for s in PARTS for i in range(len(splits[s]))]
 
-    def to_ray(rows=None):
+    def to_ray(rows=None, **read_args):  # in memory: no read tasks
         import pyarrow as pa
 
         picked = np.arange(len(y)) if rows is None else np.asarray(rows)

@@ -65,11 +65,12 @@ def load(cfg) -> Source:
                 labels.append(label)
                 domains.append(d)
 
-    def to_ray(rows=None):
+    def to_ray(rows=None, **read_args):
         import ray.data
 
-        ds = ray.data.read_binary_files(paths if rows is None else [paths[i] for i in rows], include_paths=True)
-        return ds.rename_columns({"bytes": "image", "path": "key"})
+        ds = ray.data.read_binary_files(paths if rows is None else [paths[i] for i in rows], include_paths=True,
+                                        ray_remote_args=read_args)
+        return ds.rename_columns({"bytes": "image", "path": "key"}, **read_args)
 
     return Source(str(root), np.asarray(labels, dtype=np.int64), classes, f"folder-{h.hexdigest()[:16]}", to_ray,
                   np.asarray(domains, dtype=np.int64) if with_domains else None, domain_names)

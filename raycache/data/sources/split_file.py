@@ -59,11 +59,12 @@ def load(cfg) -> Source:
     if missing:
         raise UserError(f"data.split_file: labels run to {n - 1} but label {missing[0]} never occurs in {path}")
 
-    def to_ray(rows=None):
+    def to_ray(rows=None, **read_args):
         import ray.data
 
-        ds = ray.data.read_binary_files(paths if rows is None else [paths[i] for i in rows], include_paths=True)
-        return ds.rename_columns({"bytes": "image", "path": "key"})
+        ds = ray.data.read_binary_files(paths if rows is None else [paths[i] for i in rows], include_paths=True,
+                                        ray_remote_args=read_args)
+        return ds.rename_columns({"bytes": "image", "path": "key"}, **read_args)
 
     return Source(f"{root} ({path.name})", np.asarray(labels, dtype=np.int64), [names[c] for c in range(n)],
                   f"split-{h.hexdigest()[:16]}", to_ray, splits=positions)
