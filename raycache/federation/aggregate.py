@@ -33,7 +33,8 @@ def add_product(out: np.ndarray, v: np.ndarray, w) -> None:
 
 class WeightedSum:
     def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}
+        self.sums: dict[str, np.ndarray] = {}  # this fold's own float64 sums (`add`)
+        self.parts: list[dict[str, np.ndarray]] = []  # merged partial sums, by reference, folded in `mean`
         self.weights: dict[str, np.ndarray] = {}  # per key: a 0-d total, or (rows,) totals
         self.weight = 0.0  # the total scalar weight (clients folded, by their weight)
 
@@ -55,33 +56,58 @@ class WeightedSum:
         self.weight += weight
 
     def merge(self, other: "WeightedSum") -> None:
-        for k, v in other.sums.items():
-            if k in self.sums:
-                self.sums[k] += v
-                self.weights[k] = self.weights[k] + other.weights[k]
-            else:
-                self.sums[k], self.weights[k] = v.copy(), other.weights[k].copy()
+        """Fold in another partial sum (a host's). Its sums are kept by reference and added block by block
+        in `mean`: a host's partial arrives read-only from Ray's object store, and a float64 copy of a full
+        model's sum to add into would double what the server holds."""
+        if other.parts:
+            raise ValueError("merge a fold that has merged others into the fold that merged it")
+        for k, w in other.weights.items():
+            self.weights[k] = self.weights[k] + w if k in self.weights else w.copy()
+        self.parts.append(other.sums)
         self.weight += other.weight
 
+    def _addends(self, k: str) -> list[np.ndarray]:
+        """The float64 sums of `k`, in fold order: this fold's own, then each merged part's."""
+        return ([self.sums[k]] if k in self.sums else []) + [p[k] for p in self.parts if k in p]
+
     def mean(self, fallback: State | None = None) -> State:
-        if not self.sums and self.weight <= 0:
+        """sum / weight per key, as float32. Computed a block of rows at a time, so that neither the merged
+        sum nor its quotient exists whole in float64; each element gets exactly the arithmetic of
+        `(s_0 + s_1 + ...) / w`, in fold order, so the bits do not depend on the block size."""
+        keys = list(dict.fromkeys([*self.sums, *(k for p in self.parts for k in p)]))
+        if not keys and self.weight <= 0:
             raise ValueError("nothing to aggregate: total client weight is 0")
         out = {}
-        for k, s in self.sums.items():
+        for k in keys:
             w = self.weights[k]
-            if w.ndim == 0:
-                if w <= 0:
-                    raise ValueError(f"nothing to aggregate for {k!r}: total client weight is 0")
-                out[k] = (s / w).astype(np.float32)
-                continue
+            if w.ndim == 0 and w <= 0:
+                raise ValueError(f"nothing to aggregate for {k!r}: total client weight is 0")
             held = w > 0
-            if not held.all() and fallback is None:
+            if w.ndim and not held.all() and fallback is None:
                 raise ValueError(f"rows of {k!r} that no client weighed, and no previous state to keep")
-            shape = (-1, *([1] * (s.ndim - 1)))
-            mean = s / np.where(held, w, 1.0).reshape(shape)
-            if not held.all():
-                mean = np.where(held.reshape(shape), mean, np.asarray(fallback[k], np.float64))
-            out[k] = mean.astype(np.float32)
+            addends = self._addends(k)
+            shape = addends[0].shape
+            parts = [np.atleast_1d(a) for a in addends]
+            result = np.empty(parts[0].shape, np.float32)
+            keep = np.atleast_1d(np.asarray(fallback[k])) if w.ndim and not held.all() else None
+            step = max(1, CHUNK // max(1, result.size // max(1, result.shape[0])))
+            block = np.empty((min(step, result.shape[0]), *result.shape[1:]), np.float64)  # reused
+            for i in range(0, result.shape[0], step):
+                rows = slice(i, i + step)
+                s = block[:len(result[rows])]
+                np.copyto(s, parts[0][rows])  # a writable block (parts may be read-only)
+                for a in parts[1:]:
+                    s += a[rows]
+                if w.ndim == 0:
+                    s /= w  # in place: the same quotient as s / w
+                    result[rows] = s
+                    continue
+                bshape = (-1, *([1] * (s.ndim - 1)))
+                s /= np.where(held[rows], w[rows], 1.0).reshape(bshape)
+                if keep is not None:
+                    s = np.where(held[rows].reshape(bshape), s, np.asarray(keep[rows], np.float64))
+                result[rows] = s
+            out[k] = result.reshape(shape)
         return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raycache import heap
 from raycache.errors import RunFailed
 from raycache.federation.aggregate import WeightedSum
 from raycache.federation.sampling import client_seed
@@ -133,6 +134,7 @@ class ClientHost:
             self.flow.keep(self, cid, state, update, msg, partial)
             messages.append(msg)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        heap.release(state_nbytes(state))  # a full model's gradients, moments and copies: freed, returned
         return HostReport(partial, messages, self.bytes_up, peak, np.asarray(timed_out, np.int64))
 
     def upload(self, partial: WeightedSum | None, msg: ClientMessage, update: State | None,
@@ -179,8 +181,10 @@ class ClientHost:
         server hands out to the hosts so that evaluation runs in parallel."""
         from raycache.federation.evaluate import predict
 
-        return predict(lambda x: self.method.logits(state, x), getattr(self.evals, split)[0],
-                       self.method.eval_batch, self.device)
+        out = predict(lambda x: self.method.logits(state, x), getattr(self.evals, split)[0],
+                      self.method.eval_batch, self.device)
+        heap.release(state_nbytes(state))
+        return out
 
     def evaluate(self, state: State) -> dict[str, dict[int, np.ndarray]]:
         """A personal flow's predictions, each client under its own state (or the initial `state` if it has

@@ -181,7 +181,13 @@ class Federation:
 
     def snapshot(self) -> dict:
         """The server's full state now; kept as the point a lost server is rebuilt from."""
+        import ray
+
         snap = self._call("snapshot")
+        memory: dict = {}
+        for part in ray.get(snap.pop("memory_refs")):  # straight from the hosts, not through the server
+            memory.update(part)
+        snap["memory"] = memory
         self._snap, self._snap_round = snap, self.round
         return snap
 

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from raycache import heap
 from raycache.errors import RunFailed
 from raycache.federation.evaluate import (EvalSets, client_accuracy, owner_accuracy, per_class_accuracy, predict,
                                           summarise)
@@ -170,15 +171,14 @@ class Server:
     def snapshot(self) -> dict:
         """The full server state for a checkpoint: the global state, the server strategy's memory, which
         clients already hold the initial state, their own states (a personal flow), their optimiser memories,
-        and the selection so far (its record and the best state). (Client sampling, faults and local training draw from (seed, round, client), so the round
-        number is all the RNG state there is.)"""
-        import ray
+        and the selection so far (its record and the best state). (Client sampling, faults and local training
+        draw from (seed, round, client), so the round number is all the RNG state there is.)
 
-        memory: dict[int, State] = {}
-        if self.method.keeps_optimizer:  # the clients keep optimiser memory: it must resume too
-            for part in ray.get([h.get_memory.remote() for h in self.hosts]):
-                memory.update(part)
-        return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory": memory,
+        The clients' optimiser memories stay on their hosts: `memory_refs` are the hosts' answers, which the
+        caller fetches itself (`Federation.snapshot`), so a full model's moments (twice its size) never pass
+        through this actor."""
+        refs = [h.get_memory.remote() for h in self.hosts] if self.method.keeps_optimizer else []
+        return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory_refs": refs,
                 "strategy": self.strategy_memory}
 
     def restore(self, snap: dict) -> None:
@@ -319,16 +319,22 @@ class Server:
         order = np.argsort(np.concatenate([r.column("client", np.int64) for r in reports]))  # whatever the hosts
         samples = np.concatenate([r.column("samples") for r in reports])[order]
         losses = np.concatenate([r.column("loss") for r in reports])[order]
+        client_seconds = float(sum(r.column("seconds").sum() for r in reports))
+        peak_mb = float(max(r.peak_rss_mb for r in reports))
+        # The hosts' partial sums (a full model's, in float64) and the broadcast, in the object store and
+        # here: merged and trained from, so dropped before the evaluation.
+        del reports, calls, state_ref
+        heap.release(state_nbytes(self.state))
         metrics = self.evaluate()
         metrics.update({
             "loss": float((losses * samples).sum() / samples.sum()),
             "comm_bytes_up": bytes_up,
             "comm_bytes_down": bytes_down,
             **counts,
-            "client_seconds": float(sum(r.column("seconds").sum() for r in reports)),
+            "client_seconds": client_seconds,
             "train_seconds": train_seconds,
             "round_seconds": time.perf_counter() - t0,
-            "peak_memory_mb": float(max(r.peak_rss_mb for r in reports)),
+            "peak_memory_mb": peak_mb,
             "trainable_params": float(state_params(self.state)),
         })
         dp = self.federation.dp

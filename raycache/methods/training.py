@@ -77,11 +77,13 @@ def load_memory(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], mem
 
 def save_memory(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], memory: dict) -> None:
     """Store `opt`'s per-parameter state in `memory` as float32 arrays (a checkpoint holds them as it holds
-    states): `step/<name>`, `exp_avg/<name>`, `momentum_buffer/<name>`, ..."""
+    states): `step/<name>`, `exp_avg/<name>`, `momentum_buffer/<name>`, ... `opt` is discarded after its
+    round, so a float32 CPU tensor is kept by a view of it, not copied (`load_memory` copies it back into
+    the next round's optimiser: the stored arrays never change)."""
     for name, p in params.items():
         for key, value in opt.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
-                arr = value.detach().float().cpu().numpy().copy()
+                arr = value.detach().float().cpu().numpy()
                 memory[f"{key}/{name}"] = arr.reshape(1) if arr.ndim == 0 else arr
 
 
@@ -127,6 +129,7 @@ def fit(params: dict[str, torch.Tensor], batch_loss: Callable[[torch.Tensor | No
         sched.step()
     if cfg.persist_optimizer:
         save_memory(opt, params, ctx.memory)
+    opt.zero_grad(set_to_none=True)  # the last step's gradients: as large as the params (a full model's too)
     return loss_sum / max(seen, 1)
 
 

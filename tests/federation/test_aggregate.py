@@ -92,3 +92,71 @@ def test_folding_a_big_update_needs_no_float64_copy_of_it():
         tracemalloc.stop()
     assert peak < 12 * 2**20, peak  # one block's float64 temporary (8 MB), not 64 MB
     assert fold.sums["w"][0] == 3.0 and fold.sums["w"].dtype == np.float64
+
+
+def _read_only(fold: WeightedSum) -> WeightedSum:
+    """`fold` as a host's partial arrives on the server: its arrays read-only (views of Ray's object store)."""
+    for v in fold.sums.values():
+        v.flags.writeable = False
+    return fold
+
+
+def test_merged_mean_in_blocks_is_the_plain_formula_bit_for_bit(monkeypatch):
+    """Partial sums merged from three hosts (read-only, as Ray hands them over) and averaged a block of rows
+    at a time equal `(s_0 + s_1 + s_2) / w` in float64, cast to float32, exactly: scalar weights, per-row
+    weights, and rows no client weighed (which keep the previous global rows)."""
+    import raycache.federation.aggregate as agg
+
+    monkeypatch.setattr(agg, "CHUNK", 7)
+    rng = np.random.default_rng(2)
+    prev = {"m": rng.normal(size=(50, 3)).astype(np.float32)}
+    hosts, sums, row_w = [], {"m": [], "v": [], "s": []}, []
+    for _ in range(3):
+        fold = WeightedSum()
+        for _ in range(2):
+            st = {"m": rng.normal(size=(50, 3)).astype(np.float32), "v": rng.normal(size=11).astype(np.float32),
+                  "s": np.float32(rng.normal())}
+            r = rng.integers(0, 3, 50).astype(float) * (np.arange(50) % 10 != 0)  # rows 0, 10, ...: weight 0
+            fold.add(st, float(rng.integers(1, 9)), {"m": r})
+        sums["m"].append(fold.sums["m"].copy())
+        sums["v"].append(fold.sums["v"].copy())
+        sums["s"].append(fold.sums["s"].copy())
+        row_w.append(fold.weights["m"])
+        hosts.append(_read_only(fold))
+    total = WeightedSum()
+    for fold in hosts:
+        total.merge(fold)
+    out = total.mean(fallback=prev)
+    weight = sum(f.weight for f in hosts)
+    w = row_w[0] + row_w[1] + row_w[2]
+    m = (sums["m"][0] + sums["m"][1] + sums["m"][2]) / np.where(w > 0, w, 1.0)[:, None]
+    expected_m = np.where((w > 0)[:, None], m, prev["m"].astype(np.float64)).astype(np.float32)
+    assert (w == 0).any() and (w > 0).any()
+    np.testing.assert_array_equal(out["m"], expected_m)
+    np.testing.assert_array_equal(out["v"], ((sums["v"][0] + sums["v"][1] + sums["v"][2]) / weight).astype(np.float32))
+    np.testing.assert_array_equal(out["s"], ((sums["s"][0] + sums["s"][1] + sums["s"][2]) / weight).astype(np.float32))
+    assert out["s"].shape == () and out["m"].dtype == np.float32
+
+
+def test_merging_host_partials_needs_no_float64_copy_of_the_sum():
+    """The server merges two hosts' partial sums of a full model (here 4M values: 32 MB each in float64)
+    and averages them holding the float32 result (16 MB) and one block (8 MB), not a float64 copy of the
+    sum (32 MB) plus its quotient (32 MB more)."""
+    import tracemalloc
+
+    hosts = []
+    for w in (1.0, 3.0):
+        fold = WeightedSum()
+        fold.add({"w": np.full(4 << 20, w, np.float32)}, w)
+        hosts.append(_read_only(fold))
+    tracemalloc.start()
+    try:
+        total = WeightedSum()
+        for fold in hosts:
+            total.merge(fold)
+        out = total.mean()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20 + 12 * 2**20, peak  # the float32 result and one block's float64 temporary
+    assert out["w"][0] == np.float32((1.0 + 9.0) / 4.0)

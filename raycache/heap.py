@@ -1,0 +1,33 @@
+"""Give a process's freed heap memory back to the operating system.
+
+glibc serves allocations below its mmap threshold (which grows to 32 MB as big blocks are freed) from heap
+arenas and keeps their pages when they are freed. After a round of a full model's optimiser moments,
+gradients and copies, a long-lived actor would hold those pages resident until later allocations reuse
+them; `malloc_trim` returns them. Elsewhere (another C library) there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+# Below this many bytes moved through a call (a state, a batch of images), trimming is not worth its time.
+WORTH_BYTES = 64 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # no C library by that name, or not glibc
+        return None
+
+
+def release(nbytes: int = WORTH_BYTES) -> bool:
+    """Return freed heap pages to the OS, if the work that freed them moved at least `WORTH_BYTES`
+    (`nbytes`: the size of the state it handled). True when something was trimmed."""
+    trim = _trim()
+    if trim is None or nbytes < WORTH_BYTES:
+        return False
+    return bool(trim(0))
