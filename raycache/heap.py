@@ -9,7 +9,6 @@ them; `malloc_trim` returns them. Elsewhere (another C library) there is nothing
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 # Below this many bytes moved through a call (a state, a batch of images), trimming is not worth its time.
@@ -19,9 +18,11 @@ WORTH_BYTES = 64 << 20
 @functools.lru_cache(maxsize=1)
 def _trim():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # no C library by that name, or not glibc
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release(nbytes: int = WORTH_BYTES) -> bool:

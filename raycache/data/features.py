@@ -85,7 +85,7 @@ class ImageEncoder:
     """Ray Data callable class, the pipeline's model stage: one model per actor, (B, views, 3, H, W) pixels
     in, (B, D) features out (the mean over the views). It only runs the model and the transform's tensor
     stage (uint8 pixels scaled to [0, 1] and normalised on the actor's device, exactly as `ToTensor` and
-    `Normalize` would): decoding and the PIL work happen in `decode_views` tasks upstream, so the actor's CPUs
+    `Normalize` would): decoding and the PIL work happen in `decode_block` tasks upstream, so the actor's CPUs
     (or its GPU) never wait on PIL.
 
     Features are the raw `encode_image` output (not normalised): FedCLIP's adapter reads them as they come
@@ -309,11 +309,12 @@ def encoder_plan(runtime) -> tuple[int, float, int]:
 
     On a local Ray the pool and the stage that feeds it share a fixed set of CPUs: a pool that took them all
     would leave the read and decode tasks waiting for ever (two 1-CPU actors on 2 CPUs once did). A pool that
-    does not fit beside one task of `max(1, decode_cpus)` CPUs (Ray Data's reads take 1) is sized down,
-    said in one line on stderr, and refused when not even one actor fits. Ray's CPUs are a reservation, not
-    a thread count: the actors' torch threads share the local Ray's CPUs (decoding is light beside the
-    model), unless `runtime.encoder_threads` says otherwise. On a cluster the autoscaler adds nodes, so the
-    configured pool stands, with ceil(encoder_cpus) threads per actor."""
+    does not fit beside one task of `max(1, decode_cpus)` CPUs (a read that is not fused into the decode
+    stage, e.g. parquet's, takes 1) is sized down, said in one line on stderr, and refused when not even
+    one actor fits. Ray's CPUs are a reservation, not a thread count: the actors' torch threads share the
+    local Ray's CPUs (decoding is light beside the model), unless `runtime.encoder_threads` says otherwise.
+    On a cluster the autoscaler adds nodes, so the configured pool stands, with ceil(encoder_cpus) threads
+    per actor."""
     import math
     import sys
 
@@ -350,8 +351,8 @@ def decoded(source: Source, runtime, transform, rows: int, views: int = 1, seed:
 
 def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, seed: int,
             writer: ShardWriter, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
-    """Two Ray Data stages: `decode_block` tasks (CPU, fused into the source's read) decode and preprocess,
-    the `ImageEncoder` actor pool runs the model; blocks stream through both, and each block of features is written as a shard and
+    """Two Ray Data stages: `decoded`'s tasks (CPU) decode and preprocess, the `ImageEncoder` actor pool
+    runs the model; blocks stream through both, and each block of features is written as a shard and
     copied into one preallocated array as it arrives (the dataset is held once)."""
     import ray.data
 

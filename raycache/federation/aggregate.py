@@ -39,6 +39,9 @@ class WeightedSum:
         self.weight = 0.0  # the total scalar weight (clients folded, by their weight)
 
     def add(self, state: State, weight: float, row_weights: dict[str, np.ndarray] | None = None) -> None:
+        """Fold in one client's state. A fold adds its own clients first, then merges others' folds."""
+        if self.parts:
+            raise ValueError("add a fold's own clients before it merges other folds")
         if weight < 0:
             raise ValueError(f"negative aggregation weight {weight}")
         rows = row_weights or {}
@@ -58,12 +61,12 @@ class WeightedSum:
     def merge(self, other: "WeightedSum") -> None:
         """Fold in another partial sum (a host's). Its sums are kept by reference and added block by block
         in `mean`: a host's partial arrives read-only from Ray's object store, and a float64 copy of a full
-        model's sum to add into would double what the server holds."""
+        model's sum to add into would double what the server holds. `other` must not change afterwards."""
         if other.parts:
-            raise ValueError("merge a fold that has merged others into the fold that merged it")
+            raise ValueError("cannot merge a fold that has itself merged others")
         for k, w in other.weights.items():
             self.weights[k] = self.weights[k] + w if k in self.weights else w.copy()
-        self.parts.append(other.sums)
+        self.parts.append(dict(other.sums))
         self.weight += other.weight
 
     def _addends(self, k: str) -> list[np.ndarray]:

@@ -254,22 +254,27 @@ def test_decode_block_yields_encoder_sized_blocks_of_the_same_pixels():
 def test_a_folder_is_read_and_decoded_by_the_same_tasks(ray_session, image_folder):
     """Ray Data fuses the folder source's file reads into the decode stage (one task reads, decodes and
     preprocesses), because the read takes the stage's remote args. A read operator of its own got one or
-    two CPUs of sixteen from Ray Data's budget and paced the whole encode (benchmarks/README.md). The
-    decoded images come out in the source's order."""
+    two CPUs of sixteen from Ray Data's budget and paced the whole encode (benchmarks/README.md). With
+    `preserve_order` (which the encode sets) the decoded images come out in the source's order."""
+    import ray.data
+
     from raycache.config import DataConfig, RuntimeConfig
-    from raycache.data.features import decoded
+    from raycache.data.features import decode_views, decoded
     from raycache.data.sources import open_source
     from raycache.models.clip import ModelSpec, load_clip
 
     source = open_source(DataConfig(dataset=str(image_folder)))
     transform = load_clip(ModelSpec("tiny"))[1]
-    ds = decoded(source, RuntimeConfig(), transform, rows=16)
-    pixels = np.concatenate([b["pixels"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
-    assert "ReadBinary->Project->MapBatches(decode_block)" in ds.stats()
-    assert pixels.shape[0] == len(source.labels)
-    first = source.to_ray().take(1)[0]
-    from raycache.data.features import decode_views
-
-    one = decode_views({"image": np.array([first["image"]], dtype=object), "key": np.array([first["key"]])},
-                       transform)["pixels"]
-    np.testing.assert_array_equal(pixels[:1], one)
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        ds = decoded(source, RuntimeConfig(), transform, rows=16)
+        pixels = np.concatenate([b["pixels"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+        rows = source.to_ray().take_all()
+    finally:
+        options.preserve_order = before
+    assert "ReadBinary->Project->MapBatches(decode_block)" in ds.stats(), "the read ran as its own operator"
+    assert [r["key"] for r in rows] == sorted(str(p) for p in image_folder.rglob("*.png"))  # the source's order
+    expected = decode_views({"image": np.array([r["image"] for r in rows], dtype=object),
+                             "key": np.array([r["key"] for r in rows])}, transform)["pixels"]
+    np.testing.assert_array_equal(pixels, expected)

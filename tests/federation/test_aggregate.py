@@ -160,3 +160,21 @@ def test_merging_host_partials_needs_no_float64_copy_of_the_sum():
         tracemalloc.stop()
     assert peak < 16 * 2**20 + 12 * 2**20, peak  # the float32 result and one block's float64 temporary
     assert out["w"][0] == np.float32((1.0 + 9.0) / 4.0)
+
+
+def test_a_fold_adds_its_own_clients_before_it_merges():
+    """A merged fold keeps the other folds' sums by reference and adds its own first: adding a client after
+    a merge, or merging a fold that has merged others, is refused rather than averaged wrongly; a fold
+    changed after it was merged does not change the merge's keys."""
+    one = WeightedSum()
+    one.add({"k": np.array([1.0])}, 1.0)
+    total = WeightedSum()
+    total.add({"k": np.array([5.0])}, 1.0)
+    total.merge(one)
+    assert total.mean()["k"][0] == np.float32(3.0)  # (5 + 1) / 2: its own client, then the merged fold
+    with pytest.raises(ValueError, match="before it merges"):
+        total.add({"k": np.array([3.0])}, 1.0)
+    with pytest.raises(ValueError, match="merged others"):
+        WeightedSum().merge(total)
+    one.add({"j": np.array([9.0])}, 1.0)  # changed afterwards: a key the merge never weighed
+    assert set(total.mean()) == {"k"}

@@ -20,8 +20,10 @@ class Source:
     column naming where each image came from, for error messages.
 
     `to_ray(rows=None, **read_args)`: `read_args` are Ray remote args for the tasks that read files (a
-    source that reads them with `ray.data.read_*`); in-memory sources have no read tasks and ignore them.
-    A map stage with the same remote args is fused into the read by Ray Data: one task reads and decodes.
+    source that reads many small files with `ray.data.read_*`); a map stage with the same remote args is
+    fused into the read by Ray Data, so one task reads and decodes. In-memory sources have no read tasks,
+    and a source of a few large files keeps its own read stage (fused, a file's images would decode in one
+    task); both ignore them.
     """
 
     name: str

@@ -143,7 +143,7 @@ def load(cfg) -> Source:
         domain_names, domains = [str(x) for x in names_], inverse.astype(np.int64)
     image_column = cfg.image_column
 
-    def to_ray(rows=None, **read_args):
+    def to_ray(rows=None, **read_args):  # noqa: ARG001 (read_args: see below)
         import ray.data
 
         if rows is not None:  # a few rows (e.g. cache images): read the column here, take them
@@ -154,7 +154,9 @@ def load(cfg) -> Source:
             keys = [f"{f}[{i}]" for f, t in zip(files, parts) for i in range(t.num_rows)]
             picked = pa.concat_tables(parts).take(rows)
             return from_table(pa.table({"image": picked.column(image_column), "key": [keys[i] for i in rows]}))
-        ds = ray.data.read_parquet(files, columns=[image_column], include_paths=True, ray_remote_args=read_args)
-        return ds.rename_columns({image_column: "image", "path": "key"}, **read_args)
+        # The read is not fused into the decode stage (read_args are not passed on): a few large files make
+        # a few read tasks, and a decode stage of its own decodes their blocks on all the CPUs.
+        ds = ray.data.read_parquet(files, columns=[image_column], include_paths=True)
+        return ds.rename_columns({image_column: "image", "path": "key"})
 
     return Source(str(cfg.dataset), labels, names, f"parquet-{h.hexdigest()[:16]}", to_ray, domains, domain_names)
