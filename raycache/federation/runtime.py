@@ -183,9 +183,15 @@ class Federation:
         """The server's full state now; kept as the point a lost server is rebuilt from."""
         import ray
 
-        snap = self._call("snapshot")
+        while True:
+            snap = self._call("snapshot")
+            try:  # the clients' optimiser memories, straight from the hosts, not through the server
+                parts = ray.get(snap.pop("memory_refs"))
+                break
+            except ray.exceptions.OwnerDiedError as err:  # the server was lost before they were fetched
+                self._note_lost(err)
         memory: dict = {}
-        for part in ray.get(snap.pop("memory_refs")):  # straight from the hosts, not through the server
+        for part in parts:
             memory.update(part)
         snap["memory"] = memory
         self._snap, self._snap_round = snap, self.round

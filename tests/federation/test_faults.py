@@ -164,6 +164,45 @@ def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, 
 
 
 @pytest.mark.slow  # CI runs it (.ci/run)
+def test_a_server_lost_before_its_hosts_memories_are_fetched_is_replaced(tmp_path, ray_session, mlflow_uri,
+                                                                         monkeypatch):
+    """A checkpoint's client optimiser memories come from the hosts, through references the server hands the
+    driver. The server killed right after it answered round 2's snapshot, before the driver fetched them:
+    either the memories still arrive (small ones travel with the references) and the next round rebuilds
+    the federation from this snapshot, or their fetch fails with the server and it is rebuilt from round
+    1's, replaying round 2. Either way the run equals an undisturbed one, optimiser memories included
+    (`persist_optimizer`: a lost or stale memory would change rounds 2 and 3)."""
+    import ray
+
+    from raycache.federation.runtime import Federation
+
+    extra = ["method.persist_optimizer=true", "federation.rounds=3"]
+    clean = run_experiment(quick(tmp_path / "clean", *extra, "tracking.run_name=memory-clean"))
+    call, killed = Federation._call, []
+
+    def kill_after_snapshot(self, method, *args):
+        out = call(self, method, *args)
+        if method == "snapshot" and self.round == 2 and not killed:
+            server = self.server
+            ray.kill(server, no_restart=True)
+            while True:  # until it is gone, with the objects it owns
+                try:
+                    ray.get(server.info.remote(), timeout=10)
+                except ray.exceptions.RayActorError:
+                    break
+            killed.append(method)
+        return out
+
+    monkeypatch.setattr(Federation, "_call", kill_after_snapshot)
+    lost = run_experiment(quick(tmp_path / "lost", *extra, "tracking.run_name=memory-lost"))
+    assert killed and lost.rounds == 3
+    assert [{k: m[k] for k in MODEL_METRICS} for m in lost.history] == \
+           [{k: m[k] for k in MODEL_METRICS} for m in clean.history]
+    run = MlflowClient(mlflow_uri).get_run(lost.run_id)
+    assert run.data.metrics["server_restarts"] == 1 and run.data.metrics["rounds_replayed"] in (0, 1)
+
+
+@pytest.mark.slow  # CI runs it (.ci/run)
 def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(tmp_path, ray_session, mlflow_uri):
     kill, killed = _server_killer(after_round=1, wait=False)
     with pytest.raises(RunFailed, match=r"round \d: the server actor was lost .* federation.server_restarts=0 "
