@@ -71,21 +71,22 @@ def floor(source, spec: ModelSpec, batch: int, threads: int) -> tuple[float, np.
 def pipeline(source, spec: ModelSpec, runtime: RuntimeConfig) -> tuple[float, float, np.ndarray]:
     """(images/s over the wall time, images/s from first to last features, features) of `load_or_encode`."""
     from raycache.data import features as F
+    from raycache.data.feature_store import ShardWriter
 
     stamps = []
-    write = F.ShardWriter.write
+    write = ShardWriter.write
 
     def timed(self, feats):  # when each block of features reaches the driver
         stamps.append((time.perf_counter(), len(feats)))
         return write(self, feats)
 
-    F.ShardWriter.write = timed
+    ShardWriter.write = timed
     try:
         t = time.perf_counter()
         feats = F.load_or_encode(source, spec, runtime)
         wall = time.perf_counter() - t
     finally:
-        F.ShardWriter.write = write
+        ShardWriter.write = write
     n = len(source.labels)
     first_t, first_n = stamps[0]
     steady = (n - first_n) / max(stamps[-1][0] - first_t, 1e-9)

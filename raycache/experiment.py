@@ -265,7 +265,7 @@ def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str], ro
 
 def shared_key(kind: str, prep: Prepared) -> str:
     """The key of a shared input: its kind ("features" or "pixels") and what it is made from."""
-    from raycache.data.features import feature_key
+    from raycache.data.feature_store import feature_key
 
     return f"{kind}/{feature_key(prep.spec, prep.source)}"
 

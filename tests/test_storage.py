@@ -105,7 +105,8 @@ def test_a_feature_store_that_cannot_be_written_costs_the_run_nothing(ray_sessio
     import safetensors.numpy
 
     from raycache.config import DataConfig, RuntimeConfig
-    from raycache.data.features import load_or_encode, read_store, feature_key
+    from raycache.data.features import load_or_encode
+    from raycache.data.feature_store import feature_key, read_store
     from raycache.data.sources import open_source
     from raycache.models.clip import ModelSpec
 

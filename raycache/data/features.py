@@ -1,5 +1,6 @@
-"""Encode once: CLIP image features for every image of a dataset, computed by a Ray Data actor pool and
-persisted on disk under a fingerprint of (model weights, dataset), so rounds, epochs and later runs reuse them.
+"""Encode once: CLIP image features for every image of a dataset, computed by a Ray Data pipeline (decode
+tasks feeding an encoder actor pool) and kept in the feature store (`raycache.data.feature_store`) under a
+fingerprint of (model weights, dataset), so rounds, epochs and later runs reuse them.
 
 The encoder actors take `num_cpus` / `num_gpus` from config; fractional GPUs let several share one device.
 """
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
 import numpy as np
 
+from raycache.data.feature_store import ShardWriter, feature_key, read_store
 from raycache.data.sources.base import Source, decode_image
 from raycache.errors import UserError
 from raycache.models.clip import ModelSpec
@@ -155,14 +156,6 @@ def augmentation(preprocess):
                       T.RandomHorizontalFlip(p=0.5), T.ToTensor(), normalize])
 
 
-FEATURE_FORMAT = "raw-v2"  # v1 stored unit-normalised rows; raw rows are a different store
-
-
-def feature_key(spec: ModelSpec, source: Source, views: int = 1, seed: int = 0) -> str:
-    aug = "" if views == 1 else f"|views{views}-seed{seed}"
-    return hashlib.sha256(f"{FEATURE_FORMAT}|{spec.fingerprint()}|{source.fingerprint}{aug}".encode()).hexdigest()[:24]
-
-
 def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int = 0,
                   transform=None, progress: Callable[[int, int], None] | None = None) -> Features:
     """Features for every image of `source` under `spec` (with `views` > 1: the mean raw feature of that many
@@ -193,114 +186,6 @@ def load_rows(source: Source, spec: ModelSpec, runtime, rows: np.ndarray, transf
     if whole is not None:
         return Features(whole[rows], 0, store / feature_key(spec, source))
     return load_or_encode(source.subset(rows), spec, runtime, transform=transform, progress=progress)
-
-
-def read_store(store: Path, key: str, n: int) -> np.ndarray | None:
-    """The stored features of `key` as one (n, D) array in the source's order, or None when the store lacks
-    them whole (missing, damaged, or another length: the store is a cache, so they are encoded again)."""
-    from safetensors.numpy import load_file
-
-    folder, legacy = store / key, store / f"{key}.safetensors"
-    try:
-        if (folder / INDEX).is_file():
-            index = json.loads((folder / INDEX).read_text())
-            out = np.empty((index["n"], index["dim"]), np.float32)
-            at = 0
-            for name, rows in index["shards"]:
-                out[at:at + rows] = load_file(str(folder / name))["features"]
-                at += rows
-            feats = out if at == index["n"] else None
-        elif legacy.is_file():  # the single-file store of earlier versions: the same rows
-            feats = load_file(str(legacy))["features"]
-        else:
-            return None
-    except Exception:  # noqa: BLE001 (a damaged store, e.g. a full disk: it is a cache, re-encode)
-        return None
-    if feats is None or feats.shape[0] != n or not np.isfinite(feats).all():
-        return None
-    return feats
-
-
-INDEX = "index.json"
-
-
-class ShardWriter:
-    """Writes features as they arrive, one safetensors shard per block, into a temporary folder of this
-    writer's own (`raycache.storage.temp_path`) that becomes `<store>/<key>` only when every row is written
-    (its `index.json` lists the shards in order); a failed or interrupted encode leaves nothing behind that a
-    reader would take for features.
-
-    The store is a cache: when it cannot be written (a full disk, a read-only folder) the writer says so in
-    one line on stderr, drops what it wrote and stops writing, and the run goes on with the features it
-    holds in memory (they are encoded again next time)."""
-
-    def __init__(self, store: Path, key: str, meta: dict[str, str]) -> None:
-        from raycache.storage import temp_path
-
-        self.store, self.path, self.meta = store, store / key, meta
-        self.tmp = temp_path(self.path)
-        self.shards: list[tuple[str, int]] = []
-        self.dim = 0  # feature width, from the first shard written
-        self.failed: str | None = None  # why the store could not be written (then nothing more is tried)
-
-    def _fail(self, err: BaseException, where: Path) -> None:
-        import shutil
-        import sys
-
-        from raycache.storage import cause
-
-        self.failed = f"{where}: {cause(err)}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        print(f"raycache: cannot store features in {where} ({cause(err)}); the run goes on with them in memory "
-              f"(they will be encoded again next time)", file=sys.stderr)
-
-    def __enter__(self) -> "ShardWriter":
-        from raycache.storage import remove_stale
-
-        try:
-            self.store.mkdir(parents=True, exist_ok=True)
-            remove_stale(self.store)  # folders of writers that died on this host
-            self.tmp.mkdir()
-        except OSError as err:
-            self._fail(err, self.store)
-        return self
-
-    def write(self, feats: np.ndarray) -> None:
-        from safetensors.numpy import save_file
-
-        if self.failed is not None:
-            return
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        try:
-            save_file({"features": np.ascontiguousarray(feats)}, str(self.tmp / name), metadata=self.meta)
-        except Exception as err:  # noqa: BLE001 (OSError, or safetensors' own error on a full disk)
-            self._fail(err, self.tmp / name)
-            return
-        self.shards.append((name, len(feats)))
-        self.dim = feats.shape[1]
-
-    @property
-    def stored(self) -> Path | None:
-        """Where the features were stored (None when the store could not be written)."""
-        return None if self.failed else self.path
-
-    def __exit__(self, kind, err, tb) -> None:
-        import shutil
-
-        if kind is not None or self.failed is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        n = sum(rows for _, rows in self.shards)
-        try:
-            (self.tmp / INDEX).write_text(json.dumps({"n": n, "dim": self.dim, "shards": self.shards, **self.meta}))
-            try:
-                os.replace(self.tmp, self.path)  # atomic: a reader sees the whole folder or none
-            except OSError:  # another run stored the same features meanwhile: theirs are the same rows
-                if not (self.path / INDEX).is_file():
-                    raise
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        except OSError as err:
-            self._fail(err, self.path)
 
 
 def encoder_plan(runtime) -> tuple[int, float, int]:

@@ -106,7 +106,7 @@ def test_the_store_is_sharded_and_reads_back_in_source_order(ray_session, tmp_pa
 
     import torch
 
-    from raycache.data.features import INDEX, read_store
+    from raycache.data.feature_store import INDEX, read_store
     from raycache.data.sources.base import decode_image
     from raycache.models.clip import load_clip
 
@@ -199,20 +199,20 @@ def test_an_encoder_actor_lost_mid_encode_is_restarted_and_its_batches_rerun(ray
     delivered once. With no restarts allowed the same kill fails the encode, so the kill lands mid-encode."""
     from conftest import kill_pool_actors
 
-    from raycache.data import features
+    from raycache.data import feature_store
 
     src = open_source(DataConfig()).subset(np.arange(480))  # 30 batches of 16 digits
     clean = load_or_encode(src, ModelSpec("tiny"), RuntimeConfig(cache_dir=str(tmp_path / "clean"),
                                                                  encoder_batch_size=16))
     killed: list[int] = []
-    write = features.ShardWriter.write
+    write = feature_store.ShardWriter.write
 
     def write_then_kill(self, feats):
         write(self, feats)
         if not killed:
             killed.extend(kill_pool_actors("ImageEncoder"))
 
-    monkeypatch.setattr(features.ShardWriter, "write", write_then_kill)
+    monkeypatch.setattr(feature_store.ShardWriter, "write", write_then_kill)
     again = load_or_encode(src, ModelSpec("tiny"), RuntimeConfig(cache_dir=str(tmp_path / "killed"),
                                                                  encoder_batch_size=16))
     assert killed
