@@ -120,6 +120,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--dataset", default="digits", help="data.dataset (e.g. fashion_mnist: 60,000 training images)")
+    ap.add_argument("--client-actors", type=int, default=2, help="runtime.client_actors: the host processes")
     args = ap.parse_args()
     store = tempfile.mkdtemp(prefix="raycache-bench-mem-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
@@ -127,7 +128,7 @@ def main() -> int:
     def config(clients: int):
         return load_config("experiments/tiny.yaml", [
             f"data.dataset={args.dataset}", f"data.clients={clients}", f"data.alpha={args.alpha}",
-            f"federation.rounds={args.rounds}",
+            f"federation.rounds={args.rounds}", f"runtime.client_actors={args.client_actors}",
             f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory"])
 
     # One round first, in its own Ray: the measured runs read precomputed features and cache keys from the

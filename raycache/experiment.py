@@ -30,7 +30,9 @@ from raycache.data.sources import open_source
 from raycache.data.split import client_holdout, few_shot, predefined_split, stratified_split
 from raycache.errors import StopRun, UserError
 from raycache.methods import method_class, weighting
-from raycache.models.clip import ModelSpec, check_spec
+from raycache.methods.base import Task
+from raycache.models.clip import ModelSpec
+from raycache.models.preflight import run_preflight
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total): long work as it advances
@@ -113,15 +115,16 @@ class Encoded:
     zeroshot_accuracy: float
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here."""
+def prepare(cfg: ExperimentConfig, model_here: bool = False) -> Prepared:
+    """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here.
+    `model_here`: build the model in this process, for a process that is reused (a sweep's driver and its
+    trials: they pay the import once); else in a single-use one (`raycache.models.preflight`)."""
     method = method_class(cfg.method.name)
     fed = cfg.federation  # the run logs concrete settings: derived values folded in, every null resolved
     cfg = cfg.model_copy(update={"method": cfg.method.resolved(), "federation": fed.model_copy(
         update={"weighting": weighting(fed, cfg.method.name)})})
     _check_federation(cfg, method)
     spec = ModelSpec.from_config(cfg.model)
-    check_spec(spec)
     source = open_source(cfg.data)
     test_mask = None
     if cfg.data.test_domain is not None:
@@ -155,9 +158,11 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         if cfg.method.cache_init == "synthetic":
             synth_store = prepare_synthetic(cfg, source.class_names)
     t = time.perf_counter()
-    task, model, transform = _text_task(spec, source.class_names, cfg.model.templates,  # loads the weights
-                                        cfg.federation.rounds)
-    method.check(cfg.method, model, spec)  # what the method needs from the model, before any compute
+    # The model's weights exist and fit the method (its own check), the classes' text weights, the image
+    # transform: made where the model is built, a single-use process unless this one holds torch already.
+    made = run_preflight(spec, source.class_names, cfg.model.templates, method, cfg.method, here=model_here)
+    task = Task(source.class_names, made.text_weights, spec, tuple(cfg.model.templates), cfg.federation.rounds)
+    transform = made.transform
     if cfg.runtime.address:  # an unreachable cluster is the user's to fix, before a run is opened
         from raycache.federation.runtime import check_reachable
 
@@ -191,13 +196,15 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
 
     `shared`: inputs another process already made, keyed by `shared_key` (a sweep's driver puts its
     features and preprocessed images in the object store once; every trial reads them from there).
-    `warm`: take the federation's actors from this process's warm pool and give them back after (a sweep's
-    trials, whose process Tune reuses). `on_progress(what, done, total)`: encoding and synthetic generation
-    as they advance."""
+    `warm`: take the federation's actors from this process's warm pool and give them back after, and build
+    the model in this process (a sweep's trials, whose process Tune reuses). `on_progress(what, done,
+    total)`: encoding and synthetic generation as they advance."""
     stage = on_stage or (lambda s: None)
     from raycache.resume import hold_driver
 
-    prep = prepare(cfg)  # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
+    # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind; a warm
+    # (reused) process builds the model itself
+    prep = prepare(cfg, model_here=warm)
     lock = hold_driver(cfg, resume) if resume is not None else None  # one live driver per run
     try:
         run, ckpt = open_run(prep, tags, resume)
@@ -252,17 +259,6 @@ def log_inputs(prep: Prepared, run) -> None:
     run.log_text(partition_table(prep.counts, prep.source.class_names), "partition.csv")
 
 
-def _text_task(spec: ModelSpec, class_names: list[str], templates: list[str], rounds: int = 1):
-    from raycache.methods.base import Task
-    from raycache.models.clip import load_clip
-    from raycache.models.text import text_classifier
-
-    model, transform, tokenizer = load_clip(spec)
-    task = Task(class_names, text_classifier(model, tokenizer, class_names, templates), spec, tuple(templates),
-                rounds)
-    return task, model, transform
-
-
 def shared_key(kind: str, prep: Prepared) -> str:
     """The key of a shared input: its kind ("features" or "pixels") and what it is made from."""
     from raycache.data.feature_store import feature_key
@@ -297,8 +293,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
            progress: ProgressCallback | None = None) -> Encoded:
     """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on."""
     from raycache.data.features import Features, load_or_encode, load_rows
-    from raycache.federation.evaluate import predict
-    from raycache.methods.zeroshot import ZeroShot
+    from raycache.methods.zeroshot import zero_shot_predictions
 
     cfg, spec, source, splits, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.timings
     stage("encoding images (once per model and dataset)")
@@ -322,8 +317,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
     server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
     timings["time_encode_s"] = time.perf_counter() - t
 
-    zeroshot = ZeroShot(ZeroShot.Settings(name="zeroshot"), prep.task)
-    zs_pred = predict(lambda x: zeroshot.logits({}, x), test_f)
+    zs_pred = zero_shot_predictions(test_f, prep.task.text_weights)
     zeroshot_accuracy = float((zs_pred == y[splits.test]).mean())
     run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
                      "distinct_images": len(y), "num_classes": len(source.class_names),
@@ -340,7 +334,8 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
         t = time.perf_counter()
         cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store,
                                                          splits.train[prep.trainers[0]],
-                                                         _work(progress, "generating synthetic images"))
+                                                         _work(progress, "generating synthetic images"),
+                                                         prep.transform)
         cache = (cache_f, cache_y)
         run.log_metrics(cache_metrics)
         timings["time_cache_source_s"] = time.perf_counter() - t

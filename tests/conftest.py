@@ -12,6 +12,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# A process that holds torch builds the model's preflight itself (`raycache.models.preflight`): the suite's
+# many runs then skip a single-use process each (~8 s here). That process, and a driver without torch, have
+# tests of their own (tests/models/test_preflight.py, tests/test_light_driver.py), which run in subprocesses.
+import torch  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:

@@ -37,3 +37,24 @@ def test_mlflow_is_called_from_tracking_only():
                  for n, line in enumerate(path.read_text().splitlines(), 1) if MLFLOW_IMPORT.search(line)]
     assert offenders == []
     assert MLFLOW_IMPORT.search("    from mlflow.tracking import MlflowClient")
+
+
+def test_the_driver_and_the_server_import_no_torch():
+    """Every built-in method (its declarations and class), the run's pipeline, the server and the hosts' actor
+    classes import without torch: a run's driver and its server never import it (0.3 GB a process), only the
+    processes that compute with the model do."""
+    import subprocess
+    import sys
+
+    from raycache.methods import BUILTIN
+
+    code = ("import sys; from raycache.methods import method_class, method_names; "
+            "[method_class(m).Settings for m in method_names()]; "
+            "import raycache.experiment, raycache.federation.server, raycache.federation.host, "
+            "raycache.federation.runtime, raycache.sweep.runner, raycache.cli; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    assert len(BUILTIN) >= 10  # every built-in method was imported above

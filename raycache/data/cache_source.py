@@ -30,10 +30,12 @@ def prepare_synthetic(cfg, class_names: list[str]):
 
 
 def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
-                   shot_rows: np.ndarray | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, dict]:
+                   shot_rows: np.ndarray | None = None, progress=None,
+                   transform=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(features, labels, metrics): K examples per class, class-major, that the server builds its cache from.
     `shot_rows`: the source rows the centralised trainer holds (for `cache_init: shots`). `progress(done,
-    total)`: synthetic images made so far, as they arrive."""
+    total)`: synthetic images made so far, as they arrive. `transform`: the model's eval preprocessing, for
+    images that must be encoded (else built where needed)."""
     kind = cfg.method.cache_init
     n_classes, k = len(source.class_names), cfg.method.shots
     if kind == "random":
@@ -43,7 +45,7 @@ def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
     if kind in ("real", "shots"):
         pool = splits.server if kind == "real" else shot_rows
         rows = pool[class_balanced_rows(source.labels[pool], n_classes, k)]
-        keys, metrics = _keys(source, rows, feats[rows], spec, cfg)
+        keys, metrics = _keys(source, rows, feats[rows], spec, cfg, transform)
         return keys, source.labels[rows], metrics
     from raycache.config import DataConfig
     from raycache.data.features import load_or_encode
@@ -63,15 +65,15 @@ def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
     rows = class_balanced_rows(synthetic.labels, n_classes, k)
     plain, metrics = None, {}
     if cfg.method.augment_views == 1:
-        encoded = load_or_encode(synthetic, spec, cfg.runtime)
+        encoded = load_or_encode(synthetic, spec, cfg.runtime, transform=transform)
         plain, metrics = encoded.features[rows], {"synth_features_encoded": encoded.encoded}
-    keys, more = _keys(synthetic, rows, plain, spec, cfg)
+    keys, more = _keys(synthetic, rows, plain, spec, cfg, transform)
     metrics.update(more)
     return keys, synthetic.labels[rows], {"synth_images": result.images, "synth_images_generated": result.generated,
                                           "synth_seconds": result.seconds, **metrics}
 
 
-def _keys(source, rows: np.ndarray, plain: np.ndarray | None, spec, cfg) -> tuple[np.ndarray, dict]:
+def _keys(source, rows: np.ndarray, plain: np.ndarray | None, spec, cfg, transform=None) -> tuple[np.ndarray, dict]:
     """The raw key features of `source`'s images at `rows`: `plain` (their stored centre-crop features) with
     one view, else the mean of `method.augment_views` augmented views, encoded once and stored."""
     views = cfg.method.augment_views
@@ -79,5 +81,6 @@ def _keys(source, rows: np.ndarray, plain: np.ndarray | None, spec, cfg) -> tupl
         return plain, {}
     from raycache.data.features import load_or_encode
 
-    encoded = load_or_encode(source.subset(rows), spec, cfg.runtime, views=views, seed=cfg.seed)
+    encoded = load_or_encode(source.subset(rows), spec, cfg.runtime, views=views, seed=cfg.seed,
+                             transform=transform)
     return encoded.features, {"cache_views_encoded": encoded.encoded}

@@ -92,8 +92,11 @@ class ImageEncoder:
     Features are the raw `encode_image` output (not normalised): FedCLIP's adapter reads them as they come
     from CLIP (its reference normalises only after the adapter); every other method normalises them itself."""
 
-    def __init__(self, spec: ModelSpec, use_gpu: bool, threads: int = 1, transform=None, model=None) -> None:
-        """`model`: the CLIP of `spec`, already loaded on this process (a served model's), else loaded here."""
+    def __init__(self, spec: ModelSpec, use_gpu: bool, threads: int = 1, transform=None, model=None,
+                 views: int = 1) -> None:
+        """`model`: the CLIP of `spec`, already loaded on this process (a served model's), else loaded here.
+        `transform`: the model's eval preprocessing, whose tensor stage runs here (the augmentation's, for
+        `views` > 1: decoded in the same way upstream)."""
         import torch
 
         from raycache.models.clip import load_clip
@@ -105,7 +108,8 @@ class ImageEncoder:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_clip(spec, device=self.device)[0] if model is None else model.to(self.device)
-        self.tensor_stage = split_at_tensor(transform)[1] if transform is not None else None
+        steps = augmentation(transform) if transform is not None and views > 1 else transform
+        self.tensor_stage = split_at_tensor(steps)[1] if steps is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -248,7 +252,7 @@ def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, see
     ds = decoded(source, runtime, transform, batch, views, seed).map_batches(
         ImageEncoder,
         fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "threads": threads,
-                               "transform": augmentation(transform) if views > 1 else transform},
+                               "transform": transform, "views": views},
         batch_size=batch, batch_format="numpy", num_cpus=cpus, num_gpus=runtime.encoder_gpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
         # A lost actor (its process or node died) is restarted and its batches rerun, a bounded number of

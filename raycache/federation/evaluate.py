@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
+
+from raycache.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,6 @@ class EvalSets:
 IMAGE_CHUNK = 256  # images decoded and pushed through the encoder at once: 256 x 3 x 224^2 floats = 154 MB
 
 
-@torch.no_grad()
 def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, chunk: int = 4096,
             device: str | torch.device = "cpu") -> np.ndarray:
     """Predicted classes for `inputs`, `chunk` rows at a time (features), or at most IMAGE_CHUNK images at a

@@ -135,7 +135,7 @@ class Personal(Flow):
 
         from raycache.federation.evaluate import client_accuracy, per_class_accuracy, summarise
 
-        n_classes = server.method.task.n_classes
+        n_classes = server.task.n_classes
         n_clients = len(server.class_counts)
         ev = server.evals
         test_y = ev.test[1]

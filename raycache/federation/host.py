@@ -176,9 +176,24 @@ class ClientHost:
     def set_memory(self, memory: dict[int, State]) -> None:
         self.memory = {int(c): m for c, m in memory.items() if int(c) in self.clients}
 
+    def init_state(self, server_data) -> State:
+        """The method's initial global state from the server's labelled hold-out, made here for the server
+        (which holds no torch)."""
+        return self.method.init_state(*server_data)
+
+    def tune(self, state: State) -> dict[str, float]:
+        """The method's post-training search on the validation split, run here for the server."""
+        import torch
+
+        from raycache.data.pixels import to_device
+
+        inputs, labels = self.evals.val
+        return self.method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
+
     def predict(self, state: State, split: str) -> np.ndarray:
-        """`state`'s predicted classes on one of the global evaluation splits ("test" or "val"), which the
-        server hands out to the hosts so that evaluation runs in parallel."""
+        """`state`'s predicted classes on one of the global evaluation splits ("test", "val" or "client":
+        the clients' own held-out rows), which the server hands out to the hosts so that evaluation runs in
+        parallel."""
         from raycache.federation.evaluate import predict
 
         out = predict(lambda x: self.method.logits(state, x), getattr(self.evals, split)[0],

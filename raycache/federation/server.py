@@ -5,6 +5,7 @@ FedAdam, ... for a federated flow; nothing for a personal one) and evaluates.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -34,14 +35,18 @@ class Server:
         training samples (the automatic deadline scales with them)."""
         from raycache.federation.strategies import strategy_class
 
-        self.method = method_cls(settings, task)
-        self.flow = self.method.flow
+        # The method computes on the hosts (they hold torch and the data): the server asks them for the
+        # initial state, evaluations and the post-training search, and makes its own copy only for a call
+        # no host answered, so a server process normally never imports torch.
+        self.method_cls, self.settings, self.task = method_cls, settings, task
+        self.__dict__.pop("method", None)  # a warm pool's reinit: the previous federation's method
+        self.flow = method_cls.flow
         self.strategy = strategy_class(federation.strategy)
         self.strategy_memory: State = {}  # the server optimiser's moments (FedAvgM, FedAdam, ...)
         self.evals = evals
-        self.state = self.method.init_state(*server_data)
-        self.class_counts = class_counts  # (clients, classes): the clients' label mixes, for client accuracy
         self.hosts = hosts
+        self.state = self._on_a_host("init_state", lambda: self.method.init_state(*server_data), server_data)
+        self.class_counts = class_counts  # (clients, classes): the clients' label mixes, for client accuracy
         self.trainers = trainers  # virtual clients that train (1 for a pooled flow)
         self.federation = federation
         self.fraction = federation.fraction
@@ -55,6 +60,23 @@ class Server:
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (personal flow)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
+
+    @functools.cached_property
+    def method(self):
+        """The method, made here only when the server must compute with it itself."""
+        return self.method_cls(self.settings, self.task)
+
+    def _on_a_host(self, call: str, here, *args):
+        """The hosts' `call(*args)` (the first host that answers), or `here()` when none does."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for host in self.hosts:
+            try:
+                return ray.get(getattr(host, call).remote(*args))
+            except RayActorError:  # a dead host: the next one, or the server itself
+                continue
+        return here()
 
     def reinit(self, *args, **kwargs) -> None:
         """Become the server of another federation (a warm pool's actor): the same as constructing one."""
@@ -71,13 +93,10 @@ class Server:
 
     def evaluate_global(self, state: State) -> dict[str, float]:
         """Every split under the one `state`."""
-        n_classes = self.method.task.n_classes
+        n_classes = self.task.n_classes
         ev = self.evals
-
-        def run(inputs):
-            return predict(lambda x: self.method.logits(state, x), inputs, self.method.eval_batch)
-
-        preds = self._predict_splits(state, ["test"] + (["val"] if ev.val is not None else []))
+        preds = self._predict_splits(state, ["test"] + (["val"] if ev.val is not None else [])
+                                     + (["client"] if ev.client is not None else []))
         pred = preds["test"]
         client_acc = client_accuracy(self.class_counts, per_class_accuracy(pred, ev.test[1], n_classes))
         val_acc = local_acc = None
@@ -85,15 +104,15 @@ class Server:
             val_acc = (preds["val"] == ev.val[1]).mean()
         if ev.client is not None:
             inputs, labels, owner = ev.client
-            local_acc = owner_accuracy(run(inputs), labels, owner, len(self.class_counts))
+            local_acc = owner_accuracy(preds["client"], labels, owner, len(self.class_counts))
         return summarise((pred == ev.test[1]).mean(), val_acc, client_acc, local_acc)
 
     def _predict_splits(self, state: State, names: list[str]) -> dict[str, np.ndarray]:
         """`state`'s predictions on the named global splits, evaluated in parallel like training: split i on
-        host i (every host holds the splits, and the hosts idle while the server evaluates), any splits
-        beyond the hosts on the server meanwhile. A host that fails to answer costs no result: the server
-        predicts its split itself (a host that died is replaced at the next round's training). Hosts predict
-        on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
+        host i mod hosts (every host holds the splits; the hosts idle while the server evaluates). A host that
+        fails to answer costs no result: the server predicts its split itself (a host that died is replaced
+        at the next round's training). Hosts predict on their own device (a GPU, with
+        `runtime.client_gpus`), the server on its CPU."""
         import sys
 
         import ray
@@ -101,11 +120,13 @@ class Server:
 
         def here(name: str) -> np.ndarray:
             return predict(lambda x: self.method.logits(state, x), getattr(self.evals, name)[0],
-                           self.method.eval_batch)
+                           self.method_cls.eval_batch)
 
-        ref = ray.put(state) if self.hosts else None
-        calls = {name: self.hosts[i].predict.remote(ref, name) for i, name in enumerate(names[:len(self.hosts)])}
-        out = {name: here(name) for name in names[len(self.hosts):]}
+        if not self.hosts:
+            return {name: here(name) for name in names}
+        ref = ray.put(state)
+        calls = {name: self.hosts[i % len(self.hosts)].predict.remote(ref, name) for i, name in enumerate(names)}
+        out = {}
         for name, call in calls.items():
             try:
                 out[name] = ray.get(call)
@@ -145,14 +166,18 @@ class Server:
 
     def _tune(self, state: State) -> dict[str, float]:
         """The method's post-training search on the validation split (Tip-Adapter's alpha/beta), if any."""
-        import torch
-
-        from raycache.data.pixels import to_device
-
         if self.evals.val is None:
             return {}
-        inputs, labels = self.evals.val
-        return self.method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
+
+        def here() -> dict[str, float]:
+            import torch
+
+            from raycache.data.pixels import to_device
+
+            inputs, labels = self.evals.val
+            return self.method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
+
+        return self._on_a_host("tune", here, state)
 
     def _current(self) -> dict:
         """The current state, with the clients' own states (a personal flow) (reused from `best` when this round
@@ -177,7 +202,7 @@ class Server:
         The clients' optimiser memories stay on their hosts: `memory_refs` are the hosts' answers, which the
         caller fetches itself (`Federation.snapshot`), so a full model's moments (twice its size) never pass
         through this actor."""
-        refs = [h.get_memory.remote() for h in self.hosts] if self.method.keeps_optimizer else []
+        refs = [h.get_memory.remote() for h in self.hosts] if self.method_cls.keeps_optimizer(self.settings) else []
         return {**self._current(), "best": self.best, "selection": self.selection.to_json(), "memory_refs": refs,
                 "strategy": self.strategy_memory}
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from raycache.federation.flows import FEDERATED, Flow
+from raycache.lazy import lazy_module
 from raycache.methods.settings import MethodSettings
 from raycache.methods.training import LocalRound
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
 
 State = dict[str, np.ndarray]
 
@@ -65,11 +67,11 @@ class Method(ABC):
     weighting: ClassVar[str] = "samples"  # FedAvg by sample count; "uniform" = 1 / clients
     fused_optimizer: ClassVar[bool] = False  # one fused kernel per step (worth it for small states)
 
-    @property
-    def keeps_optimizer(self) -> bool:
+    @classmethod
+    def keeps_optimizer(cls, settings) -> bool:
         """Whether each client keeps optimiser memory across rounds (a checkpoint must carry it); a method
         that does not train has no optimiser."""
-        return bool(getattr(self.cfg, "persist_optimizer", False))
+        return bool(getattr(settings.resolved(), "persist_optimizer", False))
 
     @classmethod
     def uses_cache(cls, settings) -> bool:

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from raycache.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
 
 
 def one_hot_values(n_classes: int, shots: int) -> torch.Tensor:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from raycache.lazy import lazy_module
 from raycache.methods.base import Method, State
 from raycache.methods.cache_model import (cache_logits, cache_residual, class_balanced_keys, one_hot_values,
                                           search_alpha_beta)
 from raycache.methods.settings import CacheSettings, reference
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
+F = lazy_module("torch.nn.functional")
 
 # Tip-Adapter-F's optimiser (AdamW 1e-3, eps 1e-4, torch's default betas and weight decay); batch 256 covers a
 # typical client's data in one step; a fresh optimiser each round, as the cache arrives new each round.

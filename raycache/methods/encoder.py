@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-import torch
-import torch.nn.functional as F
-
+from raycache.lazy import lazy_module
 from raycache.methods.base import Method, State
 from raycache.methods.settings import LossSettings, reference
 from raycache.methods.training import image_text_loss
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
+F = lazy_module("torch.nn.functional")
 
 # FLoRA's (and FedCLIP's) reference optimiser: Adam 5e-5, betas (0.9, 0.98), eps 1e-6, wd 0.2; batch 128;
 # FLoRA builds each client's optimiser once and keeps it across rounds

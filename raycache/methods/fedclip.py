@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from raycache.lazy import lazy_module
 from raycache.methods.base import Method, State
 from raycache.methods.settings import LossSettings, reference
 from raycache.methods.training import image_text_loss
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
+F = lazy_module("torch.nn.functional")
 
 
 def adapt(features: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

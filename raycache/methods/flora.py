@@ -17,10 +17,12 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-import torch
 from pydantic import Field
 
+from raycache.lazy import lazy_module
 from raycache.methods.encoder import EncoderMethod, EncoderSettings
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
 
 
 class FLoRASettings(EncoderSettings):

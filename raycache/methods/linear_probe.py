@@ -13,11 +13,13 @@ averaging them; that is not reproduced.)
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from raycache.lazy import lazy_module
 from raycache.methods.base import Method, State
 from raycache.methods.settings import TrainSettings, reference
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
+F = lazy_module("torch.nn.functional")
 
 LinearProbeSettings = reference(TrainSettings, "LinearProbeSettings", "A linear head on frozen image features.",
                                 lr=5e-5, optimizer="adam", betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,

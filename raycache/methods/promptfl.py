@@ -16,12 +16,14 @@ only the last client's context (its state-dict copies alias), which is not repro
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from raycache.lazy import lazy_module
 from raycache.methods.base import Method, State
 from raycache.methods.settings import TrainSettings, reference
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
+F = lazy_module("torch.nn.functional")
 
 
 class _PromptSettings(TrainSettings):

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from raycache.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
+F = lazy_module("torch.nn.functional")
 
 
 @dataclass

@@ -65,9 +65,9 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """Stable id of the weights: architecture, weights source (with file size and mtime) or init seed."""
-        import open_clip
+        from importlib.metadata import version  # open_clip's own, without importing it (and torch)
 
-        ident: dict[str, Any] = {"arch": self.arch, "open_clip": open_clip.__version__}
+        ident: dict[str, Any] = {"arch": self.arch, "open_clip": version("open_clip_torch")}
         if self.pretrained is None:
             ident["init_seed"] = self.init_seed
         else:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from raycache.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported at first use: the driver imports this module without it
+F = lazy_module("torch.nn.functional")
 
 
 def prompt_tokens(tokenizer, class_names: list[str], templates: list[str] | tuple[str, ...]) -> torch.Tensor:
@@ -19,7 +22,7 @@ def class_embeddings(model, tokens: torch.Tensor, n_classes: int) -> torch.Tenso
     return F.normalize(emb.view(n_classes, -1, emb.shape[-1]).mean(dim=1), dim=-1)
 
 
-@torch.no_grad()
 def text_classifier(model, tokenizer, class_names: list[str], templates: list[str]) -> np.ndarray:
     """(N, D) L2-normalised text embeddings, one per class, averaged over templates then re-normalised."""
-    return class_embeddings(model, prompt_tokens(tokenizer, class_names, templates), len(class_names)).numpy()
+    with torch.no_grad():
+        return class_embeddings(model, prompt_tokens(tokenizer, class_names, templates), len(class_names)).numpy()

@@ -151,7 +151,7 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
     shared: dict[str, np.ndarray] = {}
     for combo in combos:
         try:
-            prep = prepare(trial_config(base, combo, "encode")) if combo else base_prep
+            prep = prepare(trial_config(base, combo, "encode"), model_here=True) if combo else base_prep
         except UserError:  # that trial fails on its own, with its reason on its run; the rest go on
             continue
         ensure_ray(prep.cfg.runtime)
@@ -166,7 +166,7 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
         if prep.uses_cache:
             try:
                 cache_examples(prep.cfg, prep.spec, prep.source, prep.splits, shared[shared_key("features", prep)],
-                               prep.synth_store, prep.splits.train[prep.trainers[0]])
+                               prep.synth_store, prep.splits.train[prep.trainers[0]], transform=prep.transform)
             except (UserError, ValueError):  # that trial fails on its own, with its reason on its run
                 continue
     return shared
@@ -204,7 +204,7 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
     from raycache.experiment import prepare
     from raycache.federation.runtime import ensure_ray
 
-    base_prep = prepare(cfg)  # the base's own mistakes fail before Ray starts
+    base_prep = prepare(cfg, model_here=True)  # the base's own mistakes fail before Ray starts
     ensure_ray(cfg.runtime)
     bundles = trial_resources(cfg)
     need = sum(b.get("CPU", 0) for b in bundles)

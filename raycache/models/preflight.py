@@ -1,0 +1,129 @@
+"""What a run needs from the CLIP model before any compute, made once: the check that `model.*` names
+weights that exist, the method's own check of the model, the classes' zero-shot text weights and the model's
+eval image transform.
+
+A process that imports torch and open_clip holds about 0.5 GB before it does anything, and a run's driver
+needs nothing else from them: it hands stored features, a method's class and numpy states to Ray. So the
+model is built in a single-use process that exits once this is made, unless this process holds torch already
+(a test, a notebook), where that would save nothing and cost an import, or is reused (a sweep's driver and
+trial processes), where the import is paid once. What crosses between the two processes is JSON and a
+`.npy` file, never a pickle; the transform crosses as its recipe (`EvalTransform`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raycache.errors import UserError
+from raycache.models.clip import ModelSpec
+
+
+class EvalTransform:
+    """The model's eval image transform as open_clip's preprocessing config (size, mean, std,
+    interpolation, resize mode): open_clip builds the transform from it where images are preprocessed (a
+    decode task, a client host), so a process that only hands it on imports neither torch nor open_clip.
+    It travels as the config."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = dict(cfg)
+        self._built = None
+
+    def build(self):
+        if self._built is None:
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            self._built = image_transform_v2(PreprocessCfg(**self.cfg), is_train=False)
+        return self._built
+
+    def __call__(self, image):
+        return self.build()(image)
+
+    @property
+    def transforms(self) -> list:
+        """The steps (a torchvision `Compose`'s), for the pipeline's split at the tensor stage."""
+        return self.build().transforms
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state: dict) -> None:
+        self.cfg, self._built = state["cfg"], None
+
+
+@dataclass(frozen=True)
+class Preflight:
+    text_weights: np.ndarray  # (N, D) unit rows, one per class
+    transform: Any  # the model's eval image transform (an `EvalTransform` when made in another process)
+
+
+def preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tuple[str, ...], method=None,
+              settings=None) -> Preflight:
+    """In this process: build the model (its spec checked first), run `method.check(settings, model, spec)`,
+    and make the text weights."""
+    return _made(spec, class_names, templates, method, settings)[0]
+
+
+def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, dict[str, Any]]:
+    """(the preflight, open_clip's preprocessing config the transform was built from)."""
+    from raycache.models.clip import load_clip
+    from raycache.models.text import text_classifier
+
+    model, transform, tokenizer = load_clip(spec)
+    if method is not None:
+        method.check(settings, model, spec)
+    made = Preflight(text_weights=text_classifier(model, tokenizer, class_names, list(templates)),
+                     transform=transform)
+    return made, dict(model.visual.preprocess_cfg)
+
+
+def _serve(folder: str) -> None:
+    """The single-use process: reads `job.json` in `folder`, writes `text_weights.npy` and `made.json` (the
+    transform's recipe, or the user's mistake found)."""
+    from raycache.methods import method_class
+
+    out = Path(folder)
+    job = json.loads((out / "job.json").read_text())
+    method = method_class(job["method"]) if job["method"] else None
+    settings = method.Settings.model_validate_json(job["settings"]) if method else None
+    try:
+        made, recipe = _made(ModelSpec(**job["spec"]), job["class_names"], job["templates"], method, settings)
+    except UserError as err:
+        (out / "made.json").write_text(json.dumps({"user_error": str(err)}))
+        return
+    np.save(out / "text_weights.npy", made.text_weights)
+    (out / "made.json").write_text(json.dumps({"preprocess": recipe}))
+
+
+def run_preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tuple[str, ...], method=None,
+                  settings=None, here: bool = False) -> Preflight:
+    """`preflight`, in a single-use process unless this one holds torch already or `here` asks for this
+    one. A user's mistake found there is raised here as the same one-line `UserError`."""
+    import subprocess
+
+    if here or "torch" in sys.modules:
+        return preflight(spec, class_names, templates, method, settings)
+    with tempfile.TemporaryDirectory(prefix="raycache-preflight-") as folder:
+        job = {"spec": spec.__dict__, "class_names": list(class_names), "templates": list(templates),
+               "method": getattr(method, "name", None),
+               "settings": settings.model_dump_json() if method is not None else None}
+        (Path(folder) / "job.json").write_text(json.dumps(job))
+        # A new interpreter with this one's import path, not a multiprocessing child: that would re-run
+        # the caller's main script. Its output goes to this process's stderr.
+        code = (f"import sys; sys.path[:] = {json.dumps(sys.path)}; "
+                f"from raycache.models.preflight import _serve; _serve({json.dumps(folder)})")
+        done = subprocess.run([sys.executable, "-c", code], stdout=2, check=False)
+        made_file = Path(folder) / "made.json"
+        if done.returncode != 0 or not made_file.is_file():
+            raise RuntimeError(f"the model's preflight process failed (exit code {done.returncode}; its error "
+                               f"is above, on stderr)")
+        made = json.loads(made_file.read_text())
+        if "user_error" in made:
+            raise UserError(made["user_error"])
+        return Preflight(np.load(Path(folder) / "text_weights.npy"), EvalTransform(made["preprocess"]))

@@ -1,0 +1,81 @@
+"""The model's preflight (its spec checked, the method's check, the text weights, the eval transform): made
+in a single-use process when the caller holds no torch, and the same as when made in the caller."""
+
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raycache.config import settings_for
+from raycache.methods import method_class
+from raycache.models.clip import ModelSpec
+from raycache.models.preflight import EvalTransform, preflight
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs in a fresh interpreter that has not imported torch: the preflight must happen in a child of it.
+PARENT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from raycache.config import settings_for
+    from raycache.errors import UserError
+    from raycache.methods import method_class
+    from raycache.models.clip import ModelSpec
+    from raycache.models.preflight import EvalTransform, run_preflight
+
+    out = sys.argv[1]
+    made = run_preflight(ModelSpec("tiny"), ["zero", "one", "two"], ("a photo of {}.", "{}"),
+                         method_class("cachefl"), settings_for("cachefl"))
+    np.save(out + "/weights.npy", made.text_weights)
+    json.dump(made.transform.cfg, open(out + "/recipe.json", "w"))
+    report = {"recipe": isinstance(made.transform, EvalTransform), "torch": "torch" in sys.modules,
+              "open_clip": "open_clip" in sys.modules}
+    try:
+        run_preflight(ModelSpec("tiny"), ["zero", "one"], ("{}",), method_class("promptfl"),
+                      settings_for("promptfl", n_ctx=500))
+    except UserError as err:
+        report["error"] = str(err)
+    report["torch_after"] = "torch" in sys.modules
+    print(json.dumps(report))
+""")
+
+
+def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_results(tmp_path):
+    done = subprocess.run([sys.executable, "-c", PARENT, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"recipe": True, "torch": False, "open_clip": False, "torch_after": False,
+                      "error": report.get("error")}
+    # A user's mistake found by the method's check in the child is the same one-line UserError here.
+    assert report["error"].startswith("method.n_ctx: 500 context tokens")
+
+    here = preflight(ModelSpec("tiny"), ["zero", "one", "two"], ("a photo of {}.", "{}"), method_class("cachefl"),
+                     settings_for("cachefl"))
+    # The same model in another process: the same text weights, to float32 rounding (its threads differ).
+    np.testing.assert_allclose(np.load(tmp_path / "weights.npy"), here.text_weights, rtol=1e-5, atol=1e-7)
+    shipped = EvalTransform(json.loads((tmp_path / "recipe.json").read_text()))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(shipped(img).numpy(), here.transform(img).numpy())
+
+
+@pytest.mark.parametrize("name", ["tiny", "effnet-lite0"])
+def test_the_transforms_recipe_builds_the_models_own_transform_where_it_is_used(name):
+    from raycache.models.clip import load_clip
+    from raycache.models.preflight import _made
+
+    model, transform, _ = load_clip(ModelSpec(name))
+    recipe = EvalTransform(json.loads(json.dumps(_made(ModelSpec(name), ["a", "b"], ("{}",), None, None)[1])))
+    moved = pickle.loads(pickle.dumps(recipe))  # as Ray hands it to a decode task: the config, not a build
+    assert moved._built is None and moved.cfg == recipe.cfg
+    rng = np.random.default_rng(3)
+    for shape in [(40, 30, 3), (17, 90, 3)]:  # portrait and landscape: resize, then crop
+        img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
+        np.testing.assert_array_equal(moved(img).numpy(), transform(img).numpy())
+    assert [type(t) for t in moved.transforms] == [type(t) for t in transform.transforms]
