@@ -2,5 +2,5 @@ import sys
 
 from raycache.cli import main
 
-if __name__ == "__main__":  # a spawned child process (`raycache.models.preflight`) imports this module too
+if __name__ == "__main__":  # not on import (a multiprocessing child re-imports a program's main module)
     sys.exit(main())

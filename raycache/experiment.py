@@ -188,7 +188,8 @@ def _check_federation(cfg: ExperimentConfig, method) -> None:
 def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
                    shared: dict[str, np.ndarray] | None = None, resume: str | None = None,
-                   audit: bool = False, warm: bool = False, on_progress: ProgressCallback | None = None) -> Summary:
+                   audit: bool = False, warm: bool = False, on_progress: ProgressCallback | None = None,
+                   model_here: bool = False) -> Summary:
     """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id).
 
     `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
@@ -196,15 +197,15 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
 
     `shared`: inputs another process already made, keyed by `shared_key` (a sweep's driver puts its
     features and preprocessed images in the object store once; every trial reads them from there).
-    `warm`: take the federation's actors from this process's warm pool and give them back after, and build
-    the model in this process (a sweep's trials, whose process Tune reuses). `on_progress(what, done,
-    total)`: encoding and synthetic generation as they advance."""
+    `warm`: take the federation's actors from this process's warm pool and give them back after (a sweep's
+    trials, whose process Tune reuses). `model_here`: build the model's preflight in this process, not a
+    single-use one (a reused process: a sweep's trials). `on_progress(what, done, total)`: encoding and
+    synthetic generation as they advance."""
     stage = on_stage or (lambda s: None)
     from raycache.resume import hold_driver
 
-    # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind; a warm
-    # (reused) process builds the model itself
-    prep = prepare(cfg, model_here=warm)
+    # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
+    prep = prepare(cfg, model_here)
     lock = hold_driver(cfg, resume) if resume is not None else None  # one live driver per run
     try:
         run, ckpt = open_run(prep, tags, resume)

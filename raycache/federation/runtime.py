@@ -93,7 +93,7 @@ class Federation:
                  for h in range(n_hosts)]
         host_cls = ray.remote(ClientHost)
         self.host_key = ("host", rt.client_cpus, rt.client_gpus)
-        starting = []
+        starting, reinits = [], []
         for h, (args, kwargs) in enumerate(specs):  # one by one, so that a failure part-way still cleans up
             host = WARM.take(self.host_key) if self.warm else None
             if host is None:
@@ -102,7 +102,11 @@ class Federation:
             else:
                 self.reused += 1
                 starting.append(host.reinit.remote(*args, **kwargs))
+                reinits.append(starting[-1])
             self.hosts.append(host)
+        # The server asks a host for its initial state as it starts: a reused host must be this federation's
+        # first (calls from two callers, here and the server, have no order between them).
+        ray.get(reinits)
         server_args = (method_cls, cfg.method, task_ref, evals_ref, server_data, class_counts, self.hosts,
                        len(parts), cfg.federation, cfg.seed, (options, specs),
                        np.array([len(p) for p in parts], np.int64))

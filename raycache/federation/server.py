@@ -130,10 +130,10 @@ class Server:
         for name, call in calls.items():
             try:
                 out[name] = ray.get(call)
-            except RayActorError as err:  # the host died: its split is evaluated here
-                print(f"raycache: a client host died while evaluating the {name} split; the server evaluates "
-                      f"it ({type(err).__name__})", file=sys.stderr)
-                out[name] = here(name)
+            except RayActorError as err:  # the host died: another host evaluates its split, or the server
+                print(f"raycache: a client host died while evaluating the {name} split; another host or the "
+                      f"server evaluates it ({type(err).__name__})", file=sys.stderr)
+                out[name] = self._on_a_host("predict", lambda: here(name), ref, name)
         return out
 
     def start(self) -> dict[str, float]:

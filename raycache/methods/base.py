@@ -110,7 +110,8 @@ class Method(ABC):
 
     @abstractmethod
     def init_state(self, server_features: np.ndarray, server_labels: np.ndarray) -> State:
-        """The initial global state, built on the server from its own labelled hold-out."""
+        """The initial global state, from the server's own labelled hold-out (made on a client host for the
+        server, which holds no torch)."""
 
     @abstractmethod
     def logits(self, state: State, inputs: torch.Tensor) -> torch.Tensor:

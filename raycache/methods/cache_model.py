@@ -65,8 +65,8 @@ def search_alpha_beta(features: torch.Tensor, text_weights: torch.Tensor, keys: 
     Validation rows go `chunk` at a time, so memory stays (chunk x NK). Returns (alpha, beta, accuracy)."""
     n_classes = text_weights.shape[0]
     betas, alphas = search_grid(scale[0], steps[0]), search_grid(scale[1], steps[1])
-    hits = torch.zeros(len(betas), len(alphas), dtype=torch.long)
-    kept = torch.zeros((), dtype=torch.long)
+    hits = torch.zeros(len(betas), len(alphas), dtype=torch.long, device=features.device)  # counted where
+    kept = torch.zeros((), dtype=torch.long, device=features.device)  # the features are (a host's GPU)
     for start in range(0, len(labels), chunk):
         f, y = features[start:start + chunk], labels[start:start + chunk]
         zero_shot = 100.0 * f @ text_weights.T  # (c, N)

@@ -13,6 +13,7 @@ trial processes), where the import is paid once. What crosses between the two pr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -86,10 +87,11 @@ def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, di
 def _serve(folder: str) -> None:
     """The single-use process: reads `job.json` in `folder`, writes `text_weights.npy` and `made.json` (the
     transform's recipe, or the user's mistake found)."""
-    from raycache.methods import method_class
-
     out = Path(folder)
     job = json.loads((out / "job.json").read_text())
+    sys.path[:] = job["path"]  # the caller's: a method registered from its tree imports here too
+    from raycache.methods import method_class
+
     method = method_class(job["method"]) if job["method"] else None
     settings = method.Settings.model_validate_json(job["settings"]) if method else None
     try:
@@ -110,19 +112,19 @@ def run_preflight(spec: ModelSpec, class_names: list[str], templates: list[str] 
     if here or "torch" in sys.modules:
         return preflight(spec, class_names, templates, method, settings)
     with tempfile.TemporaryDirectory(prefix="raycache-preflight-") as folder:
-        job = {"spec": spec.__dict__, "class_names": list(class_names), "templates": list(templates),
+        job = {"path": sys.path, "spec": spec.__dict__, "class_names": list(class_names), "templates": list(templates),
                "method": getattr(method, "name", None),
                "settings": settings.model_dump_json() if method is not None else None}
         (Path(folder) / "job.json").write_text(json.dumps(job))
-        # A new interpreter with this one's import path, not a multiprocessing child: that would re-run
-        # the caller's main script. Its output goes to this process's stderr.
-        code = (f"import sys; sys.path[:] = {json.dumps(sys.path)}; "
-                f"from raycache.models.preflight import _serve; _serve({json.dumps(folder)})")
-        done = subprocess.run([sys.executable, "-c", code], stdout=2, check=False)
+        # A new interpreter, not a multiprocessing child: that would re-run the caller's main script. Its
+        # output is kept for a failure's message (a progress display on this process's stderr stays whole).
+        code = "import sys; from raycache.models.preflight import _serve; _serve(sys.argv[1])"
+        done = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, check=False,
+                              cwd=os.getcwd())
         made_file = Path(folder) / "made.json"
         if done.returncode != 0 or not made_file.is_file():
-            raise RuntimeError(f"the model's preflight process failed (exit code {done.returncode}; its error "
-                               f"is above, on stderr)")
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the model's preflight process failed (exit code {done.returncode}): {last[0]}")
         made = json.loads(made_file.read_text())
         if "user_error" in made:
             raise UserError(made["user_error"])

@@ -73,7 +73,7 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
 
     try:
         summary = run_experiment(trial_config(base, params, name), on_round=report, tags=tags, shared=shared,
-                                 warm=warm, resume=resume)
+                                 warm=warm, resume=resume, model_here=True)
         if summary.stopped_by is None:
             tune.report({**summary.final, **summary.selection, "round": rounds})
     except Exception as err:
