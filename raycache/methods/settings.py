@@ -19,7 +19,8 @@ class MethodSettings(BaseModel):
     """What every method has: its name."""
 
     # strict: `method.lr=true` is a wrong type, not a silent 1 (ints still fill floats)
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True,
+                              ser_json_inf_nan="constants")  # inf survives JSON (the preflight process)
 
     name: str = Field(description="federated method; see `raycache methods`")
 

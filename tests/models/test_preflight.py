@@ -79,3 +79,14 @@ def test_the_transforms_recipe_builds_the_models_own_transform_where_it_is_used(
         img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
         np.testing.assert_array_equal(moved(img).numpy(), transform(img).numpy())
     assert [type(t) for t in moved.transforms] == [type(t) for t in transform.transforms]
+
+
+def test_every_methods_settings_survive_the_json_the_preflight_process_reads():
+    """The child rebuilds the method's settings from JSON: defaults, and a value JSON has no number for."""
+    from raycache.methods import method_names
+
+    for name in method_names():
+        s = settings_for(name)
+        assert type(s).model_validate_json(s.model_dump_json()) == s, name
+    inf = settings_for("cachefl", alpha=float("inf"))
+    assert type(inf).model_validate_json(inf.model_dump_json()) == inf
