@@ -8,6 +8,7 @@ preprocessed into one float32 array in the object store): 70,000 x 3 x 224 x 224
     .venv/bin/python benchmarks/pixels_memory.py             # about 2 hours on 2 CPU cores
     .venv/bin/python benchmarks/pixels_memory.py --val-fraction 0.01 --client-cpus 2   # 51 minutes here
     .venv/bin/python benchmarks/pixels_memory.py --model tiny --val-fraction 0.01   # a quick look
+    python benchmarks/pixels_memory.py --dataset digits --client-gpus 0.5 --encoder-gpus 0.5   # on a GPU
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="local minibatch (activations scale with it)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--client-cpus", type=float, default=1.0, help="the client actor's CPUs (and threads)")
+    ap.add_argument("--client-gpus", type=float, default=0.0, help="the client actor's share of a GPU (0: CPU)")
+    ap.add_argument("--encoder-gpus", type=float, default=0.0, help="the encoder actor's share of a GPU (0: CPU)")
     ap.add_argument("--report-every", type=float, default=60.0, help="seconds between peak reports on stderr")
     args = ap.parse_args(argv)
     store = tempfile.mkdtemp(prefix="raycache-bench-pixels-")
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         f"data.clients={args.clients}", f"data.val_fraction={args.val_fraction}", "method.name=fedavg_full",
         f"per_method.fedavg_full.batch_size={args.batch}", "per_method.fedavg_full.local_epochs=1",
         "federation.rounds=1", f"federation.fraction={args.fraction}", "runtime.client_actors=1",
-        f"runtime.client_cpus={args.client_cpus}",
+        f"runtime.client_cpus={args.client_cpus}", f"runtime.client_gpus={args.client_gpus}",
+        f"runtime.encoder_gpus={args.encoder_gpus}",
         f"runtime.cache_dir={store}", "tracking.experiment=benchmark-pixels"])
     t = time.perf_counter()
     def stage(name: str) -> None:  # where the run is, beside the periodic peak reports
@@ -68,12 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     floats = len(source.labels) * 3 * side * side * 4
     print(f"[pixels] peak PSS by role (MB): " + ", ".join(
         f"{k} {v / MB:.0f}" for k, v in sorted(mem.by_role.items(), key=lambda kv: -kv[1])), file=sys.stderr)
+    if args.client_gpus or args.encoder_gpus:
+        print(f"[pixels] GPU: {gpu_name()}", file=sys.stderr)
     print("model | images | px | clients_trained | encoded | peak_pss_mb | driver_pss_mb | float_pixels_mb | "
           "wall_s | round_s | acc")
     print(f"{args.model} | {len(source.labels)} | {side} | {int(s.history[0]['clients_sampled'])} | {s.encoded} | "
           f"{mem.peak_pss / MB:.0f} | {mem.peak_driver_pss / MB:.0f} | {floats / MB:.0f} | {wall:.0f} | "
           f"{s.history[0]['round_seconds']:.0f} | {s.final['accuracy']:.3f}")
     return 0
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible to the driver"
 
 
 if __name__ == "__main__":
