@@ -38,6 +38,7 @@ class Flow:
     name: str = ""
     aggregates = False  # client updates are merged into a global state (server strategies and DP apply)
     pooled = False  # one trainer on the pooled training data
+    keeps_client_state = False  # a client's own state stays on its host across rounds (it trains there)
     result_label = "final federated accuracy"
 
     def trainer_rows(self, parts: list[np.ndarray], labels: np.ndarray, n_classes: int, settings,
@@ -89,7 +90,7 @@ class Federated(Flow):
             update = clip_update(update, broadcast, rules.clip_norm)
         rows = None
         if rules.per_class:  # class-aware aggregation: the client's class counts weigh each class's rows
-            counts = np.bincount(host.labels[host.clients[cid]], minlength=host.method.task.n_classes)
+            counts = np.bincount(host.labels[host.rows[cid]], minlength=host.method.task.n_classes)
             msg.class_counts = counts.astype(np.int64)
             rows = {k: counts[classes].astype(np.float64) for k, classes in host.class_rows.items()}
         msg.weight = float(msg.samples) if rules.weighting == "samples" else 1.0
@@ -115,6 +116,7 @@ class Federated(Flow):
 
 class Personal(Flow):
     name = "personal"
+    keeps_client_state = True
     result_label = "final mean test accuracy over clients"
 
     def start(self, host, cid, broadcast) -> State:

@@ -67,10 +67,34 @@ class ClientRules:
     prox_mu: float = 0.0
 
 
+@dataclass(frozen=True)
+class ClientRows:
+    """Every client's training rows in one packed array: what each host reads a client's rows from when a
+    round gives it a client it is not home to (one object-store copy for all hosts, however many clients)."""
+
+    flat: np.ndarray
+    offsets: np.ndarray  # client c's rows are flat[offsets[c]:offsets[c + 1]]
+
+    @classmethod
+    def pack(cls, parts: list[np.ndarray]) -> "ClientRows":
+        sizes = np.fromiter((len(p) for p in parts), np.int64, len(parts))
+        flat = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        return cls(flat, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+
+    def __getitem__(self, client: int) -> np.ndarray:
+        return self.flat[self.offsets[client]:self.offsets[client + 1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
 class ClientHost:
     def __init__(self, method_cls, settings, task, train, clients: dict[int, np.ndarray], seed: int,
                  threads: int = 1, use_gpu: bool = False, evals=None, audit: bool = False,
-                 rules: ClientRules = ClientRules()) -> None:
+                 rules: ClientRules = ClientRules(), rows: ClientRows | None = None) -> None:
+        """`clients`: the clients this host is home to (it keeps their state across rounds) and their
+        training rows; `rows`: every client's training rows, for a round that gives this host clients it is
+        not home to (None: only its own)."""
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -84,6 +108,7 @@ class ClientHost:
         self.flow = self.method.flow
         self.features, self.labels = train  # read-only, zero-copy views of the shared object
         self.clients = clients
+        self.rows = clients if rows is None else rows
         self.seed = seed
         self.evals = evals  # EvalSets: test, validation, client tests (for evaluating personal states)
         self.rules = rules
@@ -116,7 +141,7 @@ class ClientHost:
         self.bytes_up = 0
         for cid in client_ids:
             t0 = time.perf_counter()
-            idx = self.clients[cid]
+            idx = self.rows[cid]
             feats = to_device(self.features[idx], self.device)  # fancy indexing copies: (n_c, D), or images
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
             memory = dict(self.memory.get(cid, {}))  # a copy: a client that times out keeps last round's
@@ -190,13 +215,13 @@ class ClientHost:
         inputs, labels = self.evals.val
         return self.method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
 
-    def predict(self, state: State, split: str) -> np.ndarray:
-        """`state`'s predicted classes on one of the global evaluation splits ("test", "val" or "client":
-        the clients' own held-out rows), which the server hands out to the hosts so that evaluation runs in
-        parallel."""
-        from raycache.federation.evaluate import predict
+    def predict(self, state: State, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """`state`'s predicted classes on rows [start, stop) of one of the global evaluation splits ("test",
+        "val" or "client": the clients' own held-out rows), which the server shares out among the hosts so
+        that evaluation runs in parallel."""
+        from raycache.federation.evaluate import predict, slice_rows
 
-        out = predict(lambda x: self.method.logits(state, x), getattr(self.evals, split)[0],
+        out = predict(lambda x: self.method.logits(state, x), slice_rows(getattr(self.evals, split)[0], start, stop),
                       self.method.eval_batch, self.device)
         heap.release(state_nbytes(state))
         return out

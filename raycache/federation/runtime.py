@@ -65,10 +65,9 @@ class Federation:
     def _start(self, cfg, task, train, parts, evals, server_data, class_counts, audit) -> None:
         import ray
 
-        from raycache.federation.host import ClientHost
+        from raycache.federation.host import ClientHost, ClientRows, ClientRules
+        from raycache.federation.sampling import home_host
         from raycache.federation.server import Server
-
-        from raycache.federation.host import ClientRules
         from raycache.federation.strategies import strategy_class
         from raycache.methods import method_class, weighting
 
@@ -81,15 +80,18 @@ class Federation:
         task_ref = ray.put(task)
         train_ref = ray.put(train)  # one object-store copy shared by every host
         evals_ref = ray.put(evals)
+        rows_ref = ray.put(ClientRows.pack(parts))  # any host can train any client that keeps no state there
+        homes: list[dict[int, np.ndarray]] = [{} for _ in range(n_hosts)]  # the clients each host keeps
+        for c, rows in enumerate(parts):
+            homes[home_host(c, n_hosts)][c] = rows
         import uuid
 
         # Named (raycache-host-<federation>-<host>-<generation>) so that operators and tests can find them.
         options = {"num_cpus": rt.client_cpus, "num_gpus": rt.client_gpus,
                    "name": f"raycache-host-{uuid.uuid4().hex[:8]}"}
-        specs = [((method_cls, cfg.method, task_ref, train_ref,
-                   {c: parts[c] for c in range(h, len(parts), n_hosts)}, cfg.seed),
+        specs = [((method_cls, cfg.method, task_ref, train_ref, homes[h], cfg.seed),
                   {"threads": max(1, int(rt.client_cpus)), "use_gpu": rt.client_gpus > 0, "evals": evals_ref,
-                   "audit": audit, "rules": rules})
+                   "audit": audit, "rules": rules, "rows": rows_ref})
                  for h in range(n_hosts)]
         host_cls = ray.remote(ClientHost)
         self.host_key = ("host", rt.client_cpus, rt.client_gpus)

@@ -14,8 +14,8 @@ import numpy as np
 from raycache import heap
 from raycache.errors import RunFailed
 from raycache.federation.evaluate import (EvalSets, client_accuracy, owner_accuracy, per_class_accuracy, predict,
-                                          summarise)
-from raycache.federation.sampling import sample_clients
+                                          row_pieces, slice_rows, summarise)
+from raycache.federation.sampling import assign_hosts, sample_clients
 from raycache.federation.selection import Selection
 from raycache.methods.base import State, state_nbytes, state_params
 
@@ -54,6 +54,9 @@ class Server:
         self.host_spec = host_spec
         self.restarts = 0
         self.sizes = np.ones(trainers, np.int64) if sizes is None else np.maximum(np.asarray(sizes), 1)
+        # clients that keep state on their host (a personal state, optimiser memory) train there; the others
+        # on whichever host balances the round
+        self.pinned = self.flow.keeps_client_state or method_cls.keeps_optimizer(settings)
         self.rate: float | None = None  # the slowest local training seen, in seconds per sample (auto deadline)
         self.client_max = 0.0  # the slowest single client's seconds seen (auto deadline)
         self.missed: dict[int, int] = {}  # host index -> deadlines it missed (each doubles its next one)
@@ -108,33 +111,36 @@ class Server:
         return summarise((pred == ev.test[1]).mean(), val_acc, client_acc, local_acc)
 
     def _predict_splits(self, state: State, names: list[str]) -> dict[str, np.ndarray]:
-        """`state`'s predictions on the named global splits, evaluated in parallel like training: split i on
-        host i mod hosts (every host holds the splits; the hosts idle while the server evaluates). A host that
-        fails to answer costs no result: the server predicts its split itself (a host that died is replaced
-        at the next round's training). Hosts predict on their own device (a GPU, with
-        `runtime.client_gpus`), the server on its CPU."""
+        """`state`'s predictions on the named global splits, evaluated in parallel like training: their rows,
+        laid end to end, in one equal share per host (`row_pieces`; every host holds the splits and idles
+        while the server evaluates). A host that fails to answer costs no result: another host, or the
+        server, predicts its piece (a host that died is replaced at the next round's training). Hosts predict
+        on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
         import sys
 
         import ray
         from ray.exceptions import RayActorError
 
-        def here(name: str) -> np.ndarray:
-            return predict(lambda x: self.method.logits(state, x), getattr(self.evals, name)[0],
+        def here(name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+            return predict(lambda x: self.method.logits(state, x), slice_rows(getattr(self.evals, name)[0], start, stop),
                            self.method_cls.eval_batch)
 
         if not self.hosts:
             return {name: here(name) for name in names}
         ref = ray.put(state)
-        calls = {name: self.hosts[i % len(self.hosts)].predict.remote(ref, name) for i, name in enumerate(names)}
-        out = {}
-        for name, call in calls.items():
+        shares = row_pieces({name: len(getattr(self.evals, name)[0]) for name in names}, len(self.hosts))
+        calls = [(piece, host.predict.remote(ref, *piece)) for host, share in zip(self.hosts, shares)
+                 for piece in share]
+        out: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for (name, start, stop), call in calls:  # a split's pieces come in row order
             try:
-                out[name] = ray.get(call)
-            except RayActorError as err:  # the host died: another host evaluates its split, or the server
+                pred = ray.get(call)
+            except RayActorError as err:  # the host died: another host evaluates its piece, or the server
                 print(f"raycache: a client host died while evaluating the {name} split; another host or the "
-                      f"server evaluates it ({type(err).__name__})", file=sys.stderr)
-                out[name] = self._on_a_host("predict", lambda: here(name), ref, name)
-        return out
+                      f"server evaluates its rows ({type(err).__name__})", file=sys.stderr)
+                pred = self._on_a_host("predict", lambda: here(name, start, stop), ref, name, start, stop)
+            out[name].append(pred)
+        return {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in out.items()}
 
     def start(self) -> dict[str, float]:
         """Evaluate the initial state (round 0): it is a candidate for selection like every round."""
@@ -324,12 +330,12 @@ class Server:
         faults = plan_faults(sampled, self.seed, round_idx, self.federation)
         reporting = sampled[faults.reporting]  # the rest dropped out or missed the deadline: no work asked
         state_ref = ray.put(self.flow.broadcast(self))  # the one broadcast of this round
-        n_hosts = len(self.hosts)
         calls = {}
-        for h, host in enumerate(self.hosts):
-            mine = [int(c) for c in reporting if c % n_hosts == h]
-            if mine:
-                calls[h] = (host.train.remote(state_ref, mine, round_idx, self.federation.client_timeout_s), mine)
+        for h, mine in enumerate(assign_hosts(reporting, self.sizes, len(self.hosts), self.pinned)):
+            if len(mine):
+                mine = mine.tolist()
+                calls[h] = (self.hosts[h].train.remote(state_ref, mine, round_idx, self.federation.client_timeout_s),
+                            mine)
         reports, failed, timed_out = self._collect(calls, round_idx) if calls else ([], 0, 0)
         succeeded = int(sum(len(r.messages) for r in reports))
         counts = {"clients_sampled": float(len(sampled)), "clients_succeeded": float(succeeded),
