@@ -17,6 +17,25 @@ def test_digits_builtin():
     assert np.array_equal(np.bincount(src.labels) > 170, np.ones(10, bool))
 
 
+def test_digits_are_scikit_learns_without_importing_it():
+    """The driver reads scikit-learn's bundled file itself: the same images and labels as `load_digits`
+    (which the test imports), and a fresh interpreter that opens the source has no scikit-learn."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from raycache.data.sources.digits import digits_arrays
+
+    images, labels = digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(labels, ref.target)
+    code = ("import sys; from raycache.config import DataConfig; from raycache.data.sources import open_source; "
+            "s = open_source(DataConfig(dataset='digits')); print(len(s.labels), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1797", "False"]
+
+
 def test_image_folder(image_folder):
     src = open_source(DataConfig(dataset=str(image_folder)))
     assert src.class_names == ["cat", "dog", "owl"]

@@ -11,14 +11,32 @@ from raycache.data.sources.base import Source, from_table, png_bytes
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 8, 8) float 0..16, labels (n,)): scikit-learn's bundled `digits.csv.gz` read as its
+    `load_digits` reads it, without importing scikit-learn (67 MB in the driver, which needs only these
+    1,797 rows); through `load_digits` if the file is not where that version keeps it."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    path = None if spec is None or not spec.submodule_search_locations else \
+        Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def load(cfg) -> Source:
     import pyarrow as pa
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (n, 8, 8), 0..16 -> 0..255
+    images, target = digits_arrays()
+    images = (images * (255.0 / 16.0)).round().astype(np.uint8)  # (n, 8, 8), 0..16 -> 0..255
     encoded = [png_bytes(img) for img in images]
-    labels = digits.target.astype(np.int64)
+    labels = target.astype(np.int64)
     h = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
     table = pa.table({"image": encoded, "key": [f"digits[{i}]" for i in range(len(encoded))]})
 
