@@ -63,6 +63,17 @@ def _chunks(logits_fn, inputs, chunk: int, device):
             yield logits_fn(materialize(x[i:i + chunk]).to(device))
 
 
+def tune(method, state, evals: EvalSets) -> dict[str, float]:
+    """`method`'s post-training search for `state` on the validation split (Tip-Adapter's alpha and beta);
+    {} without one. Run on a client host for the server, or by the server itself when no host answers."""
+    from raycache.data.pixels import to_device
+
+    if evals.val is None:
+        return {}
+    inputs, labels = evals.val
+    return method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
+
+
 def slice_rows(inputs, start: int = 0, stop: int | None = None):
     """Rows [start, stop) of an evaluation split's inputs (features, or `ImageRows`); the whole split is
     itself, not a copy."""

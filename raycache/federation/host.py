@@ -208,12 +208,9 @@ class ClientHost:
 
     def tune(self, state: State) -> dict[str, float]:
         """The method's post-training search on the validation split, run here for the server."""
-        import torch
+        from raycache.federation.evaluate import tune
 
-        from raycache.data.pixels import to_device
-
-        inputs, labels = self.evals.val
-        return self.method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
+        return tune(self.method, state, self.evals)
 
     def predict(self, state: State, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """`state`'s predicted classes on rows [start, stop) of one of the global evaluation splits ("test",

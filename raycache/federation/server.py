@@ -14,7 +14,7 @@ import numpy as np
 from raycache import heap
 from raycache.errors import RunFailed
 from raycache.federation.evaluate import (EvalSets, client_accuracy, owner_accuracy, per_class_accuracy, predict,
-                                          row_pieces, slice_rows, summarise)
+                                          row_pieces, slice_rows, summarise, tune)
 from raycache.federation.sampling import assign_hosts, sample_clients
 from raycache.federation.selection import Selection
 from raycache.methods.base import State, state_nbytes, state_params
@@ -122,8 +122,8 @@ class Server:
         from ray.exceptions import RayActorError
 
         def here(name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-            return predict(lambda x: self.method.logits(state, x), slice_rows(getattr(self.evals, name)[0], start, stop),
-                           self.method_cls.eval_batch)
+            inputs = slice_rows(getattr(self.evals, name)[0], start, stop)
+            return predict(lambda x: self.method.logits(state, x), inputs, self.method_cls.eval_batch)
 
         if not self.hosts:
             return {name: here(name) for name in names}
@@ -174,16 +174,7 @@ class Server:
         """The method's post-training search on the validation split (Tip-Adapter's alpha/beta), if any."""
         if self.evals.val is None:
             return {}
-
-        def here() -> dict[str, float]:
-            import torch
-
-            from raycache.data.pixels import to_device
-
-            inputs, labels = self.evals.val
-            return self.method.tune(state, to_device(inputs, "cpu"), torch.from_numpy(np.asarray(labels)))
-
-        return self._on_a_host("tune", here, state)
+        return self._on_a_host("tune", lambda: tune(self.method, state, self.evals), state)
 
     def _current(self) -> dict:
         """The current state, with the clients' own states (a personal flow) (reused from `best` when this round

@@ -91,3 +91,42 @@ def test_client_rows_pack_every_clients_rows():
     rows = ClientRows.pack(parts)
     assert len(rows) == 4
     assert all(rows[c].tolist() == parts[c].tolist() for c in range(4))
+
+
+def test_a_server_without_hosts_computes_what_the_method_does():
+    """The server's own fallback (no host answers): the initial state, each split's accuracy and the
+    validation search, each equal to the method's own maths on the same arrays."""
+    import torch
+
+    from raycache.config import FederationConfig, settings_for
+    from raycache.federation.evaluate import EvalSets
+    from raycache.federation.server import Server
+    from raycache.methods.base import Task
+    from raycache.methods.cachefl import CacheFL
+
+    rng = np.random.default_rng(4)
+    n, d = 4, 16
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    text = unit(rng.normal(size=(n, d))).astype(np.float32)
+    centers = unit(rng.normal(size=(n, d)))
+
+    def draw(k: int):
+        y = np.repeat(np.arange(n), k)
+        return (centers[y] + 0.8 * rng.normal(size=(len(y), d))).astype(np.float32), y
+
+    server_data, test, val = draw(4), draw(25), draw(15)
+    settings = settings_for("cachefl", shots=4, cache_init="real", alpha=3.0, beta=4.0, search=True,
+                            search_scale=[5.0, 5.0], search_step=[5, 5])
+    task = Task(list("abcd"), text)
+    server = Server(CacheFL, settings, task, EvalSets(test, val), server_data, np.ones((3, n)), [], 3,
+                    FederationConfig(), 0)
+    method = CacheFL(settings, task)
+    state = method.init_state(*server_data)
+    assert np.array_equal(server.state["cache_keys"], state["cache_keys"])
+    metrics = server.start()  # round 0: the initial state evaluated, and offered for selection
+    for name, (x, y) in {"accuracy": test, "val_accuracy": val}.items():
+        pred = method.logits(state, torch.from_numpy(x)).argmax(1).numpy()
+        assert metrics[name] == pytest.approx((pred == y).mean())
+    searched = method.tune(state, torch.from_numpy(val[0]), torch.from_numpy(val[1]))
+    result = server.result("final")["metrics"]
+    assert (result["searched_alpha"], result["searched_beta"]) == (searched["alpha"], searched["beta"])
