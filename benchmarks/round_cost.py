@@ -2,8 +2,9 @@
 single-process torch loop (same features, partition, seeds, local training and FedAvg, no Ray).
 
 For each setting it reports encoder calls against distinct images, the wall-time split (Ray start,
-encoding, rounds), time per round and per client, and the runtime/floor ratio, all from one process run so
-the ratio is measured under the same load. Usage:
+encoding, rounds), time per round and per client, and the runtime/floor ratio, all from one process run,
+each floor round right after the runtime's round of the same number, so that the ratio is measured under
+the same load. Usage:
 
     .venv/bin/python benchmarks/round_cost.py            # tiny config, 100 and 1,000 clients
     .venv/bin/python benchmarks/round_cost.py --rounds 10 --settings 100
@@ -49,42 +50,54 @@ def floor_rounds(cfg, rounds: int) -> tuple[list[float], list[float]]:
     """The yardstick: one process, one thread, a plain loop over clients doing what the runtime does, on the
     very split, partition and text classifier the run used (`prepare` derives them from the config).
     Returns (seconds, test accuracy) per round; the accuracies equal the runtime's (tested)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _floor(cfg, rounds)
-    finally:
-        torch.set_num_threads(threads)
+    floor = Floor(cfg)
+    times, accuracy = zip(*(floor.round(r) for r in range(1, rounds + 1)))
+    return list(times), list(accuracy)
 
 
-def _floor(cfg, rounds: int) -> tuple[list[float], list[float]]:
-    prep = prepare(cfg)
-    feats = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
-    y, splits, parts = prep.source.labels, prep.splits, prep.parts
-    train_f, train_y = feats[splits.train], y[splits.train]
-    method = method_class(prep.cfg.method.name)(prep.cfg.method, prep.task)
-    cache_f, cache_y = feats[splits.server], y[splits.server]
-    if prep.uses_cache:  # the same keys the runtime builds (augmented views, synthetic set, ...)
-        cache_f, cache_y, _ = cache_examples(prep.cfg, prep.spec, prep.source, splits, feats, prep.synth_store,
-                                             splits.train[prep.trainers[0]])
-    state = method.init_state(cache_f, cache_y)
-    times, accuracy = [], []
-    for r in range(1, rounds + 1):
+class Floor:
+    """The floor's rounds one at a time, so that `main` can run each right after the runtime's round of the
+    same number: both then see the same load on a shared machine."""
+
+    def __init__(self, cfg) -> None:
+        prep = prepare(cfg)
+        self.cfg = cfg
+        self.feats = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
+        self.y, self.splits, self.parts = prep.source.labels, prep.splits, prep.parts
+        self.train_f, self.train_y = self.feats[self.splits.train], self.y[self.splits.train]
+        self.method = method_class(prep.cfg.method.name)(prep.cfg.method, prep.task)
+        cache_f, cache_y = self.feats[self.splits.server], self.y[self.splits.server]
+        if prep.uses_cache:  # the same keys the runtime builds (augmented views, synthetic set, ...)
+            cache_f, cache_y, _ = cache_examples(prep.cfg, prep.spec, prep.source, self.splits, self.feats,
+                                                 prep.synth_store, self.splits.train[prep.trainers[0]])
+        self.state = self.method.init_state(cache_f, cache_y)
+
+    def round(self, r: int) -> tuple[float, float]:
+        """(seconds, test accuracy) of round `r`, on one thread."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._round(r)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _round(self, r: int) -> tuple[float, float]:
+        cfg, method, splits = self.cfg, self.method, self.splits
         t0 = time.perf_counter()
         total = WeightedSum()
-        for c in sample_clients(len(parts), cfg.federation.fraction, cfg.seed, r):
-            idx = parts[c]
-            update, _ = method.local_train(state, torch.from_numpy(train_f[idx]), torch.from_numpy(train_y[idx]),
+        for c in sample_clients(len(self.parts), cfg.federation.fraction, cfg.seed, r):
+            idx = self.parts[c]
+            update, _ = method.local_train(self.state, torch.from_numpy(self.train_f[idx]),
+                                           torch.from_numpy(self.train_y[idx]),
                                            LocalRound(client_seed(cfg.seed, r, int(c)), r, cfg.federation.rounds))
             total.add(update, float(len(idx)))
-        state = total.mean()
+        self.state = state = total.mean()
         # the runtime evaluates every round, on the test and the validation splits
-        pred = predict(lambda f: method.logits(state, f), feats[splits.test])
+        pred = predict(lambda f: method.logits(state, f), self.feats[splits.test])
         if len(splits.val):
-            predict(lambda f: method.logits(state, f), feats[splits.val])
-        times.append(time.perf_counter() - t0)
-        accuracy.append(float((pred == y[splits.test]).mean()))
-    return times, accuracy
+            predict(lambda f: method.logits(state, f), self.feats[splits.val])
+        seconds = time.perf_counter() - t0
+        return seconds, float((pred == self.y[splits.test]).mean())
 
 
 def main() -> int:
@@ -100,15 +113,24 @@ def main() -> int:
         cfg = load_config("experiments/tiny.yaml", SETTINGS[name] + [
             f"federation.rounds={args.rounds}", f"runtime.cache_dir={store}/{name}", "tracking.experiment=benchmark",
             *([f"runtime.client_actors={args.actors}"] if args.actors else [])])
-        s = run_experiment(cfg)  # an empty feature store each: every setting pays its own encode and Ray start
+        # Each floor round runs right after the runtime's round of the same number (the hosts idle then), so
+        # that the two see the same load on a shared machine; the floor is built after the run has encoded.
+        fl: list[float] = []
+        floor: list[Floor] = []
+
+        def floor_round(r: int, _metrics) -> None:
+            if not floor:
+                floor.append(Floor(cfg))
+            fl.append(floor[0].round(r)[0])
+
+        s = run_experiment(cfg, on_round=floor_round)  # an empty feature store each: its own encode, Ray start
         ray.shutdown()
         rt = [m["round_seconds"] for m in s.history]
-        fl, _ = floor_rounds(cfg, args.rounds)
         # Round 1 pays one-off warm-up (first torch calls in each actor); medians skip nothing but are robust.
         rt_med, fl_med = statistics.median(rt), statistics.median(fl)
         clients = int(s.history[0]["clients_sampled"])
         rows.append((name, clients, s.encoded, s.distinct_images, s.timings["time_ray_start_s"],
-                     s.timings["time_encode_s"], s.timings["time_rounds_s"], rt_med, 1000 * rt_med / clients,
+                     s.timings["time_encode_s"], sum(rt), rt_med, 1000 * rt_med / clients,
                      fl_med, 1000 * (rt_med - fl_med) / clients, rt_med / fl_med, s.final["accuracy"]))
         print(f"[{name}] rounds (s): runtime {[round(x, 3) for x in rt]}  floor {[round(x, 3) for x in fl]}",
               file=sys.stderr)
