@@ -19,8 +19,9 @@ def client_seed(seed: int, round_idx: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
 
 
-def home_host(client: int, n_hosts: int) -> int:
-    """The host that keeps a client's own state (its optimiser memory, a personal state) across rounds."""
+def home_host(client, n_hosts: int):
+    """The host that keeps a client's own state (its optimiser memory, a personal state) across rounds (an
+    id, or an array of ids)."""
     return client % n_hosts
 
 
@@ -35,7 +36,8 @@ def assign_hosts(clients: np.ndarray, sizes: np.ndarray, n_hosts: int, pinned: b
     host: each client's training is seeded by (seed, round, client))."""
     clients = np.asarray(clients, np.int64)
     if pinned or n_hosts == 1:
-        return [clients[clients % n_hosts == h] for h in range(n_hosts)]
+        home = home_host(clients, n_hosts)
+        return [clients[home == h] for h in range(n_hosts)]
     order = clients[np.argsort(-np.asarray(sizes)[clients], kind="stable")]
     lap = np.arange(len(order)) % (2 * n_hosts)
     host = np.where(lap < n_hosts, lap, 2 * n_hosts - 1 - lap)
