@@ -157,16 +157,16 @@ def prepare(cfg: ExperimentConfig, model_here: bool = False) -> Prepared:
         check_cache_size(cfg)
         if cfg.method.cache_init == "synthetic":
             synth_store = prepare_synthetic(cfg, source.class_names)
+    if cfg.runtime.address:  # an unreachable cluster is the user's to fix: said before the model is built
+        from raycache.federation.runtime import check_reachable
+
+        check_reachable(cfg.runtime.address)
     t = time.perf_counter()
     # The model's weights exist and fit the method (its own check), the classes' text weights, the image
     # transform: made where the model is built, a single-use process unless this one holds torch already.
     made = run_preflight(spec, source.class_names, cfg.model.templates, method, cfg.method, here=model_here)
     task = Task(source.class_names, made.text_weights, spec, tuple(cfg.model.templates), cfg.federation.rounds)
     transform = made.transform
-    if cfg.runtime.address:  # an unreachable cluster is the user's to fix, before a run is opened
-        from raycache.federation.runtime import check_reachable
-
-        check_reachable(cfg.runtime.address)
     return Prepared(cfg, spec, source, splits, parts, trainers, client_tests, counts, task, transform, synth_store, uses_cache,
                     method.uses_pixels(cfg.method), {"time_text_s": time.perf_counter() - t})
 

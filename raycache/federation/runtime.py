@@ -26,6 +26,15 @@ class WarmPool:
     def size(self) -> int:
         return sum(len(v) for v in self.idle.values())
 
+    def clear(self) -> None:
+        """Kill every idle actor now (their CPUs go back to the cluster) instead of when this process ends."""
+        import ray
+
+        for actors in self.idle.values():
+            for actor in actors:
+                ray.kill(actor)
+        self.idle.clear()
+
 
 WARM = WarmPool()  # this process's pool (used only by federations started with `warm=True`)
 
