@@ -36,6 +36,15 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def feature_store(tmp_path_factory) -> Path:
+    """One `runtime.cache_dir` for the session's runs whose subject is not encoding: the first such run
+    encodes its dataset (about 30 s here, mostly the encoder actor's start-up), the rest read the store.
+    Resume checkpoints (per run id) and synthetic sets (per fingerprint) in it cannot collide. The tests of
+    encoding itself (tests/data/test_features.py, the e2e run's first encode) keep stores of their own."""
+    return tmp_path_factory.mktemp("shared-store")
+
+
+@pytest.fixture(scope="session")
 def e2e_store(tmp_path_factory):
     return tmp_path_factory.mktemp("e2e-features")  # the e2e run's own store: its first run must encode
 

@@ -26,10 +26,10 @@ def test_benchmark_scripts_import(name):
     assert callable(load(name).main)
 
 
-def test_the_floor_is_the_runtimes_arithmetic(tmp_path, ray_session, mlflow_uri):
+def test_the_floor_is_the_runtimes_arithmetic(feature_store, ray_session, mlflow_uri):
     """Same config and seed: the plain loop's per-round accuracy equals the federated run's, exactly."""
     cfg = load_config(str(ROOT / "experiments/tiny.yaml"), [
-        "federation.rounds=2", "data.clients=6", f"runtime.cache_dir={tmp_path}", "tracking.experiment=bench-test"])
+        "federation.rounds=2", "data.clients=6", f"runtime.cache_dir={feature_store}", "tracking.experiment=bench-test"])
     summary = run_experiment(cfg)
     _, floor_accuracy = load("round_cost").floor_rounds(cfg, 2)
     assert floor_accuracy == [m["accuracy"] for m in summary.history]

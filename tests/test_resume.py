@@ -86,7 +86,7 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
 
 @pytest.mark.parametrize("dies", ["after logging round 2", pytest.param(
     "between round 2's checkpoint and its metrics", marks=pytest.mark.slow)])
-def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_session, mlflow_uri, monkeypatch,
+def test_a_personal_method_resumes_with_every_clients_own_state(feature_store, ray_session, mlflow_uri, monkeypatch,
                                                                 capsys, dies):
     """local_only keeps one state per client on the hosts: a run that dies after round 2's checkpoint resumes
     from it with every client's own state and optimiser, ends exactly where an uninterrupted run ends, and
@@ -101,7 +101,7 @@ def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_se
         "method.name=local_only", "per_method.local_only.cache_init=real", "per_method.local_only.lr=1.0e-5",
         "per_method.local_only.beta=100", "per_method.local_only.alpha=10", "data.clients=4",
         "runtime.client_actors=2", "federation.rounds=3", "federation.fraction=0.5",
-        f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=resume-local"]
+        f"runtime.cache_dir={feature_store}", "tracking.experiment=resume-local"]
     cfg = load_config(str(ROOT / "experiments/tiny.yaml"), cfg_overrides)
     whole = run_experiment(cfg)
 
@@ -134,7 +134,7 @@ def test_a_personal_method_resumes_with_every_clients_own_state(tmp_path, ray_se
         holder = subprocess.Popen([sys.executable, "-c", (
             "import sys, time; from raycache.config_file import load_config; from raycache.resume import "
             "hold_driver; lock = hold_driver(load_config(None, [sys.argv[1]]), sys.argv[2]); print('held', "
-            "flush=True); time.sleep(120)"), f"runtime.cache_dir={tmp_path / 'store'}", died.info.run_id],
+            "flush=True); time.sleep(120)"), f"runtime.cache_dir={feature_store}", died.info.run_id],
             stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "held"

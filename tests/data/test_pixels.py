@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 import torch
 
 from raycache.config_file import load_config
@@ -44,6 +45,7 @@ def test_rows_decode_on_demand_to_the_eval_transform_of_each_image_in_source_ord
     torch.testing.assert_close(take(images[[4]], None), want(4)[None])
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); by default the contract runs each pixel method on the runtime
 def test_a_vision_lora_run_trains_on_images_and_encodes_only_what_it_evaluates(ray_session, mlflow_uri, tmp_path):
     from raycache.experiment import prepare, run_experiment
 

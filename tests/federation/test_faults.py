@@ -56,13 +56,15 @@ def test_a_straggler_distribution_needs_a_deadline(capsys):
     assert code == 2 and len(err) == 1 and "federation.round_deadline_s" in err[0], err
 
 
-def quick(tmp_path, *extra):
+def quick(store, *extra):
+    """The tiny config, 3 rounds, on the session's shared feature store (these tests are about the federation,
+    not encoding: `tests/data/test_features.py` encodes into stores of its own)."""
     return load_config(str(ROOT / "experiments/tiny.yaml"), [
-        "federation.rounds=3", f"runtime.cache_dir={tmp_path / 'store'}", "tracking.experiment=faults", *extra])
+        "federation.rounds=3", f"runtime.cache_dir={store}", "tracking.experiment=faults", *extra])
 
 
-def test_dropout_is_counted_and_metrics_do_not_depend_on_the_actor_count(tmp_path, ray_session, mlflow_uri):
-    runs = [run_experiment(quick(tmp_path, "federation.dropout=0.3", f"runtime.client_actors={a}"))
+def test_dropout_is_counted_and_metrics_do_not_depend_on_the_actor_count(feature_store, ray_session, mlflow_uri):
+    runs = [run_experiment(quick(feature_store, "federation.dropout=0.3", f"runtime.client_actors={a}"))
             for a in (1, 2)]
     for m in runs[0].history:
         assert m["clients_dropped"] > 0 and m["clients_failed"] == 0
@@ -71,10 +73,10 @@ def test_dropout_is_counted_and_metrics_do_not_depend_on_the_actor_count(tmp_pat
            [{k: m[k] for k in MODEL_METRICS} for m in runs[1].history]
 
 
-def test_too_few_clients_fail_the_run_clearly(tmp_path, ray_session, mlflow_uri):
+def test_too_few_clients_fail_the_run_clearly(feature_store, ray_session, mlflow_uri):
     with pytest.raises(RunFailed, match=r"round 1: \d+ of 10 sampled clients reported, fewer than "
                                         r"federation.min_clients=10"):
-        run_experiment(quick(tmp_path, "federation.dropout=0.5", "federation.min_clients=10",
+        run_experiment(quick(feature_store, "federation.dropout=0.5", "federation.min_clients=10",
                              "tracking.run_name=too-few"))
     client = MlflowClient(mlflow_uri)
     run = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
@@ -83,7 +85,7 @@ def test_too_few_clients_fail_the_run_clearly(tmp_path, ray_session, mlflow_uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [0]  # no round aggregated
 
 
-def test_a_host_killed_mid_round_loses_its_clients_for_that_round_and_is_replaced(tmp_path, ray_session, mlflow_uri):
+def test_a_host_killed_mid_round_loses_its_clients_for_that_round_and_is_replaced(feature_store, ray_session, mlflow_uri):
     import ray
 
     killed = []
@@ -97,7 +99,7 @@ def test_a_host_killed_mid_round_loses_its_clients_for_that_round_and_is_replace
                 killed.append(names[0])
             threading.Thread(target=kill, daemon=True).start()
 
-    cfg = quick(tmp_path, "method.local_epochs=300", "federation.rounds=4", "tracking.run_name=killed")
+    cfg = quick(feature_store, "method.local_epochs=300", "federation.rounds=4", "tracking.run_name=killed")
     summary = run_experiment(cfg, on_round=kill_a_host_soon)
     assert killed and summary.rounds == 4
     failed = [m["clients_failed"] for m in summary.history]
@@ -133,8 +135,8 @@ def _server_killer(after_round: int, wait: bool = True):
 
 
 @pytest.fixture(scope="module")
-def undisturbed(tmp_path_factory, ray_session, mlflow_uri):
-    return run_experiment(quick(tmp_path_factory.mktemp("undisturbed"), "federation.rounds=4",
+def undisturbed(feature_store, ray_session, mlflow_uri):
+    return run_experiment(quick(feature_store, "federation.rounds=4",
                                 "tracking.run_name=undisturbed"))
 
 
@@ -142,7 +144,7 @@ def undisturbed(tmp_path_factory, ray_session, mlflow_uri):
     (True, 0),  # from round 2's checkpoint
     pytest.param(False, 2, marks=pytest.mark.slow),  # from the start, replaying rounds 1 and 2 (CI runs it)
 ])
-def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, undisturbed, mlflow_uri,
+def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(feature_store, undisturbed, mlflow_uri,
                                                                       checkpoint, replayed):
     """The server actor killed after round 2: the next call finds it gone, a new federation starts from round
     2's snapshot (the checkpoint; without checkpoints, from the start, replaying rounds 1 and 2), and the run
@@ -151,7 +153,7 @@ def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, 
     clean = undisturbed
     client = MlflowClient(mlflow_uri)
     kill, killed = _server_killer(after_round=2)
-    lost = run_experiment(quick(tmp_path, "federation.rounds=4", f"federation.checkpoint={str(checkpoint).lower()}",
+    lost = run_experiment(quick(feature_store, "federation.rounds=4", f"federation.checkpoint={str(checkpoint).lower()}",
                                 "tracking.run_name=server-lost"), on_round=kill)
     assert killed and lost.rounds == 4
     assert [{k: m[k] for k in MODEL_METRICS} for m in lost.history] == \
@@ -164,7 +166,7 @@ def test_a_lost_server_is_replaced_and_the_run_is_the_undisturbed_one(tmp_path, 
 
 
 @pytest.mark.slow  # CI runs it (.ci/run)
-def test_a_server_lost_before_its_hosts_memories_are_fetched_is_replaced(tmp_path, ray_session, mlflow_uri,
+def test_a_server_lost_before_its_hosts_memories_are_fetched_is_replaced(feature_store, ray_session, mlflow_uri,
                                                                          monkeypatch):
     """A checkpoint's client optimiser memories come from the hosts, through references the server hands the
     driver. The server killed right after it answered round 2's snapshot, before the driver fetched them:
@@ -177,7 +179,7 @@ def test_a_server_lost_before_its_hosts_memories_are_fetched_is_replaced(tmp_pat
     from raycache.federation.runtime import Federation
 
     extra = ["method.persist_optimizer=true", "federation.rounds=3"]
-    clean = run_experiment(quick(tmp_path / "clean", *extra, "tracking.run_name=memory-clean"))
+    clean = run_experiment(quick(feature_store, *extra, "tracking.run_name=memory-clean"))
     call, killed = Federation._call, []
 
     def kill_after_snapshot(self, method, *args):
@@ -194,7 +196,7 @@ def test_a_server_lost_before_its_hosts_memories_are_fetched_is_replaced(tmp_pat
         return out
 
     monkeypatch.setattr(Federation, "_call", kill_after_snapshot)
-    lost = run_experiment(quick(tmp_path / "lost", *extra, "tracking.run_name=memory-lost"))
+    lost = run_experiment(quick(feature_store, *extra, "tracking.run_name=memory-lost"))
     assert killed and lost.rounds == 3
     assert [{k: m[k] for k in MODEL_METRICS} for m in lost.history] == \
            [{k: m[k] for k in MODEL_METRICS} for m in clean.history]
@@ -203,11 +205,11 @@ def test_a_server_lost_before_its_hosts_memories_are_fetched_is_replaced(tmp_pat
 
 
 @pytest.mark.slow  # CI runs it (.ci/run)
-def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(tmp_path, ray_session, mlflow_uri):
+def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(feature_store, ray_session, mlflow_uri):
     kill, killed = _server_killer(after_round=1, wait=False)
     with pytest.raises(RunFailed, match=r"round \d: the server actor was lost .* federation.server_restarts=0 "
                                         r"replacements are used up; --resume continues the run"):
-        run_experiment(quick(tmp_path, "federation.server_restarts=0"), on_round=kill)
+        run_experiment(quick(feature_store, "federation.server_restarts=0"), on_round=kill)
     assert killed
 
 
@@ -216,7 +218,7 @@ def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(tmp_pat
     pytest.param("explicit", marks=pytest.mark.slow),
     pytest.param("automatic", marks=pytest.mark.slow),  # the default: 30 s + 10x the measured rate x samples
 ])
-def test_a_host_that_hangs_past_its_deadline_is_replaced(tmp_path, ray_session, mlflow_uri, deadline):
+def test_a_host_that_hangs_past_its_deadline_is_replaced(feature_store, ray_session, mlflow_uri, deadline):
     """A host that stops answering (SIGSTOP: alive, silent) holds its round past its deadline; the server
     gives up on its clients, kills it and starts a replacement, and the next round is whole again. With the
     default (automatic) deadline too: a hung host never blocks a run for ever."""
@@ -237,7 +239,7 @@ def test_a_host_that_hangs_past_its_deadline_is_replaced(tmp_path, ray_session, 
             stopped.append(pid)
 
     extra = ["federation.client_timeout_s=0.5"] if deadline == "explicit" else []
-    cfg = quick(tmp_path, *extra, "data.clients=4", "federation.rounds=3", "tracking.run_name=hung")
+    cfg = quick(feature_store, *extra, "data.clients=4", "federation.rounds=3", "tracking.run_name=hung")
     try:
         summary = run_experiment(cfg, on_round=stop_a_host)
     finally:
@@ -259,10 +261,10 @@ def test_a_host_that_hangs_past_its_deadline_is_replaced(tmp_path, ray_session, 
     assert after["clients_failed"] == 0 and after["clients_succeeded"] == 4  # the replacement serves them
 
 
-def test_clients_past_the_timeout_are_dropped_and_the_round_fails_without_them(tmp_path, ray_session, mlflow_uri):
+def test_clients_past_the_timeout_are_dropped_and_the_round_fails_without_them(feature_store, ray_session, mlflow_uri):
     # every local training takes longer than a microsecond: each client times out, so nothing can be aggregated
     with pytest.raises(RunFailed, match=r"round 1: 0 of 10 sampled clients reported.*\(failed 10,"):
-        run_experiment(quick(tmp_path, "federation.client_timeout_s=0.000001"))
+        run_experiment(quick(feature_store, "federation.client_timeout_s=0.000001"))
 
 
 def test_a_diverged_update_names_its_client():

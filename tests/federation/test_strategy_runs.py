@@ -16,13 +16,13 @@ BASE = ["data.clients=4", "runtime.client_actors=1", "federation.rounds=3", "tra
         "federation.checkpoint=false"]
 
 
-def test_adaptive_server_with_dp_and_fedprox(ray_session, mlflow_uri):
+def test_adaptive_server_with_dp_and_fedprox(ray_session, mlflow_uri, feature_store):
     from mlflow.tracking import MlflowClient
 
     from raycache.federation.privacy import epsilon
 
     cfg = load_config("experiments/tiny.yaml", [
-        *BASE, "federation.strategy=fedadam", "federation.server_lr=0.001", "federation.prox_mu=0.1",
+        *BASE, f"runtime.cache_dir={feature_store}", "federation.strategy=fedadam", "federation.server_lr=0.001", "federation.prox_mu=0.1",
         "federation.fraction=0.5", "federation.dp={clip_norm: 0.05, noise_multiplier: 0.8, delta: 1.0e-5}"])
     summary = run_experiment(cfg, audit=True)
     eps = [h["dp_epsilon"] for h in summary.history]
@@ -35,8 +35,8 @@ def test_adaptive_server_with_dp_and_fedprox(ray_session, mlflow_uri):
     assert all(np.isfinite(h["accuracy"]) for h in summary.history)
 
 
-def test_classwise_clients_send_their_class_counts(ray_session, mlflow_uri):
-    cfg = load_config("experiments/tiny.yaml", [*BASE, "federation.rounds=1", "federation.strategy=classwise",
+def test_classwise_clients_send_their_class_counts(ray_session, mlflow_uri, feature_store):
+    cfg = load_config("experiments/tiny.yaml", [*BASE, f"runtime.cache_dir={feature_store}", "federation.rounds=1", "federation.strategy=classwise",
                                                       "data.alpha=0.1"])
     prep = prepare(cfg)
     summary = run_experiment(cfg, audit=True)

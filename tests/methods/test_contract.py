@@ -51,8 +51,9 @@ def _data(pixels: bool, n: int, rng):
     return x, labels
 
 
-def check_contract(name: str) -> None:
-    """The contract every registered method keeps on the real runtime (a Ray session must be up)."""
+def check_contract(name: str, warm: bool = False) -> None:
+    """The contract every registered method keeps on the real runtime (a Ray session must be up). `warm`: take
+    the server and host from this process's pool and give them back after (as a sweep's trials do)."""
     method = method_class(name)
     fields = method.Settings.model_fields
     cache = [f"method.shots={K}", "method.cache_init=real"] if "cache_init" in fields else []
@@ -72,7 +73,7 @@ def check_contract(name: str) -> None:
     owner = np.array([0, 0, 1, 1, 1])  # each client's own held-out rows (here: copies of training rows)
     evals = EvalSets(test, (test[0][:6], test[1][:6]), (train[0][:5], train[1][:5], owner))
     flow = method.flow.name
-    with Federation(cfg, task, train, parts, evals, server, counts, audit=True) as fed:
+    with Federation(cfg, task, train, parts, evals, server, counts, audit=True, warm=warm) as fed:
         state0 = fed.state()
         shapes = {k: v.shape for k, v in state0.items()}
         floats = sum(v.size for v in state0.values())
@@ -114,9 +115,19 @@ def check_contract(name: str) -> None:
         assert {k: v.shape for k, v in snap["state"].items()} == shapes
 
 
+@pytest.fixture(scope="module")
+def warm_pool(ray_session):
+    """The methods take turns on one server and one host actor, re-initialised for each (a warm federation
+    computes what a cold one does: tests/federation/test_warm.py); killed when the module ends."""
+    from raycache.federation.runtime import WARM
+
+    yield
+    WARM.clear()
+
+
 @pytest.mark.parametrize("name", method_names())
-def test_method_contract(name, ray_session):
-    check_contract(name)
+def test_method_contract(name, warm_pool):
+    check_contract(name, warm=True)
 
 
 def test_local_steps_cover_each_sample_once_per_epoch():

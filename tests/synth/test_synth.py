@@ -43,6 +43,7 @@ def test_set_is_balanced_and_complete(reference):
     assert all(r["image"].startswith(b"\x89PNG") for r in rows)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); by default the interrupted run's resume compares its bytes with the reference
 def test_same_config_gives_byte_identical_parquet(reference, tmp_path):
     _, ref = reference
     ensure_set(synth_cfg(tmp_path / "again"), CLASSES, str(tmp_path))
@@ -137,6 +138,7 @@ def test_synth_command_logs_to_mlflow(capsys, ray_session, mlflow_uri, tmp_path)
     assert sheet.size[1] == 2 * 64  # one row per class
 
 
+@pytest.mark.slow  # CI runs it (.ci/run)
 def test_pipeline_from_a_local_folder(ray_session, tmp_path):
     from raycache.synth.tiny import build_tiny_pipeline
 
