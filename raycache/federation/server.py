@@ -60,6 +60,7 @@ class Server:
         self.rate: float | None = None  # the slowest local training seen, in seconds per sample (auto deadline)
         self.client_max = 0.0  # the slowest single client's seconds seen (auto deadline)
         self.missed: dict[int, int] = {}  # host index -> deadlines it missed (each doubles its next one)
+        self.eval_rate: float | None = None  # the slowest evaluation seen, in seconds per row (its deadline)
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (personal flow)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
@@ -114,12 +115,11 @@ class Server:
         """`state`'s predictions on the named global splits, evaluated in parallel like training: their rows,
         laid end to end, in one equal share per host (`row_pieces`; every host holds the splits and idles
         while the server evaluates). A host that fails to answer costs no result: another host, or the
-        server, predicts its piece (a host that died is replaced at the next round's training). Hosts predict
-        on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
-        import sys
-
+        server, predicts its piece. One that died is replaced at the next round's training; one still busy
+        past its evaluation deadline (`_eval_deadline`) is replaced now, before its pieces go elsewhere.
+        Hosts predict on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         def here(name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
             inputs = slice_rows(getattr(self.evals, name)[0], start, stop)
@@ -129,18 +129,47 @@ class Server:
             return {name: here(name) for name in names}
         ref = ray.put(state)
         shares = row_pieces({name: len(getattr(self.evals, name)[0]) for name in names}, len(self.hosts))
-        calls = [(piece, host.predict.remote(ref, *piece)) for host, share in zip(self.hosts, shares)
-                 for piece in share]
+        began = time.monotonic()
+        calls = [(h, [(piece, host.predict.remote(ref, *piece)) for piece in share])
+                 for h, (host, share) in enumerate(zip(self.hosts, shares))]
+        got: dict[tuple, np.ndarray] = {}
+        for h, pieces in calls:
+            rows = sum(stop - start for _, start, stop in (piece for piece, _ in pieces))
+            limit = self._eval_deadline(h, rows)
+            answered = True
+            for piece, call in pieces:
+                name, start, stop = piece
+                wait = None if limit is None else max(0.0, began + limit - time.monotonic())
+                try:
+                    got[piece] = ray.get(call, timeout=wait) if answered else None
+                except RayActorError as err:  # the host died: another host evaluates its piece, or the server
+                    print(f"raycache: a client host died while evaluating the {name} split; another host or "
+                          f"the server evaluates its rows ({type(err).__name__})", file=sys.stderr)
+                    answered = False
+                except GetTimeoutError:  # alive but silent (hung, or its node stalled): replaced now
+                    print(f"raycache: client host {h} gave no evaluation within {limit:.0f} s; it is replaced "
+                          f"and its rows are evaluated elsewhere", file=sys.stderr)
+                    answered = False
+                    self.missed[h] = self.missed.get(h, 0) + 1
+                    self._respawn(h)
+                if got.get(piece) is None:
+                    got[piece] = self._on_a_host("predict", lambda: here(name, start, stop), ref, name, start, stop)
+            if answered and rows:  # the slowest pace seen, in seconds per row, for the next deadlines
+                pace = (time.monotonic() - began) / rows
+                self.eval_rate = pace if self.eval_rate is None else max(self.eval_rate, pace)
         out: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for (name, start, stop), call in calls:  # a split's pieces come in row order
-            try:
-                pred = ray.get(call)
-            except RayActorError as err:  # the host died: another host evaluates its piece, or the server
-                print(f"raycache: a client host died while evaluating the {name} split; another host or the "
-                      f"server evaluates its rows ({type(err).__name__})", file=sys.stderr)
-                pred = self._on_a_host("predict", lambda: here(name, start, stop), ref, name, start, stop)
-            out[name].append(pred)
+        for piece in sorted(got, key=lambda p: (names.index(p[0]), p[1])):  # a split's pieces in row order
+            out[piece[0]].append(got[piece])
         return {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in out.items()}
+
+    def _eval_deadline(self, h: int, rows: int) -> float | None:
+        """Seconds host `h` may take to predict `rows` rows (None: no limit yet): AUTO_FLOOR_S plus AUTO_FACTOR
+        times those rows at the slowest pace an evaluation has shown so far (measured from the calls' start,
+        so it includes waiting for the host), doubled for every deadline this host missed before. The
+        first evaluation (round 0) sets the pace and has no limit, like the first round of training."""
+        if self.eval_rate is None:
+            return None
+        return (AUTO_FLOOR_S + AUTO_FACTOR * self.eval_rate * rows) * 2.0 ** self.missed.get(h, 0)
 
     def start(self) -> dict[str, float]:
         """Evaluate the initial state (round 0): it is a candidate for selection like every round."""

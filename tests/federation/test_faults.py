@@ -261,6 +261,48 @@ def test_a_host_that_hangs_past_its_deadline_is_replaced(feature_store, ray_sess
     assert after["clients_failed"] == 0 and after["clients_succeeded"] == 4  # the replacement serves them
 
 
+@pytest.mark.slow  # waits out the automatic floor (30 s) of an evaluation deadline: CI runs it (.ci/run)
+def test_a_host_that_hangs_while_evaluating_is_replaced_and_its_rows_are_evaluated_elsewhere(feature_store, ray_session,
+                                                                                            mlflow_uri):
+    """One client a round trains on host 0 (the assignment deals the largest first to host 0), so a stopped
+    host 1 holds no training, only its share of the evaluation rows. Its evaluation misses the automatic
+    deadline (measured from round 0's and round 1's evaluations); the server replaces it and evaluates its
+    rows elsewhere: every round's metrics equal an undisturbed run's, and the run never waits for ever."""
+    import os
+    import signal
+
+    import ray
+
+    from raycache.federation.server import AUTO_FLOOR_S
+
+    stopped = []
+
+    def stop_host_1(r, metrics):
+        if r == 1:
+            names = sorted(n for n in ray.util.list_named_actors() if n.startswith("raycache-host-"))
+            pid = ray.get(ray.get_actor(names[1]).pid.remote())
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    extra = ["federation.fraction=0.1", "federation.rounds=3", "federation.checkpoint=false"]
+    clean = run_experiment(quick(feature_store, *extra, "tracking.run_name=eval-clean"))
+    try:
+        hung = run_experiment(quick(feature_store, *extra, "tracking.run_name=eval-hung"), on_round=stop_host_1)
+    finally:
+        for pid in stopped:  # never leave a stopped process behind, whatever happened
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert stopped and hung.rounds == 3
+    assert [{k: m[k] for k in MODEL_METRICS} for m in hung.history] == \
+           [{k: m[k] for k in MODEL_METRICS} for m in clean.history]
+    first, second, third = hung.history
+    assert second["clients_failed"] == 0  # host 1 trained no one: what it missed was the evaluation
+    assert AUTO_FLOOR_S <= second["round_seconds"] < AUTO_FLOOR_S + 60
+    assert third["host_restarts"] == 1 and third["round_seconds"] < AUTO_FLOOR_S  # its replacement answers
+
+
 def test_clients_past_the_timeout_are_dropped_and_the_round_fails_without_them(feature_store, ray_session, mlflow_uri):
     # every local training takes longer than a microsecond: each client times out, so nothing can be aggregated
     with pytest.raises(RunFailed, match=r"round 1: 0 of 10 sampled clients reported.*\(failed 10,"):
