@@ -70,12 +70,13 @@ class Server:
         """The method, made here only when the server must compute with it itself."""
         return self.method_cls(self.settings, self.task)
 
-    def _on_a_host(self, call: str, here, *args):
-        """The hosts' `call(*args)` (the first host that answers), or `here()` when none does."""
+    def _on_a_host(self, call: str, here, *args, hosts: list | None = None):
+        """The hosts' `call(*args)` (the first of `hosts`, by default all of them, that answers), or `here()`
+        when none does."""
         import ray
         from ray.exceptions import RayActorError
 
-        for host in self.hosts:
+        for host in self.hosts if hosts is None else hosts:
             try:
                 return ray.get(getattr(host, call).remote(*args))
             except RayActorError:  # a dead host: the next one, or the server itself
@@ -114,12 +115,12 @@ class Server:
     def _predict_splits(self, state: State, names: list[str]) -> dict[str, np.ndarray]:
         """`state`'s predictions on the named global splits, evaluated in parallel like training: their rows,
         laid end to end, in one equal share per host (`row_pieces`; every host holds the splits and idles
-        while the server evaluates). A host that fails to answer costs no result: another host, or the
-        server, predicts its piece. One that died is replaced at the next round's training; one still busy
-        past its evaluation deadline (`_eval_deadline`) is replaced now, before its pieces go elsewhere.
+        while the server evaluates). A host that dies, or is still silent past its evaluation deadline
+        (`_eval_deadline`), costs no result: once every other host has answered or missed its own deadline,
+        it is replaced and its rows are predicted by a host that answered, its replacement, or the server.
         Hosts predict on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import RayActorError
 
         def here(name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
             inputs = slice_rows(getattr(self.evals, name)[0], start, stop)
@@ -130,33 +131,44 @@ class Server:
         ref = ray.put(state)
         shares = row_pieces({name: len(getattr(self.evals, name)[0]) for name in names}, len(self.hosts))
         began = time.monotonic()
-        calls = [(h, [(piece, host.predict.remote(ref, *piece)) for piece in share])
-                 for h, (host, share) in enumerate(zip(self.hosts, shares))]
+        calls = {h: [(piece, self.hosts[h].predict.remote(ref, *piece)) for piece in share]
+                 for h, share in enumerate(shares) if share}
+        rows = {h: sum(stop - start for (_, start, stop), _ in pieces) for h, pieces in calls.items()}
+        limits = {h: self._eval_deadline(h, rows[h]) for h in calls}
         got: dict[tuple, np.ndarray] = {}
-        for h, pieces in calls:
-            rows = sum(stop - start for _, start, stop in (piece for piece, _ in pieces))
-            limit = self._eval_deadline(h, rows)
-            answered = True
-            for piece, call in pieces:
-                name, start, stop = piece
-                wait = None if limit is None else max(0.0, began + limit - time.monotonic())
-                try:
-                    got[piece] = ray.get(call, timeout=wait) if answered else None
-                except RayActorError as err:  # the host died: another host evaluates its piece, or the server
-                    print(f"raycache: a client host died while evaluating the {name} split; another host or "
-                          f"the server evaluates its rows ({type(err).__name__})", file=sys.stderr)
-                    answered = False
-                except GetTimeoutError:  # alive but silent (hung, or its node stalled): replaced now
-                    print(f"raycache: client host {h} gave no evaluation within {limit:.0f} s; it is replaced "
-                          f"and its rows are evaluated elsewhere", file=sys.stderr)
-                    answered = False
+        answered, failed = [], {}  # failed: host -> why
+        pending = dict(calls)
+        while pending:  # a host runs its calls in order: its last piece answered means all of them did
+            last = {h: pieces[-1][1] for h, pieces in pending.items()}
+            due = [began + limits[h] for h in pending if limits[h] is not None]
+            ray.wait(list(last.values()), num_returns=1,
+                     timeout=None if not due else max(0.0, min(due) - time.monotonic()))
+            for h in list(pending):
+                if ray.wait([last[h]], timeout=0)[0]:
+                    try:
+                        preds = ray.get([call for _, call in pending[h]])
+                    except RayActorError as err:
+                        failed[h] = f"died while evaluating ({type(err).__name__})"
+                    else:
+                        got.update((piece, pred) for (piece, _), pred in zip(pending[h], preds))
+                        answered.append(h)
+                        pace = (time.monotonic() - began) / max(rows[h], 1)  # this host's own finish
+                        self.eval_rate = pace if self.eval_rate is None else max(self.eval_rate, pace)
+                    del pending[h]
+                elif limits[h] is not None and time.monotonic() - began >= limits[h]:
+                    failed[h] = f"gave no evaluation within {limits[h]:.0f} s"
                     self.missed[h] = self.missed.get(h, 0) + 1
-                    self._respawn(h)
-                if got.get(piece) is None:
-                    got[piece] = self._on_a_host("predict", lambda: here(name, start, stop), ref, name, start, stop)
-            if answered and rows:  # the slowest pace seen, in seconds per row, for the next deadlines
-                pace = (time.monotonic() - began) / rows
-                self.eval_rate = pace if self.eval_rate is None else max(self.eval_rate, pace)
+                    del pending[h]
+        for h, why in failed.items():
+            print(f"raycache: client host {h} {why}; it is replaced and its rows are evaluated elsewhere",
+                  file=sys.stderr)
+            if self.host_spec is not None:
+                self._respawn(h)
+        helpers = [self.hosts[h] for h in answered] + [self.hosts[h] for h in failed if self.host_spec is not None]
+        for h in failed:
+            for (name, start, stop), _ in calls[h]:
+                got[(name, start, stop)] = self._on_a_host("predict", lambda: here(name, start, stop), ref, name,
+                                                           start, stop, hosts=helpers)
         out: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for piece in sorted(got, key=lambda p: (names.index(p[0]), p[1])):  # a split's pieces in row order
             out[piece[0]].append(got[piece])
@@ -165,8 +177,9 @@ class Server:
     def _eval_deadline(self, h: int, rows: int) -> float | None:
         """Seconds host `h` may take to predict `rows` rows (None: no limit yet): AUTO_FLOOR_S plus AUTO_FACTOR
         times those rows at the slowest pace an evaluation has shown so far (measured from the calls' start,
-        so it includes waiting for the host), doubled for every deadline this host missed before. The
-        first evaluation (round 0) sets the pace and has no limit, like the first round of training."""
+        to the host's own last answer), doubled for every deadline this host missed before (in training or
+        evaluation). The first evaluation of a server (round 0's, or the first after a resume or a rebuilt
+        server) sets the pace and has no limit, like the first round of training."""
         if self.eval_rate is None:
             return None
         return (AUTO_FLOOR_S + AUTO_FACTOR * self.eval_rate * rows) * 2.0 ** self.missed.get(h, 0)

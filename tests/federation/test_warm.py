@@ -20,8 +20,14 @@ def _learned(summary) -> list[dict]:
     return [{k: v for k, v in h.items() if not any(t in k for t in TIMING)} for h in summary.history]
 
 
+@pytest.fixture
+def pool(ray_session):
+    yield WARM
+    WARM.clear()  # whatever the test asserted: idle actors must not hold the session's CPUs for later tests
+
+
 @pytest.mark.slow  # four runs (about a minute): CI runs it after the default suite
-def test_a_warm_federation_reuses_its_actors_and_computes_what_a_cold_one_does(ray_session, mlflow_uri):
+def test_a_warm_federation_reuses_its_actors_and_computes_what_a_cold_one_does(pool, mlflow_uri):
     first = load_config("experiments/tiny.yaml", [*BASE, "data.alpha=0.5", "method.lr_scale=3"])
     second = load_config("experiments/tiny.yaml", [*BASE, "data.alpha=0.1", "seed=1"])
     cold = run_experiment(second)
