@@ -137,28 +137,21 @@ class Server:
         limits = {h: self._eval_deadline(h, rows[h]) for h in calls}
         got: dict[tuple, np.ndarray] = {}
         answered, failed = [], {}  # failed: host -> why
-        pending = dict(calls)
-        while pending:  # a host runs its calls in order: its last piece answered means all of them did
-            last = {h: pieces[-1][1] for h, pieces in pending.items()}
-            due = [began + limits[h] for h in pending if limits[h] is not None]
-            ray.wait(list(last.values()), num_returns=1,
-                     timeout=None if not due else max(0.0, min(due) - time.monotonic()))
-            for h in list(pending):
-                if ray.wait([last[h]], timeout=0)[0]:
-                    try:
-                        preds = ray.get([call for _, call in pending[h]])
-                    except RayActorError as err:
-                        failed[h] = f"died while evaluating ({type(err).__name__})"
-                    else:
-                        got.update((piece, pred) for (piece, _), pred in zip(pending[h], preds))
-                        answered.append(h)
-                        pace = (time.monotonic() - began) / max(rows[h], 1)  # this host's own finish
-                        self.eval_rate = pace if self.eval_rate is None else max(self.eval_rate, pace)
-                    del pending[h]
-                elif limits[h] is not None and time.monotonic() - began >= limits[h]:
-                    failed[h] = f"gave no evaluation within {limits[h]:.0f} s"
-                    self.missed[h] = self.missed.get(h, 0) + 1
-                    del pending[h]
+        last = {h: pieces[-1][1] for h, pieces in calls.items()}  # a host runs its calls in order
+        for h, late in self._wait_hosts(last, limits.get):
+            if late is not None:
+                failed[h] = f"gave no evaluation within {late:.0f} s"
+                self.missed[h] = self.missed.get(h, 0) + 1
+                continue
+            try:
+                preds = ray.get([call for _, call in calls[h]])
+            except RayActorError as err:
+                failed[h] = f"died while evaluating ({type(err).__name__})"
+                continue
+            got.update((piece, pred) for (piece, _), pred in zip(calls[h], preds))
+            answered.append(h)
+            pace = (time.monotonic() - began) / max(rows[h], 1)  # this host's own finish
+            self.eval_rate = pace if self.eval_rate is None else max(self.eval_rate, pace)
         for h, why in failed.items():
             print(f"raycache: client host {h} {why}; it is replaced and its rows are evaluated elsewhere",
                   file=sys.stderr)
@@ -314,6 +307,27 @@ class Server:
             self.rate = rate if self.rate is None else max(self.rate, rate)
             self.client_max = max(self.client_max, float(seconds.max()))
 
+    def _wait_hosts(self, refs: dict[int, object], limit):
+        """Yield (host, late) for each host as its call `refs[host]` is ready (late None) or as `limit(host)`
+        seconds (None: no limit) pass since the wait began without it (late: that limit). Limits are asked
+        again after every answer, so what the caller learns from one host (its pace) applies to the others."""
+        import ray
+
+        start = time.monotonic()
+        pending = dict(refs)
+        while pending:
+            limits = {h: limit(h) for h in pending}
+            due = [start + d for d in limits.values() if d is not None]
+            ray.wait(list(pending.values()), num_returns=1,
+                     timeout=None if not due else max(0.0, min(due) - time.monotonic()))
+            for h in list(pending):
+                if ray.wait([pending[h]], timeout=0)[0]:
+                    del pending[h]
+                    yield h, None
+                elif limits[h] is not None and time.monotonic() - start >= limits[h]:
+                    del pending[h]
+                    yield h, limits[h]
+
     def _collect(self, calls: dict[int, tuple], round_idx: int) -> tuple[list, int, int]:
         """Wait for the hosts' reports, each until its deadline (`_deadline`). A host that died, or is still
         busy past its deadline, loses its clients for this round and is replaced. Returns (reports, clients
@@ -321,36 +335,27 @@ class Server:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        start = time.monotonic()
-        pending = dict(calls)
         reports, failed, timed_out = [], 0, 0
-        while pending:
-            limits = {h: self._deadline(h, clients) for h, (_, clients) in pending.items()}
-            due = [start + d for d in limits.values() if d is not None]
-            wait = None if not due else max(0.0, min(due) - time.monotonic())
-            ray.wait([ref for ref, _ in pending.values()], num_returns=1, timeout=wait)
-            for h in list(pending):
-                ref, clients = pending[h]
-                if not ray.wait([ref], timeout=0)[0]:
-                    if limits[h] is not None and time.monotonic() - start >= limits[h]:
-                        print(f"raycache: round {round_idx}: client host {h} gave no answer within "
-                              f"{limits[h]:.0f} s; its {len(clients)} clients miss the round and the host is "
-                              f"replaced", file=sys.stderr)
-                        del pending[h]
-                        failed += len(clients)
-                        self.missed[h] = self.missed.get(h, 0) + 1
-                        self._respawn(h)
-                    continue
-                del pending[h]
-                try:
-                    rep = ray.get(ref)
-                except (RayActorError, ActorDiedError, ActorUnavailableError):  # the host died mid-round
-                    failed += len(clients)
-                    self._respawn(h)
-                    continue
-                self._measure(rep)
-                timed_out += len(rep.timed_out)
-                reports.append(rep)
+        refs = {h: ref for h, (ref, _) in calls.items()}
+        for h, late in self._wait_hosts(refs, lambda h: self._deadline(h, calls[h][1])):
+            ref, clients = calls[h]
+            if late is not None:
+                print(f"raycache: round {round_idx}: client host {h} gave no answer within "
+                      f"{late:.0f} s; its {len(clients)} clients miss the round and the "
+                      f"host is replaced", file=sys.stderr)
+                failed += len(clients)
+                self.missed[h] = self.missed.get(h, 0) + 1
+                self._respawn(h)
+                continue
+            try:
+                rep = ray.get(ref)
+            except (RayActorError, ActorDiedError, ActorUnavailableError):  # the host died mid-round
+                failed += len(clients)
+                self._respawn(h)
+                continue
+            self._measure(rep)
+            timed_out += len(rep.timed_out)
+            reports.append(rep)
         return reports, failed, timed_out
 
     def run_round(self, round_idx: int) -> dict[str, float]:

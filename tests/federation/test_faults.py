@@ -213,6 +213,35 @@ def test_a_server_lost_more_often_than_allowed_fails_the_run_in_one_line(feature
     assert killed
 
 
+def _host_stopper(index: int, stopped: list[int]):
+    """An `on_round` callback that, after round 1, stops host `index` with SIGSTOP (alive, silent: a hung
+    process or a stalled node) and records its pid in `stopped`."""
+    import os
+    import signal
+
+    import ray
+
+    def stop(r, metrics):
+        if r == 1:
+            names = sorted(n for n in ray.util.list_named_actors() if n.startswith("raycache-host-"))
+            pid = ray.get(ray.get_actor(names[index]).pid.remote())
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    return stop
+
+
+def _kill(pids: list[int]) -> None:
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("deadline", [
     # client_timeout_s=0.5: 0.5 s per client on the host + 5 s (about 40 s here: CI runs it)
     pytest.param("explicit", marks=pytest.mark.slow),
@@ -222,32 +251,15 @@ def test_a_host_that_hangs_past_its_deadline_is_replaced(feature_store, ray_sess
     """A host that stops answering (SIGSTOP: alive, silent) holds its round past its deadline; the server
     gives up on its clients, kills it and starts a replacement, and the next round is whole again. With the
     default (automatic) deadline too: a hung host never blocks a run for ever."""
-    import os
-    import signal
-
-    import ray
-
     from raycache.federation.server import AUTO_FACTOR, AUTO_FLOOR_S
 
     stopped = []
-
-    def stop_a_host(r, metrics):
-        if r == 1:
-            names = sorted(n for n in ray.util.list_named_actors() if n.startswith("raycache-host-"))
-            pid = ray.get(ray.get_actor(names[0]).pid.remote())
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
-
     extra = ["federation.client_timeout_s=0.5"] if deadline == "explicit" else []
     cfg = quick(feature_store, *extra, "data.clients=4", "federation.rounds=3", "tracking.run_name=hung")
     try:
-        summary = run_experiment(cfg, on_round=stop_a_host)
+        summary = run_experiment(cfg, on_round=_host_stopper(0, stopped))
     finally:
-        for pid in stopped:  # never leave a stopped process behind, whatever happened
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(stopped)  # never leave a stopped process behind, whatever happened
     assert stopped and summary.rounds == 3
     first, hung, after = summary.history
     assert hung["clients_failed"] == 2 and hung["clients_succeeded"] == 2  # the stopped host's two clients
@@ -268,38 +280,20 @@ def test_a_host_that_hangs_while_evaluating_is_replaced_and_its_rows_are_evaluat
     host 1 holds no training, only its share of the evaluation rows. Its evaluation misses the automatic
     deadline (measured from round 0's and round 1's evaluations); the server replaces it and evaluates its
     rows elsewhere: every round's metrics equal an undisturbed run's, and the run never waits for ever."""
-    import os
-    import signal
-
-    import ray
-
     from raycache.federation.server import AUTO_FLOOR_S
 
     stopped = []
-
-    def stop_host_1(r, metrics):
-        if r == 1:
-            names = sorted(n for n in ray.util.list_named_actors() if n.startswith("raycache-host-"))
-            pid = ray.get(ray.get_actor(names[1]).pid.remote())
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
-
-    def kill_stopped():  # without a deadline the run would wait for ever: end the wait so the test fails
-        for pid in stopped:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
     extra = ["federation.fraction=0.1", "federation.rounds=3", "federation.checkpoint=false"]
     clean = run_experiment(quick(feature_store, *extra, "tracking.run_name=eval-clean"))
-    watchdog = threading.Timer(AUTO_FLOOR_S + 150, kill_stopped)
+    # without a deadline the run would wait for ever: the watchdog ends the wait, so the test fails instead
+    watchdog = threading.Timer(AUTO_FLOOR_S + 150, _kill, [stopped])
     watchdog.start()
     try:
-        hung = run_experiment(quick(feature_store, *extra, "tracking.run_name=eval-hung"), on_round=stop_host_1)
+        hung = run_experiment(quick(feature_store, *extra, "tracking.run_name=eval-hung"),
+                              on_round=_host_stopper(1, stopped))
     finally:
         watchdog.cancel()
-        kill_stopped()  # never leave a stopped process behind, whatever happened
+        _kill(stopped)  # never leave a stopped process behind, whatever happened
     assert stopped and hung.rounds == 3
     learned = (*MODEL_METRICS, "val_accuracy")  # host 1's share holds the validation rows, which select
     assert [{k: m[k] for k in learned} for m in hung.history] == [{k: m[k] for k in learned} for m in clean.history]
