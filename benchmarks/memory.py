@@ -57,6 +57,9 @@ class PeakSampler:
         self.peak_processes = 0
         self._roles: dict[int, str] = {}  # pid -> what it became (a worker starts as default_worker / IDLE)
         self._peaks: dict[int, float] = {}  # pid -> its own peak PSS
+        self._at_peak: dict[int, float] = {}  # pid -> its PSS in the sample with the highest total
+        self.stage = ""  # what the run was doing (set by the caller); `peak_stage`: at the total's peak
+        self.peak_stage = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -64,6 +67,7 @@ class PeakSampler:
         me = psutil.Process()
         rss = pss = driver = 0.0
         procs = [me, *me.children(recursive=True)]
+        now: dict[int, float] = {}
         for p in procs:
             try:
                 info = p.memory_full_info()  # reads smaps_rollup: PSS as well as RSS
@@ -75,8 +79,11 @@ class PeakSampler:
             rss += info.rss
             pss += info.pss
             self._peaks[p.pid] = max(self._peaks.get(p.pid, 0.0), info.pss)
+            now[p.pid] = info.pss
             if p.pid == me.pid:
                 driver = info.pss
+        if pss > self.peak_pss:
+            self._at_peak, self.peak_stage = now, self.stage
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_driver_pss = max(self.peak_driver_pss, driver)
         self.peak_processes = max(self.peak_processes, len(procs))
@@ -89,6 +96,15 @@ class PeakSampler:
         for pid, peak in self._peaks.items():
             role = self._roles.get(pid, "idle worker")
             out[role] = out.get(role, 0.0) + peak
+        return out
+
+    @property
+    def at_peak(self) -> dict[str, float]:
+        """What made up the total at its highest sample: PSS summed by role (these add up to `peak_pss`)."""
+        out: dict[str, float] = {}
+        for pid, pss in self._at_peak.items():
+            role = self._roles.get(pid, "idle worker")
+            out[role] = out.get(role, 0.0) + pss
         return out
 
     def report(self) -> str:

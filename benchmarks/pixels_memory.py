@@ -55,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         f"runtime.encoder_gpus={args.encoder_gpus}",
         f"runtime.cache_dir={store}", "tracking.experiment=benchmark-pixels"])
     t = time.perf_counter()
+    mem = PeakSampler(report_every=args.report_every)
+
     def stage(name: str) -> None:  # where the run is, beside the periodic peak reports
+        mem.stage = name
         print(f"[pixels {time.perf_counter() - t:.0f}s] {name}", file=sys.stderr, flush=True)
 
-    with PeakSampler(report_every=args.report_every) as mem:
-        s = run_experiment(cfg, on_stage=stage)
+    with mem:
+        s = run_experiment(cfg, on_stage=stage, on_round=lambda r, m: stage(f"after round {r}"))
         ray.shutdown()
     wall = time.perf_counter() - t
     from raycache.data.features import input_size
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     floats = len(source.labels) * 3 * side * side * 4
     print(f"[pixels] peak PSS by role (MB): " + ", ".join(
         f"{k} {v / MB:.0f}" for k, v in sorted(mem.by_role.items(), key=lambda kv: -kv[1])), file=sys.stderr)
+    print(f"[pixels] at the total's peak ({mem.peak_stage or 'start'}), by role (MB): " + ", ".join(
+        f"{k} {v / MB:.0f}" for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])), file=sys.stderr)
     if args.client_gpus or args.encoder_gpus:
         print(f"[pixels] GPU: {gpu_name()}", file=sys.stderr)
     print("model | images | px | clients_trained | encoded | peak_pss_mb | driver_pss_mb | float_pixels_mb | "

@@ -383,7 +383,8 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             run.log_metrics(initial, step=0)
         else:
             initial = ckpt.meta.get("initial", {})
-            fed.restore(ckpt.snapshot, ckpt.round)
+            fed.restore(ckpt.snapshot, ckpt.round, ckpt.path)
+            ckpt.snapshot = {}  # on the server now, and in its file: a full model's arrays are not held here too
             log_checkpointed_round(run, ckpt)
             run.set_tags({"raycache.resumed_from_round": ckpt.round})
         timings["time_actors_s"] = time.perf_counter() - t
@@ -399,8 +400,8 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             # round and logs its metrics from the checkpoint (`log_checkpointed_round`); logged first, a
             # death before the checkpoint would log the round again when it is redone.
             if cfg.federation.checkpoint:
-                save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
-                                                         "method": cfg.method.name, "initial": initial})
+                fed.saved(save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
+                                                                   "method": cfg.method.name, "initial": initial}))
             run.log_metrics(metrics, step=r)
             if audit:
                 messages += [{**m, "round": r} for m in fed.audit_log()]

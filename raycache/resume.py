@@ -139,14 +139,15 @@ def resumable(cfg, run_id: str):
     return ckpt
 
 
-def save_round(cfg, run, round_idx: int, snapshot: dict, meta: dict) -> None:
+def save_round(cfg, run, round_idx: int, snapshot: dict, meta: dict) -> Path:
     """Write this round's checkpoint (atomically and durably), link it from the run, then delete the round
-    checkpoints `federation.keep_checkpoints` does not keep."""
+    checkpoints `federation.keep_checkpoints` does not keep. Returns its path."""
     from raycache.federation import checkpoint
 
     path = checkpoint.save(round_path(cfg, run.run_id, round_idx), round_idx, snapshot, meta)
     run.set_tags({CHECKPOINT_TAG: str(path), "raycache.checkpoint_round": round_idx})
     prune(path.parent, cfg.federation.keep_checkpoints, (snapshot.get("selection") or {}).get("best_round"))
+    return path
 
 
 def save_result(cfg, run, result: dict) -> Path:

@@ -40,9 +40,15 @@ def test_memory_sampler_sees_this_process_and_its_children(capsys):
 
     sampler = load("memory").PeakSampler(interval=0.05, report_every=0.3)
     with sampler:
+        sampler.stage = "the child"
         child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(1)"])
         child.wait()
+        sampler.stage = "after"
     assert sampler.peak_processes >= 2
     assert sampler.peak_pss >= sampler.peak_driver_pss + 150 * 2**20  # the child's 200 MB counted
+    # what made up the peak: the processes of that one sample, adding up to it, while the child ran
+    assert sampler.peak_stage == "the child"
+    assert sum(sampler.at_peak.values()) == sampler.peak_pss
+    assert max(v for k, v in sampler.at_peak.items() if k != "driver") >= 150 * 2**20
     reports = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[mem ")]
     assert reports and "peak PSS" in reports[-1] and "driver" in reports[-1]  # a long run's figures as it goes

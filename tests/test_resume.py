@@ -115,8 +115,9 @@ def test_a_personal_method_resumes_with_every_clients_own_state(feature_store, r
     real_save = raycache.resume.save_round
 
     def save_then_die(cfg, run, r, snapshot, meta):
-        real_save(cfg, run, r, snapshot, meta)
+        path = real_save(cfg, run, r, snapshot, meta)
         crash(r, None)
+        return path
 
     if dies.startswith("after"):
         kwargs = {"on_round": crash}

@@ -29,6 +29,7 @@ class Checkpoint:
     round: int
     snapshot: dict  # {"state": State, "reached": bool array, "clients": {id: State}}
     meta: dict  # seed, method, totals so far
+    path: Path | None = None  # the file it was read from
 
 
 def save(path: Path, round_idx: int, snapshot: dict, meta: dict) -> Path:
@@ -90,4 +91,4 @@ def load(path: Path, what: str = "--resume") -> Checkpoint:
     if "selection" in info:
         snap["selection"] = json.loads(info["selection"])
         snap["best"] = _states({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")})
-    return Checkpoint(int(info["round"]), snap, json.loads(info["meta"]))
+    return Checkpoint(int(info["round"]), snap, json.loads(info["meta"]), path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from raycache.methods.base import Task
@@ -59,7 +61,9 @@ class Federation:
         self._spec = (cfg, task, train, parts, evals, server_data, class_counts, audit)
         self.round = 0  # the last round the server's state holds
         self._started = False  # round 0 (`start`) done
-        self._snap: dict | None = None  # the latest snapshot, the state after round `_snap_round`
+        # the latest snapshot, the state after round `_snap_round`: its arrays, or the checkpoint file that
+        # holds them once it is saved (`saved`), so that a full model's state and best state are not held here
+        self._snap: dict | Path | None = None
         self._snap_round = 0
         self._lost: BaseException | None = None  # the server was lost: rebuild before the next call
         self.server_restarts = 0  # lost servers replaced
@@ -178,7 +182,13 @@ class Federation:
         self.hosts, self.server = [], None
         self._start(*self._spec)
         if self._snap is not None:
-            ray.get(self.server.restore.remote(self._snap))
+            snap = self._snap
+            if isinstance(snap, Path):
+                from raycache.federation import checkpoint
+
+                snap = checkpoint.load(snap, what="the run's latest checkpoint").snapshot
+            ray.get(self.server.restore.remote(snap))
+            del snap
         elif self._started:
             ray.get(self.server.start.remote())
         for r in range(self._snap_round + 1, self.round + 1):  # rounds since the snapshot
@@ -212,10 +222,16 @@ class Federation:
         self._snap, self._snap_round = snap, self.round
         return snap
 
-    def restore(self, snap: dict, round_idx: int) -> None:
-        """Continue from `snap`, the server's state after round `round_idx` (a checkpoint)."""
+    def saved(self, path: Path) -> None:
+        """The latest snapshot is now the checkpoint at `path`: a lost server is rebuilt from that file, and
+        this process lets go of the snapshot's arrays."""
+        self._snap = Path(path)
+
+    def restore(self, snap: dict, round_idx: int, path: Path | None = None) -> None:
+        """Continue from `snap`, the server's state after round `round_idx` (a checkpoint, read from `path`:
+        a lost server is rebuilt from that file, not from arrays kept here)."""
         self._call("restore", snap)
-        self._snap, self._snap_round, self.round = snap, round_idx, round_idx
+        self._snap, self._snap_round, self.round = snap if path is None else Path(path), round_idx, round_idx
 
     def audit_log(self) -> list[dict]:
         """Every client message recorded since the last call (a federation started with `audit`)."""

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raycache.federation.aggregate import WeightedSum, fedavg
+from raycache.federation.aggregate import Scaled, WeightedSum, fedavg
 from raycache.federation.evaluate import client_accuracy, per_class_accuracy
 from raycache.federation.sampling import client_seed, sample_clients
 
@@ -73,31 +73,34 @@ def test_folding_in_blocks_gives_the_plain_float64_sum_bit_for_bit(monkeypatch):
         for st, w, r in zip(states, weights, rows):
             wk = r[:, None] if key == "m" else w
             expected = expected + np.asarray(st[key]).astype(np.float64) * wk
-        np.testing.assert_array_equal(fold.sums[key], expected)
+        np.testing.assert_array_equal(fold.total(key), expected)
 
 
 def test_folding_a_big_update_needs_no_float64_copy_of_it():
-    """A full model's update (here 4M values, 16 MB in float32) is added to a running sum with a bounded
-    temporary, not a float64 copy plus a product of the same size (64 MB)."""
+    """Full model updates (here 4M values, 16 MB in float32) are added into a running float64 sum (32 MB, the
+    sum itself) with a bounded temporary, not a float64 copy of each update plus a product of the same size
+    (64 MB more)."""
     import tracemalloc
 
     update = {"w": np.ones(4 << 20, np.float32)}
     fold = WeightedSum()
-    fold.add(update, 1.0)
     tracemalloc.start()
     try:
+        fold.add(update, 1.0)
         fold.add(update, 2.0)
-        _, peak = tracemalloc.get_traced_memory()
+        current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 12 * 2**20, peak  # one block's float64 temporary (8 MB), not 64 MB
-    assert fold.sums["w"][0] == 3.0 and fold.sums["w"].dtype == np.float64
+    assert current >= 32 * 2**20  # the float64 sum
+    assert peak < 32 * 2**20 + 12 * 2**20, peak  # and one block's float64 temporary (8 MB), not 64 MB more
+    assert fold.total("w")[0] == 3.0 and fold.total("w").dtype == np.float64
 
 
 def _read_only(fold: WeightedSum) -> WeightedSum:
     """`fold` as a host's partial arrives on the server: its arrays read-only (views of Ray's object store)."""
     for v in fold.sums.values():
-        v.flags.writeable = False
+        for a in (v.v, v.w) if isinstance(v, Scaled) else (v,):
+            a.flags.writeable = False
     return fold
 
 
@@ -118,9 +121,9 @@ def test_merged_mean_in_blocks_is_the_plain_formula_bit_for_bit(monkeypatch):
                   "s": np.float32(rng.normal())}
             r = rng.integers(0, 3, 50).astype(float) * (np.arange(50) % 10 != 0)  # rows 0, 10, ...: weight 0
             fold.add(st, float(rng.integers(1, 9)), {"m": r})
-        sums["m"].append(fold.sums["m"].copy())
-        sums["v"].append(fold.sums["v"].copy())
-        sums["s"].append(fold.sums["s"].copy())
+        sums["m"].append(fold.total("m").copy())
+        sums["v"].append(fold.total("v").copy())
+        sums["s"].append(fold.total("s").copy())
         row_w.append(fold.weights["m"])
         hosts.append(_read_only(fold))
     total = WeightedSum()
@@ -139,9 +142,9 @@ def test_merged_mean_in_blocks_is_the_plain_formula_bit_for_bit(monkeypatch):
 
 
 def test_merging_host_partials_needs_no_float64_copy_of_the_sum():
-    """The server merges two hosts' partial sums of a full model (here 4M values: 32 MB each in float64)
-    and averages them holding the float32 result (16 MB) and one block (8 MB), not a float64 copy of the
-    sum (32 MB) plus its quotient (32 MB more)."""
+    """The server merges two hosts' partial sums of a full model (here 4M values, one client each) and
+    averages them holding the float32 result (16 MB) and two blocks (8 MB each: the running block and the
+    next client's product), not a float64 copy of the sum (32 MB) plus its quotient (32 MB more)."""
     import tracemalloc
 
     hosts = []
@@ -158,7 +161,7 @@ def test_merging_host_partials_needs_no_float64_copy_of_the_sum():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 16 * 2**20 + 12 * 2**20, peak  # the float32 result and one block's float64 temporary
+    assert peak < 16 * 2**20 + 2 * 8 * 2**20 + 2**20, peak  # the float32 result and two blocks
     assert out["w"][0] == np.float32((1.0 + 9.0) / 4.0)
 
 
@@ -178,3 +181,57 @@ def test_a_fold_adds_its_own_clients_before_it_merges():
         WeightedSum().merge(total)
     one.add({"j": np.array([9.0])}, 1.0)  # changed afterwards: a key the merge never weighed
     assert set(total.mean()) == {"k"}
+
+
+def test_a_one_client_fold_sends_its_float32_update_and_averages_to_the_same_bits(monkeypatch):
+    """A host given one client (a full model's round with few clients) holds that client's float32 arrays
+    and weight, not a float64 product twice their size: nothing is allocated when it is added, and it
+    pickles (as Ray sends it to the server) to about the update's float32 bytes. Merged with folds of several
+    clients, in any position, the mean is still `(s_0 + s_1 + ...) / w` in float64 exactly, per-row weights
+    and rows no client weighed included."""
+    import pickle
+    import tracemalloc
+
+    import raycache.federation.aggregate as agg
+
+    big = {"w": np.ones(1 << 20, np.float32)}
+    fold = WeightedSum()
+    tracemalloc.start()
+    try:
+        fold.add(big, 3.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak  # a float64 product would be 8 MB
+    assert len(pickle.dumps(fold, protocol=5)) < 4 * 2**20 + 2**16  # the float32 update (4 MB), not 8 MB
+    np.testing.assert_array_equal(fold.total("w"), np.full(1 << 20, 3.0))
+
+    monkeypatch.setattr(agg, "CHUNK", 7)
+    rng = np.random.default_rng(5)
+    prev = {"m": rng.normal(size=(20, 3)).astype(np.float32)}
+    folds, addends, row_w = [], {"m": [], "s": []}, []
+    for clients in (1, 3, 1):  # a one-client fold first, between and after folds of several
+        fold = WeightedSum()
+        for _ in range(clients):
+            st = {"m": rng.normal(size=(20, 3)).astype(np.float32), "s": np.float32(rng.normal())}
+            w = float(rng.integers(1, 9))
+            r = rng.integers(0, 3, 20).astype(float) * (np.arange(20) % 7 != 0)  # rows 0, 7, 14: weight 0
+            fold.add(st, w, {"m": r})
+            addends["m"].append(st["m"].astype(np.float64) * r[:, None])
+            addends["s"].append(np.float64(st["s"]) * w)
+        row_w.append(fold.weights["m"])
+        folds.append(_read_only(pickle.loads(pickle.dumps(fold, protocol=5))))
+    assert isinstance(folds[0].sums["m"], Scaled) and not isinstance(folds[1].sums["m"], Scaled)
+    total = WeightedSum()
+    for fold in folds:
+        total.merge(fold)
+    out = total.mean(fallback=prev)
+    # the plain formula: each fold's own sum in client order, then the folds' sums in merge order
+    fold_m = [addends["m"][0], addends["m"][1] + addends["m"][2] + addends["m"][3], addends["m"][4]]
+    fold_s = [addends["s"][0], addends["s"][1] + addends["s"][2] + addends["s"][3], addends["s"][4]]
+    w = row_w[0] + row_w[1] + row_w[2]
+    m = (fold_m[0] + fold_m[1] + fold_m[2]) / np.where(w > 0, w, 1.0)[:, None]
+    assert (w == 0).any()
+    np.testing.assert_array_equal(out["m"], np.where((w > 0)[:, None], m, prev["m"].astype(np.float64))
+                                  .astype(np.float32))
+    np.testing.assert_array_equal(out["s"], np.float32((fold_s[0] + fold_s[1] + fold_s[2]) / total.weight))
