@@ -401,7 +401,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             # death before the checkpoint would log the round again when it is redone.
             if cfg.federation.checkpoint:
                 fed.saved(save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
-                                                                   "method": cfg.method.name, "initial": initial}))
+                                                                   "method": cfg.method.name, "initial": initial}), r)
             run.log_metrics(metrics, step=r)
             if audit:
                 messages += [{**m, "round": r} for m in fed.audit_log()]

@@ -71,6 +71,15 @@ def _per_client(tensors: dict[str, np.ndarray], prefix: str) -> dict[int, dict[s
     return out
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Whether two snapshots hold equal states (the global one and the clients' own)."""
+    def equal(x: dict, y: dict) -> bool:
+        return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+    return (equal(a["state"], b["state"]) and a["clients"].keys() == b["clients"].keys()
+            and all(equal(a["clients"][c], b["clients"][c]) for c in a["clients"]))
+
+
 def load(path: Path, what: str = "--resume") -> Checkpoint:
     """The checkpoint at `path`; `what` names the option or key a missing or damaged file is reported under."""
     from safetensors import safe_open
@@ -91,4 +100,7 @@ def load(path: Path, what: str = "--resume") -> Checkpoint:
     if "selection" in info:
         snap["selection"] = json.loads(info["selection"])
         snap["best"] = _states({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")})
+        if snap["selection"].get("best_round") == int(info["round"]) and _same(snap["best"], snap):
+            # the best round is this one: one copy of its states, as the server held them (not two of a full model)
+            snap["best"].update(state=snap["state"], clients=snap["clients"])
     return Checkpoint(int(info["round"]), snap, json.loads(info["meta"]), path)

@@ -132,17 +132,23 @@ class Personal(Flow):
         return float(len(fresh) * nbytes(server.state)), 0.0
 
     def evaluate(self, server, state) -> dict[str, float]:
-        """Every client under its own state: accuracies are means over clients."""
-        import ray
-
+        """Every client under its own state: accuracies are means over clients. Each host evaluates its home
+        clients under the server's evaluation deadlines (`Server.ask_hosts`)."""
         from raycache.federation.evaluate import client_accuracy, per_class_accuracy, summarise
+        from raycache.federation.sampling import home_host
 
         n_classes = server.task.n_classes
         n_clients = len(server.class_counts)
         ev = server.evals
         test_y = ev.test[1]
+        # what each host predicts (its deadline scales with it): every home client on the global splits, and
+        # the clients' own held-out rows
+        home = home_host(np.arange(n_clients), len(server.hosts))
+        per_client = len(test_y) + (0 if ev.val is None else len(ev.val[1]))
+        owner = np.zeros(0, np.int64) if ev.client is None else ev.client[2]
+        rows = [per_client * int((home == h).sum()) + int((home[owner] == h).sum()) for h in range(len(server.hosts))]
         preds: dict[str, dict[int, np.ndarray]] = {"test": {}, "val": {}, "local": {}}
-        for part in ray.get([h.evaluate.remote(state) for h in server.hosts]):
+        for part in server.ask_hosts("evaluate", (state,), rows):
             for name, by_client in part.items():
                 preds[name].update(by_client)
         clients = range(n_clients)

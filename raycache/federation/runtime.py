@@ -222,9 +222,11 @@ class Federation:
         self._snap, self._snap_round = snap, self.round
         return snap
 
-    def saved(self, path: Path) -> None:
-        """The latest snapshot is now the checkpoint at `path`: a lost server is rebuilt from that file, and
-        this process lets go of the snapshot's arrays."""
+    def saved(self, path: Path, round_idx: int) -> None:
+        """The latest snapshot (of round `round_idx`) is now the checkpoint at `path`: a lost server is rebuilt
+        from that file, and this process lets go of the snapshot's arrays."""
+        if round_idx != self._snap_round or not isinstance(self._snap, dict):
+            raise ValueError(f"checkpoint of round {round_idx} given for the snapshot of round {self._snap_round}")
         self._snap = Path(path)
 
     def restore(self, snap: dict, round_idx: int, path: Path | None = None) -> None:

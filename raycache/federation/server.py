@@ -17,13 +17,8 @@ from raycache.federation.evaluate import (EvalSets, client_accuracy, owner_accur
                                           row_pieces, slice_rows, summarise, tune)
 from raycache.federation.sampling import assign_hosts, sample_clients
 from raycache.federation.selection import Selection
+from raycache.federation.supervision import Supervisor
 from raycache.methods.base import State, state_nbytes, state_params
-
-
-# The automatic host deadline (federation.client_timeout_s: null): see Server._deadline.
-AUTO_FLOOR_S = 30.0
-AUTO_FACTOR = 10.0
-RESPAWN_TIMEOUT_S = 600.0  # a replacement host that has not started by then cannot be placed
 
 
 class Server:
@@ -51,16 +46,11 @@ class Server:
         self.federation = federation
         self.fraction = federation.fraction
         self.seed = seed
-        self.host_spec = host_spec
-        self.restarts = 0
         self.sizes = np.ones(trainers, np.int64) if sizes is None else np.maximum(np.asarray(sizes), 1)
+        self.watch = Supervisor(self.hosts, host_spec, federation, self.sizes)  # deadlines, replacements
         # clients that keep state on their host (a personal state, optimiser memory) train there; the others
         # on whichever host balances the round
         self.pinned = self.flow.keeps_client_state or method_cls.keeps_optimizer(settings)
-        self.rate: float | None = None  # the slowest local training seen, in seconds per sample (auto deadline)
-        self.client_max = 0.0  # the slowest single client's seconds seen (auto deadline)
-        self.missed: dict[int, int] = {}  # host index -> deadlines it missed (each doubles its next one)
-        self.eval_rate: float | None = None  # the slowest evaluation seen, in seconds per row (its deadline)
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (personal flow)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
@@ -116,8 +106,9 @@ class Server:
         """`state`'s predictions on the named global splits, evaluated in parallel like training: their rows,
         laid end to end, in one equal share per host (`row_pieces`; every host holds the splits and idles
         while the server evaluates). A host that dies, or is still silent past its evaluation deadline
-        (`_eval_deadline`), costs no result: once every other host has answered or missed its own deadline,
-        it is replaced and its rows are predicted by a host that answered, its replacement, or the server.
+        (`Supervisor.eval_deadline`), costs no result: once every other host has answered or missed its own
+        deadline, it is replaced and its rows are predicted by a host that answered, its replacement, or the
+        server.
         Hosts predict on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
         import ray
         from ray.exceptions import RayActorError
@@ -134,14 +125,14 @@ class Server:
         calls = {h: [(piece, self.hosts[h].predict.remote(ref, *piece)) for piece in share]
                  for h, share in enumerate(shares) if share}
         rows = {h: sum(stop - start for (_, start, stop), _ in pieces) for h, pieces in calls.items()}
-        limits = {h: self._eval_deadline(h, rows[h]) for h in calls}
+        limits = {h: self.watch.eval_deadline(h, rows[h]) for h in calls}
         got: dict[tuple, np.ndarray] = {}
         answered, failed = [], {}  # failed: host -> why
         last = {h: pieces[-1][1] for h, pieces in calls.items()}  # a host runs its calls in order
-        for h, late in self._wait_hosts(last, limits.get):
+        for h, late in self.watch.wait(last, limits.get):
             if late is not None:
                 failed[h] = f"gave no evaluation within {late:.0f} s"
-                self.missed[h] = self.missed.get(h, 0) + 1
+                self.watch.missed_deadline(h)
                 continue
             try:
                 preds = ray.get([call for _, call in calls[h]])
@@ -150,14 +141,13 @@ class Server:
                 continue
             got.update((piece, pred) for (piece, _), pred in zip(calls[h], preds))
             answered.append(h)
-            pace = (time.monotonic() - began) / max(rows[h], 1)  # this host's own finish
-            self.eval_rate = pace if self.eval_rate is None else max(self.eval_rate, pace)
+            self.watch.evaluated(time.monotonic() - began, rows[h])  # to this host's own finish
         for h, why in failed.items():
             print(f"raycache: client host {h} {why}; it is replaced and its rows are evaluated elsewhere",
                   file=sys.stderr)
-            if self.host_spec is not None:
-                self._respawn(h)
-        helpers = [self.hosts[h] for h in answered] + [self.hosts[h] for h in failed if self.host_spec is not None]
+            if self.watch.replaceable:
+                self.watch.respawn(h)
+        helpers = [self.hosts[h] for h in answered] + [self.hosts[h] for h in failed if self.watch.replaceable]
         for h in failed:
             for (name, start, stop), _ in calls[h]:
                 got[(name, start, stop)] = self._on_a_host("predict", lambda: here(name, start, stop), ref, name,
@@ -167,15 +157,42 @@ class Server:
             out[piece[0]].append(got[piece])
         return {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in out.items()}
 
-    def _eval_deadline(self, h: int, rows: int) -> float | None:
-        """Seconds host `h` may take to predict `rows` rows (None: no limit yet): AUTO_FLOOR_S plus AUTO_FACTOR
-        times those rows at the slowest pace an evaluation has shown so far (measured from the calls' start,
-        to the host's own last answer), doubled for every deadline this host missed before (in training or
-        evaluation). The first evaluation of a server (round 0's, or the first after a resume or a rebuilt
-        server) sets the pace and has no limit, like the first round of training."""
-        if self.eval_rate is None:
-            return None
-        return (AUTO_FLOOR_S + AUTO_FACTOR * self.eval_rate * rows) * 2.0 ** self.missed.get(h, 0)
+    def ask_hosts(self, call: str, args: tuple, rows: list[int]) -> list:
+        """Every host's `call(*args)` (an evaluation of `rows[h]` rows on host h), each under its evaluation
+        deadline (`Supervisor.eval_deadline`), in host order. A host that dies or stays silent past it is
+        replaced and its replacement asked once more; a replacement starts afresh (a personal flow's clients
+        on it are back on the initial state, as after a failure in training)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        out: dict[int, object] = {}
+        pending = list(range(len(self.hosts)))
+        for attempt in (1, 2):
+            began = time.monotonic()
+            refs = {h: getattr(self.hosts[h], call).remote(*args) for h in pending}
+            failed: dict[int, str] = {}
+            for h, late in self.watch.wait(refs, lambda h: self.watch.eval_deadline(h, rows[h])):
+                if late is not None:
+                    failed[h] = f"gave no evaluation within {late:.0f} s"
+                    self.watch.missed_deadline(h)
+                    continue
+                try:
+                    out[h] = ray.get(refs[h])
+                except RayActorError as err:
+                    failed[h] = f"died while evaluating ({type(err).__name__})"
+                    continue
+                self.watch.evaluated(time.monotonic() - began, rows[h])
+            if not failed:
+                return [out[h] for h in range(len(self.hosts))]
+            if attempt == 2 or not self.watch.replaceable:
+                raise RunFailed("client hosts " + ", ".join(f"{h} {why}" for h, why in failed.items())
+                                + ("" if attempt == 1 else ", after a replacement"))
+            for h, why in failed.items():
+                print(f"raycache: client host {h} {why}; it is replaced (its clients' own states with it) and "
+                      f"asked again", file=sys.stderr)
+                self.watch.respawn(h)
+            pending = list(failed)
+        raise AssertionError("unreachable")
 
     def start(self) -> dict[str, float]:
         """Evaluate the initial state (round 0): it is a candidate for selection like every round."""
@@ -256,80 +273,8 @@ class Server:
 
         return [m for part in ray.get([h.audit_log.remote() for h in self.hosts]) for m in part]
 
-    def _respawn(self, h: int) -> None:
-        """Replace host `h` (dead, or still busy past its deadline) with a fresh one on the same clients."""
-        import ray
-
-        from raycache.federation.host import ClientHost
-
-        ray.kill(self.hosts[h], no_restart=True)
-        if self.host_spec is None:
-            raise RuntimeError(f"client host {h} failed and this federation cannot restart it")
-        options, specs = self.host_spec
-        args, kwargs = specs[h]
-        self.restarts += 1
-        name = f"{options['name']}-{h}-{self.restarts}"
-        self.hosts[h] = ray.remote(ClientHost).options(**{**options, "name": name}).remote(*args, **kwargs)
-        # Wait until it has started (imports, model build): the next round's deadline must not pay for that.
-        # A replacement that cannot be placed (its node is gone, the autoscaler is at its maximum) ends the
-        # run in one line rather than waiting for ever.
-        from ray.exceptions import GetTimeoutError
-
-        try:
-            ray.get(self.hosts[h].node.remote(), timeout=RESPAWN_TIMEOUT_S)
-        except GetTimeoutError:
-            raise RunFailed(f"client host {h} failed and its replacement did not start within "
-                            f"{RESPAWN_TIMEOUT_S:.0f} s (no room for it on the cluster?)") from None
-
-    def _deadline(self, h: int, clients: list[int]) -> float | None:
-        """Seconds host `h` may take for `clients` before it is given up on (None: no limit yet).
-
-        `federation.client_timeout_s` set: that many per client, plus 5 s. Null (the default): automatic,
-        AUTO_FLOOR_S plus AUTO_FACTOR times what the host's clients would take at the slowest pace measured
-        so far in this run (this round's earlier hosts included): the host's samples at the slowest seconds
-        per sample of one host's clients together, plus its clients at the slowest single client's seconds
-        (a per-client cost that samples do not show); doubled for every deadline this host missed before
-        (a host slower than the ones measured gets more time, not the same cut every round). Generous
-        enough that no legitimate round is cut off, short enough that a hung host costs minutes, not the
-        run. Before any client has reported there is no measurement and no limit."""
-        timeout = self.federation.client_timeout_s
-        if timeout is not None:
-            return timeout * len(clients) + 5.0
-        if self.rate is None:
-            return None
-        pace = self.rate * float(self.sizes[clients].sum()) + self.client_max * len(clients)
-        return (AUTO_FLOOR_S + AUTO_FACTOR * pace) * 2.0 ** self.missed.get(h, 0)
-
-    def _measure(self, rep) -> None:
-        seconds, samples = rep.column("seconds"), rep.column("samples")
-        if len(seconds):  # the host's clients together (a client's fixed cost spread over its samples)
-            rate = float(seconds.sum() / max(samples.sum(), 1))
-            self.rate = rate if self.rate is None else max(self.rate, rate)
-            self.client_max = max(self.client_max, float(seconds.max()))
-
-    def _wait_hosts(self, refs: dict[int, object], limit):
-        """Yield (host, late) for each host as its call `refs[host]` is ready (late None) or as `limit(host)`
-        seconds (None: no limit) pass since the wait began without it (late: that limit). Limits are asked
-        again after every answer, so what the caller learns from one host (its pace) applies to the others."""
-        import ray
-
-        start = time.monotonic()
-        pending = dict(refs)
-        while pending:
-            limits = {h: limit(h) for h in pending}
-            due = [start + d for d in limits.values() if d is not None]
-            ray.wait(list(pending.values()), num_returns=1,
-                     timeout=None if not due else max(0.0, min(due) - time.monotonic()))
-            for h in list(pending):
-                if ray.wait([pending[h]], timeout=0)[0]:
-                    del pending[h]
-                    yield h, None
-                elif limits[h] is not None and time.monotonic() - start >= limits[h]:
-                    del pending[h]
-                    yield h, limits[h]
-
     def _collect(self, calls: dict[int, tuple], round_idx: int) -> tuple[list, int, int]:
-        """Wait for the hosts' reports, each until its deadline (`_deadline`). A host that died, or is still
+        """Wait for the hosts' reports, each until its deadline (`Supervisor.deadline`). A host that died, or is still
         busy past its deadline, loses its clients for this round and is replaced. Returns (reports, clients
         failed, clients timed out)."""
         import ray
@@ -337,23 +282,23 @@ class Server:
 
         reports, failed, timed_out = [], 0, 0
         refs = {h: ref for h, (ref, _) in calls.items()}
-        for h, late in self._wait_hosts(refs, lambda h: self._deadline(h, calls[h][1])):
+        for h, late in self.watch.wait(refs, lambda h: self.watch.deadline(h, calls[h][1])):
             ref, clients = calls[h]
             if late is not None:
                 print(f"raycache: round {round_idx}: client host {h} gave no answer within "
                       f"{late:.0f} s; its {len(clients)} clients miss the round and the "
                       f"host is replaced", file=sys.stderr)
                 failed += len(clients)
-                self.missed[h] = self.missed.get(h, 0) + 1
-                self._respawn(h)
+                self.watch.missed_deadline(h)
+                self.watch.respawn(h)
                 continue
             try:
                 rep = ray.get(ref)
             except (RayActorError, ActorDiedError, ActorUnavailableError):  # the host died mid-round
                 failed += len(clients)
-                self._respawn(h)
+                self.watch.respawn(h)
                 continue
-            self._measure(rep)
+            self.watch.trained(rep.column("seconds"), rep.column("samples"))
             timed_out += len(rep.timed_out)
             reports.append(rep)
         return reports, failed, timed_out
@@ -378,7 +323,7 @@ class Server:
         succeeded = int(sum(len(r.messages) for r in reports))
         counts = {"clients_sampled": float(len(sampled)), "clients_succeeded": float(succeeded),
                   "clients_failed": float(failed + timed_out), "clients_dropped": float(faults.dropped.sum()),
-                  "clients_late": float(faults.late.sum()), "host_restarts": float(self.restarts)}
+                  "clients_late": float(faults.late.sum()), "host_restarts": float(self.watch.restarts)}
         if succeeded < self.federation.min_clients:  # never aggregate from (almost) nothing
             raise RunFailed(f"round {round_idx}: {succeeded} of {len(sampled)} sampled clients reported, fewer "
                               f"than federation.min_clients={self.federation.min_clients} (failed {failed + timed_out}"

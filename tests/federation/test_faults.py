@@ -251,7 +251,7 @@ def test_a_host_that_hangs_past_its_deadline_is_replaced(feature_store, ray_sess
     """A host that stops answering (SIGSTOP: alive, silent) holds its round past its deadline; the server
     gives up on its clients, kills it and starts a replacement, and the next round is whole again. With the
     default (automatic) deadline too: a hung host never blocks a run for ever."""
-    from raycache.federation.server import AUTO_FACTOR, AUTO_FLOOR_S
+    from raycache.federation.supervision import AUTO_FACTOR, AUTO_FLOOR_S
 
     stopped = []
     extra = ["federation.client_timeout_s=0.5"] if deadline == "explicit" else []
@@ -280,7 +280,7 @@ def test_a_host_that_hangs_while_evaluating_is_replaced_and_its_rows_are_evaluat
     host 1 holds no training, only its share of the evaluation rows. Its evaluation misses the automatic
     deadline (measured from round 0's and round 1's evaluations); the server replaces it and evaluates its
     rows elsewhere: every round's metrics equal an undisturbed run's, and the run never waits for ever."""
-    from raycache.federation.server import AUTO_FLOOR_S
+    from raycache.federation.supervision import AUTO_FLOOR_S
 
     stopped = []
     extra = ["federation.fraction=0.1", "federation.rounds=3", "federation.checkpoint=false"]
@@ -303,6 +303,45 @@ def test_a_host_that_hangs_while_evaluating_is_replaced_and_its_rows_are_evaluat
     assert second["host_restarts"] == 0  # counted with the round's training, before its evaluation
     assert AUTO_FLOOR_S <= second["round_seconds"] < AUTO_FLOOR_S + 90
     assert third["host_restarts"] == 1 and third["round_seconds"] < AUTO_FLOOR_S  # its replacement answers
+
+
+@pytest.mark.slow  # waits out the automatic floor (30 s) of an evaluation deadline: CI runs it (.ci/run)
+def test_a_personal_host_that_hangs_while_evaluating_is_replaced(feature_store, ray_session, mlflow_uri, capfd):
+    """A personal flow (local_only: each client keeps its own cache on its home host) evaluates every client on
+    its home host. One client trains a round, so the host that is not its home in round 2 holds only its
+    clients' evaluation; stopped (SIGSTOP) after round 1, it misses the automatic evaluation deadline, is
+    replaced, and its replacement (whose clients are back on the initial state) is asked again: the run goes
+    on, never waits for ever, and what happened before is what an undisturbed run logs."""
+    from raycache.federation.sampling import home_host, sample_clients
+    from raycache.federation.supervision import AUTO_FLOOR_S
+
+    extra = ["method.name=local_only", "per_method.local_only.cache_init=real", "per_method.local_only.lr=1.0e-5",
+             "per_method.local_only.beta=100", "per_method.local_only.alpha=10", "data.clients=4",
+             "federation.fraction=0.25", "federation.rounds=3", "federation.checkpoint=false"]
+    cfg = quick(feature_store, *extra, "tracking.run_name=personal-clean")
+    (client,) = sample_clients(4, 0.25, cfg.seed, 2)  # round 2's one client
+    idle = 1 - home_host(int(client), cfg.runtime.client_actors)
+    assert cfg.runtime.client_actors == 2
+    clean = run_experiment(cfg)
+    stopped = []
+    watchdog = threading.Timer(AUTO_FLOOR_S + 150, _kill, [stopped])
+    watchdog.start()
+    try:
+        hung = run_experiment(quick(feature_store, *extra, "tracking.run_name=personal-hung"),
+                              on_round=_host_stopper(idle, stopped))
+    finally:
+        watchdog.cancel()
+        _kill(stopped)
+    assert stopped and hung.rounds == 3
+    learned = (*MODEL_METRICS, "val_accuracy")
+    assert [{k: m[k] for k in learned} for m in hung.history[:1]] == \
+           [{k: m[k] for k in learned} for m in clean.history[:1]]
+    first, second, third = hung.history
+    assert second["clients_failed"] == 0 and second["host_restarts"] == 0  # it missed only the evaluation
+    assert AUTO_FLOOR_S <= second["round_seconds"] < AUTO_FLOOR_S + 90
+    assert third["host_restarts"] == 1 and third["round_seconds"] < AUTO_FLOOR_S  # its replacement answers
+    err = capfd.readouterr().err
+    assert f"client host {idle} gave no evaluation within" in err and "asked again" in err
 
 
 def test_clients_past_the_timeout_are_dropped_and_the_round_fails_without_them(feature_store, ray_session, mlflow_uri):

@@ -59,3 +59,25 @@ def test_owner_accuracy_is_each_clients_hit_rate_on_its_own_rows():
     labels = np.array([1, 2, 3, 0, 5, 5])
     pred = np.array([1, 0, 3, 0, 4, 5])
     np.testing.assert_allclose(owner_accuracy(pred, labels, owner, 4), [2 / 3, 1.0, 0.5, 0.0])
+
+
+def test_a_checkpoint_at_its_best_round_reads_back_one_copy_of_the_state(tmp_path):
+    """A checkpoint taken at the best validation round holds the state twice (`global/` and `best/`); read
+    back, the best state is the global state itself (a rebuilt or resumed server holds one full model, as the
+    server that wrote it did). At another round the two stay apart, each with its own values."""
+    from raycache.federation import checkpoint
+
+    rng = np.random.default_rng(0)
+    state = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+    older = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+    reached = np.array([True, False])
+    for best_round, best_state in ((3, state), (2, older)):
+        sel = Selection()
+        sel.best_round = best_round
+        snap = {"state": state, "clients": {}, "reached": reached, "selection": sel.to_json(),
+                "best": {"state": best_state, "clients": {}, "reached": reached}}
+        back = checkpoint.load(checkpoint.save(tmp_path / f"r{best_round}.safetensors", 3, snap, {}),
+                               "test").snapshot
+        np.testing.assert_array_equal(back["state"]["w"], state["w"])
+        np.testing.assert_array_equal(back["best"]["state"]["w"], best_state["w"])
+        assert (back["best"]["state"] is back["state"]) == (best_round == 3)
