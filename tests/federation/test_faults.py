@@ -306,7 +306,7 @@ def test_a_host_that_hangs_while_evaluating_is_replaced_and_its_rows_are_evaluat
 
 
 @pytest.mark.slow  # waits out the automatic floor (30 s) of an evaluation deadline: CI runs it (.ci/run)
-def test_a_personal_host_that_hangs_while_evaluating_is_replaced(feature_store, ray_session, mlflow_uri, capfd):
+def test_a_personal_host_that_hangs_while_evaluating_is_replaced(feature_store, ray_session, mlflow_uri):
     """A personal flow (local_only: each client keeps its own cache on its home host) evaluates every client on
     its home host. One client trains a round, so the host that is not its home in round 2 holds only its
     clients' evaluation; stopped (SIGSTOP) after round 1, it misses the automatic evaluation deadline, is
@@ -340,8 +340,6 @@ def test_a_personal_host_that_hangs_while_evaluating_is_replaced(feature_store, 
     assert second["clients_failed"] == 0 and second["host_restarts"] == 0  # it missed only the evaluation
     assert AUTO_FLOOR_S <= second["round_seconds"] < AUTO_FLOOR_S + 90
     assert third["host_restarts"] == 1 and third["round_seconds"] < AUTO_FLOOR_S  # its replacement answers
-    err = capfd.readouterr().err
-    assert f"client host {idle} gave no evaluation within" in err and "asked again" in err
 
 
 def test_clients_past_the_timeout_are_dropped_and_the_round_fails_without_them(feature_store, ray_session, mlflow_uri):
