@@ -111,7 +111,6 @@ class Server:
         server.
         Hosts predict on their own device (a GPU, with `runtime.client_gpus`), the server on its CPU."""
         import ray
-        from ray.exceptions import RayActorError
 
         def here(name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
             inputs = slice_rows(getattr(self.evals, name)[0], start, stop)
@@ -125,29 +124,15 @@ class Server:
         calls = {h: [(piece, self.hosts[h].predict.remote(ref, *piece)) for piece in share]
                  for h, share in enumerate(shares) if share}
         rows = {h: sum(stop - start for (_, start, stop), _ in pieces) for h, pieces in calls.items()}
-        limits = {h: self.watch.eval_deadline(h, rows[h]) for h in calls}
-        got: dict[tuple, np.ndarray] = {}
-        answered, failed = [], {}  # failed: host -> why
-        last = {h: pieces[-1][1] for h, pieces in calls.items()}  # a host runs its calls in order
-        for h, late in self.watch.wait(last, limits.get):
-            if late is not None:
-                failed[h] = f"gave no evaluation within {late:.0f} s"
-                self.watch.missed_deadline(h)
-                continue
-            try:
-                preds = ray.get([call for _, call in calls[h]])
-            except RayActorError as err:
-                failed[h] = f"died while evaluating ({type(err).__name__})"
-                continue
-            got.update((piece, pred) for (piece, _), pred in zip(calls[h], preds))
-            answered.append(h)
-            self.watch.evaluated(time.monotonic() - began, rows[h])  # to this host's own finish
+        answers, failed = self.watch.evaluations({h: [c for _, c in pieces] for h, pieces in calls.items()}, rows,
+                                                 began)  # failed: host -> why
+        got = {piece: pred for h, preds in answers.items() for (piece, _), pred in zip(calls[h], preds)}
         for h, why in failed.items():
             print(f"raycache: client host {h} {why}; it is replaced and its rows are evaluated elsewhere",
                   file=sys.stderr)
             if self.watch.replaceable:
                 self.watch.respawn(h)
-        helpers = [self.hosts[h] for h in answered] + [self.hosts[h] for h in failed if self.watch.replaceable]
+        helpers = [self.hosts[h] for h in answers] + [self.hosts[h] for h in failed if self.watch.replaceable]
         for h in failed:
             for (name, start, stop), _ in calls[h]:
                 got[(name, start, stop)] = self._on_a_host("predict", lambda: here(name, start, stop), ref, name,
@@ -162,26 +147,13 @@ class Server:
         deadline (`Supervisor.eval_deadline`), in host order. A host that dies or stays silent past it is
         replaced and its replacement asked once more; a replacement starts afresh (a personal flow's clients
         on it are back on the initial state, as after a failure in training)."""
-        import ray
-        from ray.exceptions import RayActorError
-
         out: dict[int, object] = {}
         pending = list(range(len(self.hosts)))
         for attempt in (1, 2):
             began = time.monotonic()
-            refs = {h: getattr(self.hosts[h], call).remote(*args) for h in pending}
-            failed: dict[int, str] = {}
-            for h, late in self.watch.wait(refs, lambda h: self.watch.eval_deadline(h, rows[h])):
-                if late is not None:
-                    failed[h] = f"gave no evaluation within {late:.0f} s"
-                    self.watch.missed_deadline(h)
-                    continue
-                try:
-                    out[h] = ray.get(refs[h])
-                except RayActorError as err:
-                    failed[h] = f"died while evaluating ({type(err).__name__})"
-                    continue
-                self.watch.evaluated(time.monotonic() - began, rows[h])
+            calls = {h: [getattr(self.hosts[h], call).remote(*args)] for h in pending}
+            answers, failed = self.watch.evaluations(calls, rows, began)
+            out.update((h, answer) for h, (answer,) in answers.items())
             if not failed:
                 return [out[h] for h in range(len(self.hosts))]
             if attempt == 2 or not self.watch.replaceable:

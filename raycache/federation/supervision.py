@@ -103,6 +103,30 @@ class Supervisor:
                     del pending[h]
                     yield h, limits[h]
 
+    def evaluations(self, calls: dict[int, list], rows, began: float) -> tuple[dict[int, list], dict[int, str]]:
+        """Wait for each host's evaluation calls (`calls[h]`, which the host runs in order), under its evaluation
+        deadline for its `rows[h]` rows, fixed when the wait begins. Returns (each answering host's results, in
+        its calls' order; why each other host failed). Records each answer's pace, from `began` to that
+        host's own finish, and each missed deadline."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        limits = {h: self.eval_deadline(h, rows[h]) for h in calls}
+        answers: dict[int, list] = {}
+        failed: dict[int, str] = {}
+        for h, late in self.wait({h: refs[-1] for h, refs in calls.items()}, limits.get):
+            if late is not None:
+                failed[h] = f"gave no evaluation within {late:.0f} s"
+                self.missed_deadline(h)
+                continue
+            try:
+                answers[h] = ray.get(calls[h])
+            except RayActorError as err:
+                failed[h] = f"died while evaluating ({type(err).__name__})"
+                continue
+            self.evaluated(time.monotonic() - began, rows[h])
+        return answers, failed
+
     def respawn(self, h: int) -> None:
         """Replace host `h` (dead, or still busy past its deadline) with a fresh one on the same clients."""
         import ray
