@@ -45,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-gpus", type=float, default=0.0, help="the client actor's share of a GPU (0: CPU)")
     ap.add_argument("--encoder-gpus", type=float, default=0.0, help="the encoder actor's share of a GPU (0: CPU)")
     ap.add_argument("--report-every", type=float, default=60.0, help="seconds between peak reports on stderr")
+    ap.add_argument("--store", default=None, help="a feature store an earlier run of the same settings left "
+                                                  "(its path is printed): the frozen features are read, not "
+                                                  "encoded again (default: a new one)")
     args = ap.parse_args(argv)
-    store = tempfile.mkdtemp(prefix="raycache-bench-pixels-")
+    store = args.store or tempfile.mkdtemp(prefix="raycache-bench-pixels-")
+    print(f"[pixels] feature store: {store}", file=sys.stderr, flush=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     cfg = load_config("experiments/tiny.yaml", [
         f"model.name={args.model}", "model.pretrained=null", f"data.dataset={args.dataset}",

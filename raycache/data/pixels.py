@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from raycache import heap
 from raycache.data.sources.base import Source, decode_image
 
 
@@ -107,5 +108,10 @@ def load_pixels(source: Source, transform) -> ImageRows:
     if len(keys) != len(source.labels):
         raise RuntimeError(f"reading returned {len(keys)} images for {len(source.labels)}")
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
-    return ImageRows(np.concatenate(chunks) if chunks else np.zeros(0, np.uint8), offsets, np.asarray(keys),
+    rows = ImageRows(np.concatenate(chunks) if chunks else np.zeros(0, np.uint8), offsets, np.asarray(keys),
                      transform)
+    del chunks
+    # every image's bytes came as Python objects of its own (once per run): for Fashion-MNIST's 70,000 images,
+    # 115 MB of freed heap stayed resident in the driver for the rest of the run
+    heap.release()
+    return rows
