@@ -97,7 +97,6 @@ class ClientHost:
         not home to (None: only its own)."""
         import torch
 
-        heap.map_large_blocks()  # a training step's large activations: mapped, unmapped when freed
         torch.set_num_threads(max(1, threads))
         # torch loads its compiler stack on a process's first optimizer step (~2 s here): pay that at
         # start-up so that round 1 costs what every other round costs.
