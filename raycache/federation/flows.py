@@ -55,9 +55,6 @@ class Flow:
         raise NotImplementedError
 
     # -- on the server --
-    def broadcast(self, server: "Server") -> State:
-        return server.state
-
     def merge(self, server: "Server", reports: list, reporting: np.ndarray, round_idx: int) -> tuple[float, float]:
         """Make the server's next state from the hosts' reports; returns (bytes down, bytes up)."""
         raise NotImplementedError

@@ -1,6 +1,7 @@
 """The server (driver/aggregator) actor: holds the global state and the server strategy's memory, samples
-clients, broadcasts with one `ray.put` per round, lets the method's flow merge the hosts' reports (FedAvg,
-FedAdam, ... for a federated flow; nothing for a personal one) and evaluates.
+clients, broadcasts with one `ray.put` per global state (and keeps only that object-store copy), lets the
+method's flow merge the hosts' reports (FedAvg, FedAdam, ... for a federated flow; nothing for a personal
+one) and evaluates.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Server:
         self.evals = evals
         self.hosts = hosts
         self.state = self._on_a_host("init_state", lambda: self.method.init_state(*server_data), server_data)
+        self._stored: tuple | None = None  # (object ref, the views self.state became): see `_shared`
         self.class_counts = class_counts  # (clients, classes): the clients' label mixes, for client accuracy
         self.trainers = trainers  # virtual clients that train (1 for a pooled flow)
         self.federation = federation
@@ -76,6 +78,23 @@ class Server:
     def reinit(self, *args, **kwargs) -> None:
         """Become the server of another federation (a warm pool's actor): the same as constructing one."""
         self.__init__(*args, **kwargs)
+
+    def _shared(self):
+        """The object ref of the current global state's one object-store copy, made once per state and passed
+        to the hosts by the round's broadcast and by every evaluation of that state. The server then keeps
+        only read-only views of that copy (`ray.get` of numpy arrays maps them, it does not copy), so a full
+        model's state is held once, not once in this process and once more in the store."""
+        import ray
+
+        if self._stored is None or self._stored[1] is not self.state:
+            self._stored = None  # the previous state's copy goes first (unless the selected round's views keep it)
+            ref = ray.put(self.state)
+            views = ray.get(ref)
+            if self.best["state"] is self.state:  # the selected round's state is this one: the same views
+                self.best["state"] = views
+            self.state, self._stored = views, (ref, views)
+            heap.release(state_nbytes(views))  # the private copy just dropped
+        return self._stored[0]
 
     def current_hosts(self) -> list:
         """The host actors as they are now (a replaced host's successor in its place)."""
@@ -118,7 +137,11 @@ class Server:
 
         if not self.hosts:
             return {name: here(name) for name in names}
-        ref = ray.put(state)
+        if state is self.state:  # the state the round broadcast: its object-store copy, not another
+            ref = self._shared()
+            state = self.state
+        else:
+            ref = ray.put(state)
         shares = row_pieces({name: len(getattr(self.evals, name)[0]) for name in names}, len(self.hosts))
         began = time.monotonic()
         calls = {h: [(piece, self.hosts[h].predict.remote(ref, *piece)) for piece in share]
@@ -284,7 +307,7 @@ class Server:
         sampled = sample_clients(self.trainers, self.fraction, self.seed, round_idx)
         faults = plan_faults(sampled, self.seed, round_idx, self.federation)
         reporting = sampled[faults.reporting]  # the rest dropped out or missed the deadline: no work asked
-        state_ref = ray.put(self.flow.broadcast(self))  # the one broadcast of this round
+        state_ref = self._shared()  # the one broadcast of this round
         calls = {}
         for h, mine in enumerate(assign_hosts(reporting, self.sizes, len(self.hosts), self.pinned)):
             if len(mine):

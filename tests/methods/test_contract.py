@@ -111,6 +111,13 @@ def check_contract(name: str, warm: bool = False) -> None:
             assert {k: v.shape for k, v in state.items()} == shapes
             assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["client_accuracy_mean"] <= 1
+        # The server holds the global state once: read-only views of the copy the broadcast put in the object
+        # store (a full model's state is not kept a second time in the server's own memory).
+        import ray
+
+        held = ray.get(fed.server.__ray_call__.remote(
+            lambda s: [(v.flags.writeable, v.flags.owndata) for v in s.state.values()]))
+        assert not any(writeable or own for writeable, own in held), held
         snap = fed.snapshot()  # what a checkpoint holds, for every method (zero-shot's once failed here)
         assert {k: v.shape for k, v in snap["state"].items()} == shapes
 
