@@ -7,7 +7,8 @@ Datasets: scikit-learn's digits (1,797 images, an in-memory source) and an Image
 with random weights (nothing is downloaded). Each raycache row starts from an empty feature store on a fresh
 local Ray of `--cpus` CPUs; `wall_s` includes starting the encoder actors and building their model, which
 the floor does once before its clock starts (`steady_img_s` leaves that out: images over the time from the
-first features to the last).
+first features to the last). The eval transform is handed to the pipeline, as a run's model preflight hands
+it over before encoding starts.
 
     .venv/bin/python benchmarks/encode_throughput.py                      # ViT-B-32, all cores
     .venv/bin/python benchmarks/encode_throughput.py --model tiny --folder-images 200
@@ -49,8 +50,9 @@ def write_folder(root: Path, n: int, size: int = 256, classes: int = 4) -> Path:
     return root
 
 
-def floor(source, spec: ModelSpec, batch: int, threads: int) -> tuple[float, np.ndarray]:
-    """(images/s, features): one process, `threads` torch threads, decode + transform + encode per batch."""
+def floor(source, spec: ModelSpec, batch: int, threads: int) -> tuple[float, np.ndarray, object]:
+    """(images/s, features, the eval transform): one process, `threads` torch threads, decode + transform +
+    encode per batch."""
     torch.set_num_threads(threads)
     model, preprocess, _ = load_clip(spec)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
@@ -65,11 +67,12 @@ def floor(source, spec: ModelSpec, batch: int, threads: int) -> tuple[float, np.
             chunk = rows[i:i + batch]
             pixels = torch.stack([preprocess(decode_image(r["image"], r["key"])) for r in chunk])
             out.append(model.encode_image(pixels).float().numpy())
-    return len(rows) / (time.perf_counter() - t), np.concatenate(out)
+    return len(rows) / (time.perf_counter() - t), np.concatenate(out), preprocess
 
 
-def pipeline(source, spec: ModelSpec, runtime: RuntimeConfig) -> tuple[float, float, np.ndarray]:
-    """(images/s over the wall time, images/s from first to last features, features) of `load_or_encode`."""
+def pipeline(source, spec: ModelSpec, runtime: RuntimeConfig, transform) -> tuple[float, float, np.ndarray]:
+    """(images/s over the wall time, images/s from first to last features, features) of `load_or_encode`,
+    given the eval `transform` as a run gives it (made by the model's preflight before encoding starts)."""
     from raycache.data import features as F
     from raycache.data.feature_store import ShardWriter
 
@@ -83,7 +86,7 @@ def pipeline(source, spec: ModelSpec, runtime: RuntimeConfig) -> tuple[float, fl
     ShardWriter.write = timed
     try:
         t = time.perf_counter()
-        feats = F.load_or_encode(source, spec, runtime)
+        feats = F.load_or_encode(source, spec, runtime, transform=transform)
         wall = time.perf_counter() - t
     finally:
         ShardWriter.write = write
@@ -113,13 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name in args.datasets:
             source = sources[name]()
-            floor_rate, expected = floor(source, spec, args.batch, args.cpus)
+            floor_rate, expected, transform = floor(source, spec, args.batch, args.cpus)
             for label, extra in settings.items():
                 ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
                 try:
                     runtime = RuntimeConfig(cache_dir=str(Path(tmp) / f"store-{name}-{label}"),
                                             encoder_batch_size=args.batch, **extra)
-                    rate, steady, feats = pipeline(source, spec, runtime)
+                    rate, steady, feats = pipeline(source, spec, runtime, transform)
                 finally:
                     ray.shutdown()
                 assert np.allclose(feats, expected, rtol=1e-3, atol=1e-4), "pipeline features differ from the floor's"

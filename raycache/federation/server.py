@@ -41,8 +41,11 @@ class Server:
         self.strategy_memory: State = {}  # the server optimiser's moments (FedAvgM, FedAdam, ...)
         self.evals = evals
         self.hosts = hosts
-        self.state = self._on_a_host("init_state", lambda: self.method.init_state(*server_data), server_data)
-        self._stored: tuple | None = None  # (object ref, the views self.state became): see `_shared`
+        # The initial state as a host returned it: read-only views of the object-store copy that the first
+        # broadcast passes on by its ref (`_shared`), rather than putting the state in the store again.
+        self.state, ref = self._on_a_host("init_state", lambda: self.method.init_state(*server_data), server_data,
+                                          with_ref=True)
+        self._stored: tuple | None = None if ref is None else (ref, self.state)  # (ref, the views it gave)
         self.class_counts = class_counts  # (clients, classes): the clients' label mixes, for client accuracy
         self.trainers = trainers  # virtual clients that train (1 for a pooled flow)
         self.federation = federation
@@ -62,18 +65,20 @@ class Server:
         """The method, made here only when the server must compute with it itself."""
         return self.method_cls(self.settings, self.task)
 
-    def _on_a_host(self, call: str, here, *args, hosts: list | None = None):
+    def _on_a_host(self, call: str, here, *args, hosts: list | None = None, with_ref: bool = False):
         """The hosts' `call(*args)` (the first of `hosts`, by default all of them, that answers), or `here()`
-        when none does."""
+        when none does. With `with_ref`: (the answer, its object ref; None when the server computed it)."""
         import ray
         from ray.exceptions import RayActorError
 
         for host in self.hosts if hosts is None else hosts:
             try:
-                return ray.get(getattr(host, call).remote(*args))
+                ref = getattr(host, call).remote(*args)
+                answer = ray.get(ref)
             except RayActorError:  # a dead host: the next one, or the server itself
                 continue
-        return here()
+            return (answer, ref) if with_ref else answer
+        return (here(), None) if with_ref else here()
 
     def reinit(self, *args, **kwargs) -> None:
         """Become the server of another federation (a warm pool's actor): the same as constructing one."""
