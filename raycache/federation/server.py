@@ -304,8 +304,6 @@ class Server:
         return reports, failed, timed_out
 
     def run_round(self, round_idx: int) -> dict[str, float]:
-        import ray
-
         from raycache.federation.faults import plan_faults
 
         t0 = time.perf_counter()
