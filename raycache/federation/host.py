@@ -98,11 +98,6 @@ class ClientHost:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        # torch loads its compiler stack on a process's first optimizer step (~2 s here): pay that at
-        # start-up so that round 1 costs what every other round costs.
-        param = torch.zeros(1, requires_grad=True)
-        param.sum().backward()
-        torch.optim.AdamW([param], fused=True).step()
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.method = method_cls(settings, task).to(self.device)
         self.flow = self.method.flow
