@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -155,13 +156,14 @@ def main() -> int:
             f"federation.rounds={args.rounds}", f"runtime.client_actors={args.client_actors}",
             f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory"])
 
-    # One round first, in its own Ray: the measured runs read precomputed features and cache keys from the
-    # store, so the peaks compare what a federation costs, not the (client-independent) encoder pool.
-    run_experiment(load_config("experiments/tiny.yaml", [
+    # One round first, in its own process and Ray (`raycache run`): the measured runs read precomputed
+    # features and cache keys from the store, so the peaks compare what a federation costs, not the
+    # (client-independent) encoder pool; and this process, the measured runs' driver, holds nothing of the
+    # encoding (Ray Data's pipeline, the encoded arrays): it starts as a run from the store starts.
+    subprocess.run([sys.executable, "-m", "raycache", "run", "experiments/tiny.yaml", *(f"--set={kv}" for kv in [
         f"data.dataset={args.dataset}", f"data.clients={args.clients[0]}", f"data.alpha={args.alpha}",
-        "federation.rounds=1",
-        f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory-warmup"]))
-    ray.shutdown()
+        "federation.rounds=1", f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory-warmup"])],
+        check=True, stdout=subprocess.DEVNULL)
 
     rows = []
     for clients in args.clients:
