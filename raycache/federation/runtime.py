@@ -13,7 +13,7 @@ class WarmPool:
     """Idle server and host actors of this process, kept for its next federation (a sweep trial's process,
     which Tune reuses for the next trial of the same resources). A reused actor is re-initialised with the
     next federation's arguments, exactly as a new one would be constructed, but without starting a process,
-    importing torch or loading its compiler stack again. Actors die with the process that owns them."""
+    or importing torch again. Actors die with the process that owns them."""
 
     def __init__(self) -> None:
         self.idle: dict[tuple, list] = {}
