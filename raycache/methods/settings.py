@@ -45,9 +45,10 @@ class TrainSettings(MethodSettings):
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     batch_size: int = Field(32, ge=1, description="local minibatch size")
     schedule: Literal["cosine", "cosine_run", "constant"] = Field(
-        "constant", description="learning-rate schedule (a factor of lr set every batch, as torch's LambdaLR does): cosine over a "
-                                "client's steps in a round, cosine_run = one cosine over the whole run (round r "
-                                "continues where round r-1 stopped: Tip-Adapter-F's and CoOp's), or constant")
+        "constant", description="learning-rate schedule (a factor of lr set every batch, as torch's LambdaLR "
+                                "does): cosine over a client's steps in a round, cosine_run = one cosine over "
+                                "the whole run (round r continues where round r-1 stopped: Tip-Adapter-F's and "
+                                "CoOp's), or constant")
     warmup_epochs: int = Field(0, ge=0, description="epochs of the run trained at the constant warmup_lr before "
                                                     "the schedule starts (CoOp's constant warm-up: 1)")
     warmup_lr: float = Field(1e-5, gt=0, description="the learning rate during warm-up")

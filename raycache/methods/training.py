@@ -78,27 +78,23 @@ class Optimiser:
         return state
 
     def step(self, lr: float) -> None:
-        with torch.no_grad():
-            self._step(lr)
-
-    def _step(self, lr: float) -> None:
         cfg = self.cfg
         named = [(name, p) for name, p in self.params.items() if p.grad is not None]
         params, grads = [p for _, p in named], [p.grad for _, p in named]
-        if not self.adam:
-            buffers = [self.state[name].get("momentum_buffer") for name, _ in named]
-            torch_sgd.sgd(params, grads, buffers, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                lr=lr, dampening=0.0, nesterov=False, maximize=False)
-            if cfg.momentum != 0:
-                for (name, _), buf in zip(named, buffers):
-                    self.state[name]["momentum_buffer"] = buf
-            return
-        states = [self._adam_state(name, p) for name, p in named]
-        torch_adam.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-                              [s["step"] for s in states], fused=True if self.fused else None,
-                              decoupled_weight_decay=cfg.optimizer == "adamw", amsgrad=False, beta1=cfg.betas[0],
-                              beta2=cfg.betas[1], lr=lr, weight_decay=cfg.weight_decay, eps=cfg.eps,
-                              maximize=False)
+        with torch.no_grad():
+            if not self.adam:
+                buffers = [self.state[name].get("momentum_buffer") for name, _ in named]
+                torch_sgd.sgd(params, grads, buffers, weight_decay=cfg.weight_decay, momentum=cfg.momentum, lr=lr,
+                              dampening=0.0, nesterov=False, maximize=False)
+                if cfg.momentum != 0:
+                    for (name, _), buf in zip(named, buffers):
+                        self.state[name]["momentum_buffer"] = buf
+                return
+            states = [self._adam_state(name, p) for name, p in named]
+            torch_adam.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                            [s["step"] for s in states], fused=True if self.fused else None,
+                            decoupled_weight_decay=cfg.optimizer == "adamw", amsgrad=False, beta1=cfg.betas[0],
+                            beta2=cfg.betas[1], lr=lr, weight_decay=cfg.weight_decay, eps=cfg.eps, maximize=False)
 
     def zero_grad(self) -> None:
         for p in self.params.values():
