@@ -1,7 +1,8 @@
 """Encoding on one GPU: raycache's pipeline (decode tasks on the CPUs feeding encoder actors on the GPU), one
-actor holding the whole GPU, two holding half and four holding a quarter each (fractional GPUs), against one saturating process: a plain
-torch loop whose DataLoader decodes and preprocesses on all but one of the CPUs and feeds the model on the
-GPU (same model, transform, batch and float32 arithmetic). All rows in one run, on the same images.
+actor holding the whole GPU, two holding half and four holding a quarter each (fractional GPUs), against one
+saturating process: a plain torch loop whose DataLoader decodes and preprocesses on all but one of the CPUs
+and feeds the model on the GPU (same model, transform, batch and float32 arithmetic). All rows in one run, on
+the same images.
 
 `gpu_only` is the device's ceiling for this model: the same batches, already preprocessed and on the GPU,
 pushed through `encode_image` (no decoding). On a GPU machine decoding JPEGs is usually the bound, so
@@ -52,9 +53,11 @@ class _Decoded(torch.utils.data.Dataset):
         return self.preprocess(decode_image(r["image"], r["key"]))
 
 
-def saturating(source, spec: ModelSpec, batch: int, workers: int, device: str) -> tuple[float, float, np.ndarray]:
+def saturating(source, spec: ModelSpec, batch: int, workers: int,
+               device: str) -> tuple[float, float, np.ndarray, object]:
     """(images/s of one process with a `workers`-process DataLoader feeding the model on `device`,
-    images/s of the model alone on preprocessed batches already on the device, features)."""
+    images/s of the model alone on preprocessed batches already on the device, features, the eval transform
+    that the pipeline is given as a run's preflight gives it)."""
     model, preprocess, _ = load_clip(spec, device=device)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
@@ -80,7 +83,7 @@ def saturating(source, spec: ModelSpec, batch: int, workers: int, device: str) -
             model.encode_image(x)
         sync()
         ceiling = reps * len(x) / (time.perf_counter() - t)
-    return rate, ceiling, np.concatenate(out)
+    return rate, ceiling, np.concatenate(out), preprocess
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         source = open_source(DataConfig(dataset=str(write_folder(Path(tmp) / "folder", args.images))))
-        floor_rate, ceiling, expected = saturating(source, spec, args.batch, max(0, args.cpus - 1), args.device)
+        floor_rate, ceiling, expected, transform = saturating(source, spec, args.batch, max(0, args.cpus - 1),
+                                                              args.device)
         # the pool holds one CPU in all, as the loop's process does beside its workers: the rest decode
         settings = {f"{n} x {1 / n:g} GPU": n for n in args.actors}
         for label, actors in settings.items():
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 runtime = RuntimeConfig(cache_dir=str(Path(tmp) / f"store-{label.replace(' ', '')}"),
                                         encoder_batch_size=args.batch, encoder_actors=actors,
                                         encoder_gpus=gpus / actors, encoder_cpus=1 / actors)
-                rate, steady, feats = pipeline(source, spec, runtime)
+                rate, steady, feats = pipeline(source, spec, runtime, transform)
             finally:
                 ray.shutdown()
             err = float(np.abs(feats - expected).max() / np.abs(expected).max())
