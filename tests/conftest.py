@@ -27,10 +27,13 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """The session's local Ray, started as a run starts one (`ensure_ray`: without the daemons it stops)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from raycache.config import RuntimeConfig
+    from raycache.federation.runtime import ensure_ray
+
+    ensure_ray(RuntimeConfig(num_cpus=2))
     yield ray
     ray.shutdown()
 
