@@ -211,10 +211,15 @@ class ClientHost:
         """`state`'s predicted classes on rows [start, stop) of one of the global evaluation splits ("test",
         "val" or "client": the clients' own held-out rows), which the server shares out among the hosts so
         that evaluation runs in parallel."""
+        return self.predict_share(state, [(split, start, stop)])[0]
+
+    def predict_share(self, state: State, pieces: list[tuple[str, int, int | None]]) -> list[np.ndarray]:
+        """`predict` for each (split, start, stop) piece of this host's share of a round's evaluation, in one
+        call: a share that spans two splits costs one call, not one per split."""
         from raycache.federation.evaluate import predict, slice_rows
 
-        out = predict(lambda x: self.method.logits(state, x), slice_rows(getattr(self.evals, split)[0], start, stop),
-                      self.method.eval_batch, self.device)
+        out = [predict(lambda x: self.method.logits(state, x), slice_rows(getattr(self.evals, split)[0], start, stop),
+                       self.method.eval_batch, self.device) for split, start, stop in pieces]
         heap.release(state_nbytes(state))
         return out
 

@@ -149,12 +149,11 @@ class Server:
             ref = ray.put(state)
         shares = row_pieces({name: len(getattr(self.evals, name)[0]) for name in names}, len(self.hosts))
         began = time.monotonic()
-        calls = {h: [(piece, self.hosts[h].predict.remote(ref, *piece)) for piece in share]
-                 for h, share in enumerate(shares) if share}
-        rows = {h: sum(stop - start for (_, start, stop), _ in pieces) for h, pieces in calls.items()}
-        answers, failed = self.watch.evaluations({h: [c for _, c in pieces] for h, pieces in calls.items()}, rows,
-                                                 began)  # failed: host -> why
-        got = {piece: pred for h, preds in answers.items() for (piece, _), pred in zip(calls[h], preds)}
+        share_of = {h: share for h, share in enumerate(shares) if share}
+        calls = {h: [self.hosts[h].predict_share.remote(ref, share)] for h, share in share_of.items()}
+        rows = {h: sum(stop - start for _, start, stop in share) for h, share in share_of.items()}
+        answers, failed = self.watch.evaluations(calls, rows, began)  # failed: host -> why
+        got = {piece: pred for h, (preds,) in answers.items() for piece, pred in zip(share_of[h], preds)}
         for h, why in failed.items():
             print(f"raycache: client host {h} {why}; it is replaced and its rows are evaluated elsewhere",
                   file=sys.stderr)
@@ -162,7 +161,7 @@ class Server:
                 self.watch.respawn(h)
         helpers = [self.hosts[h] for h in answers] + [self.hosts[h] for h in failed if self.watch.replaceable]
         for h in failed:
-            for (name, start, stop), _ in calls[h]:
+            for name, start, stop in share_of[h]:
                 got[(name, start, stop)] = self._on_a_host("predict", lambda: here(name, start, stop), ref, name,
                                                            start, stop, hosts=helpers)
         out: dict[str, list[np.ndarray]] = {name: [] for name in names}
