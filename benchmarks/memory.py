@@ -174,6 +174,8 @@ def main() -> int:
         assert s.encoded == 0, "features should have come from the store"
         print(f"[{clients}] peak PSS by role (MB): " + ", ".join(
             f"{k} {v / MB:.0f}" for k, v in sorted(mem.by_role.items(), key=lambda kv: -kv[1])), file=sys.stderr)
+        print(f"[{clients}] at the total's peak, by role (MB): " + ", ".join(
+            f"{k} {v / MB:.0f}" for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])), file=sys.stderr)
         rows.append((clients, mem.peak_processes, mem.peak_rss / MB, mem.peak_pss / MB, mem.peak_driver_pss / MB,
                      s.final["peak_memory_mb"], time.perf_counter() - t, s.final["accuracy"]))
         print(f"[{clients}] done in {rows[-1][-2]:.1f} s", file=sys.stderr)
