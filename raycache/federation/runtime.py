@@ -343,28 +343,26 @@ def ensure_ray(runtime) -> bool:
             ray.init(address=runtime.address, **kwargs)
         else:
             ray.init(num_cpus=runtime.num_cpus, **kwargs)
-            stop_unused_daemons()
     except (ConnectionError, ValueError) as err:
         raise UserError(f"runtime.address: cannot reach Ray at {runtime.address!r} "
                         f"({str(err).splitlines()[0][:160]})") from None
+    if not runtime.address:
+        stop_unused_daemons()
     return True
 
 
-def stop_unused_daemons() -> list[str]:
-    """Stop the two daemons of a local Ray that this process started and nothing here uses; returns the
-    ones stopped. The autoscaler monitor: one machine's fixed resources have nothing to scale. The log
-    monitor: it streams the workers' output to drivers that ask for it, and raycache's driver asks for none
-    (`log_to_driver=False`; the workers' logs stay in Ray's session folder). Together about 110 MB of
-    memory (benchmarks/memory.py). `ray start` can leave both out (`--no-monitor`,
-    `--include-log-monitor=False`); `ray.init` cannot, so they are stopped once it returns, through the
-    node's own calls. A cluster that the run joins (`runtime.address`) is left as it is."""
+def stop_unused_daemons() -> None:
+    """Stop the two daemons of a local Ray that this process started and nothing here uses. The autoscaler
+    monitor: one machine's fixed resources have nothing to scale. The log monitor: it streams the workers'
+    output to drivers that ask for it, and raycache's driver asks for none (`log_to_driver=False`; the
+    workers' logs stay in Ray's session folder). Together about 110 MB of memory (benchmarks/memory.py).
+    `ray start` can leave both out (`--no-monitor`, `--include-log-monitor=False`); `ray.init` cannot, so
+    they are stopped once it returns, through the node's own calls. A cluster that the run joins
+    (`runtime.address`) is left as it is."""
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)
-    stopped = []
     for name in ("kill_monitor", "kill_log_monitor"):
         stop = getattr(node, name, None)
         if stop is not None:  # a Ray without them (a future version) loses only the memory saving
             stop(check_alive=False)
-            stopped.append(name[len("kill_"):])
-    return stopped

@@ -11,8 +11,7 @@ import json, psutil, ray
 from raycache.config import RuntimeConfig
 from raycache.federation.runtime import ensure_ray
 assert ensure_ray(RuntimeConfig(num_cpus=1))
-ray.get(ray.remote(lambda: 0).remote())  # a worker under the raylet, as a run's actors are
-answer = ray.get(ray.remote(lambda: 6 * 7).remote())
+answer = ray.get(ray.remote(lambda: 6 * 7).remote())  # a worker under the raylet, as a run's actors are
 cmds = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
 print(json.dumps({"answer": answer, "cmds": cmds}))
 """
