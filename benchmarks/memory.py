@@ -63,6 +63,7 @@ class PeakSampler:
         self._at_peak: dict[int, float] = {}  # pid -> its PSS in the sample with the highest total
         self.stage = ""  # what the run was doing (set by the caller); `peak_stage`: at the total's peak
         self.peak_stage = ""
+        self.stage_peaks: dict[str, float] = {}  # the highest total PSS while each stage ran
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -85,6 +86,7 @@ class PeakSampler:
             now[p.pid] = info.pss
             if p.pid == me.pid:
                 driver = info.pss
+        self.stage_peaks[self.stage] = max(self.stage_peaks.get(self.stage, 0.0), pss)
         if pss > self.peak_pss:
             self._at_peak, self.peak_stage = now, self.stage
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
@@ -146,6 +148,8 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--dataset", default="digits", help="data.dataset (e.g. fashion_mnist: 60,000 training images)")
     ap.add_argument("--client-actors", type=int, default=2, help="runtime.client_actors: the host processes")
+    ap.add_argument("--encode", action="store_true",
+                    help="each run encodes into an empty store (a first run); the peak of its rounds is shown apart")
     args = ap.parse_args()
     store = tempfile.mkdtemp(prefix="raycache-bench-mem-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
@@ -154,24 +158,30 @@ def main() -> int:
         return load_config("experiments/tiny.yaml", [
             f"data.dataset={args.dataset}", f"data.clients={clients}", f"data.alpha={args.alpha}",
             f"federation.rounds={args.rounds}", f"runtime.client_actors={args.client_actors}",
-            f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory"])
+            f"runtime.cache_dir={store}/{clients if args.encode else 'shared'}",
+            "tracking.experiment=benchmark-memory"])
 
     # One round first, in its own process and Ray (`raycache run`): the measured runs read precomputed
     # features and cache keys from the store, so the peaks compare what a federation costs, not the
     # (client-independent) encoder pool; and this process, the measured runs' driver, holds nothing of the
     # encoding (Ray Data's pipeline, the encoded arrays): it starts as a run from the store starts.
-    subprocess.run([sys.executable, "-m", "raycache", "run", "experiments/tiny.yaml", *(f"--set={kv}" for kv in [
-        f"data.dataset={args.dataset}", f"data.clients={args.clients[0]}", f"data.alpha={args.alpha}",
-        "federation.rounds=1", f"runtime.cache_dir={store}", "tracking.experiment=benchmark-memory-warmup"])],
-        check=True, stdout=subprocess.DEVNULL)
+    # With --encode, each run encodes for itself, as a first run on a dataset does.
+    if not args.encode:
+        subprocess.run([sys.executable, "-m", "raycache", "run", "experiments/tiny.yaml", *(f"--set={kv}" for kv in [
+            f"data.dataset={args.dataset}", f"data.clients={args.clients[0]}", f"data.alpha={args.alpha}",
+            "federation.rounds=1", f"runtime.cache_dir={store}/shared",
+            "tracking.experiment=benchmark-memory-warmup"])], check=True, stdout=subprocess.DEVNULL)
 
     rows = []
     for clients in args.clients:
         t = time.perf_counter()
         with PeakSampler() as mem:
-            s = run_experiment(config(clients))
+            s = run_experiment(config(clients), on_stage=lambda name: setattr(mem, "stage", name))
             ray.shutdown()  # inside the sampler: its processes are counted until they are gone
-        assert s.encoded == 0, "features should have come from the store"
+        assert (s.encoded > 0) == args.encode, "features should have come from the store unless --encode"
+        if args.encode:  # encoding's pool and pipeline peak apart from the rounds that follow
+            print(f"[{clients}] peak PSS by stage (MB): " + ", ".join(
+                f"{k or 'start'} {v / MB:.0f}" for k, v in mem.stage_peaks.items()), file=sys.stderr)
         print(f"[{clients}] peak PSS by role (MB): " + ", ".join(
             f"{k} {v / MB:.0f}" for k, v in sorted(mem.by_role.items(), key=lambda kv: -kv[1])), file=sys.stderr)
         print(f"[{clients}] at the total's peak, by role (MB): " + ", ".join(

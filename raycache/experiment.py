@@ -294,6 +294,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
            progress: ProgressCallback | None = None) -> Encoded:
     """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on."""
     from raycache.data.features import Features, load_or_encode, load_rows
+    from raycache.federation.runtime import release_data_actors
     from raycache.methods.zeroshot import zero_shot_predictions
 
     cfg, spec, source, splits, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.timings
@@ -351,6 +352,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
         if inputs is None:
             inputs = load_pixels(source, prep.transform)
         timings["time_pixels_s"] = time.perf_counter() - t
+    release_data_actors()  # the run's last Ray Data pipeline is done
     return Encoded(feats, cache, inputs, zeroshot_accuracy)
 
 

@@ -55,7 +55,8 @@ def e2e_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def e2e_run(ray_session, mlflow_uri, e2e_store):
     """The tiny config (2 rounds, 16 shots, 6 clients on 2 actors) in experiment `e2e`: (config, summary, the
-    rounds its callback saw, an MLflow client). Shared by the end-to-end and the serving tests."""
+    rounds its callback saw, an MLflow client, the actors running while its rounds ran). Shared by the
+    end-to-end and the serving tests."""
     from mlflow.tracking import MlflowClient
 
     from raycache.config_file import load_config
@@ -64,9 +65,30 @@ def e2e_run(ray_session, mlflow_uri, e2e_store):
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "experiments/tiny.yaml"), [
         "federation.rounds=2", "method.shots=16", "data.clients=6", "runtime.client_actors=2",
         "tracking.experiment=e2e", f"runtime.cache_dir={e2e_store}"])
-    rounds = []
-    summary = run_experiment(cfg, on_round=lambda r, m: rounds.append(r))
-    return cfg, summary, rounds, MlflowClient(mlflow_uri)
+    rounds, actors = [], set()
+
+    def on_round(r, _metrics):
+        rounds.append(r)
+        actors.update(ray_actors())  # what runs beside the federation (encoding is over)
+
+    summary = run_experiment(cfg, on_round=on_round)
+    return cfg, summary, rounds, MlflowClient(mlflow_uri), actors
+
+
+def ray_actors() -> set[str]:
+    """The process names of the actors running under this process's local Ray (`ray::Class`), but for Ray's own
+    agents and idle workers."""
+    import psutil
+
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            name = p.name()
+        except psutil.NoSuchProcess:
+            continue
+        if name.startswith("ray::") and name != "ray::IDLE" and not name.endswith("Agent"):
+            out.add(name)
+    return out
 
 
 def write_test_split(cfg, folder: Path) -> dict[str, int]:

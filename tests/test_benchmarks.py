@@ -51,6 +51,9 @@ def test_memory_sampler_sees_this_process_and_its_children(capsys):
     assert sampler.peak_stage == "the child"
     assert sum(sampler.at_peak.values()) == sampler.peak_pss
     assert max(v for k, v in sampler.at_peak.items() if k != "driver") >= 150 * 2**20
+    # each stage's own peak: the child's 200 MB only in the stage it ran in
+    assert sampler.stage_peaks["the child"] == sampler.peak_pss
+    assert sampler.stage_peaks["after"] <= sampler.peak_pss - 150 * 2**20
     reports = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[mem ")]
     assert reports and "peak PSS" in reports[-1] and "driver" in reports[-1]  # a long run's figures as it goes
 

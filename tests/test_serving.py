@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def finished(e2e_run, mlflow_uri, tmp_path_factory):
     """The shared tiny-config run (`e2e_run`) and its test images written out as files, with their labels."""
-    cfg, summary, _, _ = e2e_run
+    cfg, summary, _, _, _ = e2e_run
     return summary, write_test_split(cfg, tmp_path_factory.mktemp("serving") / "test-images"), mlflow_uri
 
 

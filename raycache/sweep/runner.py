@@ -143,7 +143,7 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
     from raycache.data.features import load_or_encode, load_rows
     from raycache.data.pixels import load_pixels
     from raycache.experiment import pixel_feature_rows, prepare, shared_key
-    from raycache.federation.runtime import ensure_ray
+    from raycache.federation.runtime import ensure_ray, release_data_actors
 
     keys = [k for k, spec in sweep.space.items() if ("grid" in spec or "choice" in spec)
             and (k.startswith(_INPUT_SECTIONS) or k == "seed" or k.split(".")[-1] in _INPUT_KEYS)]
@@ -169,6 +169,7 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
                                prep.synth_store, prep.splits.train[prep.trainers[0]], transform=prep.transform)
             except (UserError, ValueError):  # that trial fails on its own, with its reason on its run
                 continue
+    release_data_actors()  # the trials read what was encoded here: no pipeline of this process follows
     return shared
 
 

@@ -29,3 +29,68 @@ def test_a_local_ray_runs_without_the_daemons_nothing_uses():
         assert any(needed in c for c in cmds), (needed, cmds)
     for stopped in ("log_monitor.py", "autoscaler/_private/monitor.py"):
         assert not any(stopped in c for c in cmds), (stopped, cmds)
+
+
+PIPELINE = """
+import json, sys, time, psutil, ray, ray.data
+from raycache.config import RuntimeConfig
+from raycache.federation.runtime import ensure_ray, release_data_actors
+
+if sys.argv[1] == "joined":  # a Ray that someone else started: raycache only joins it
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+assert ensure_ray(RuntimeConfig(num_cpus=2)) == (sys.argv[1] == "started")
+
+class Double:
+    def __call__(self, batch):
+        return {"id": batch["id"] * 2}
+
+def pipeline():  # an actor-pool stage, as encoding runs its model
+    ds = ray.data.range(200).map_batches(Double, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
+    return sum(int(r["id"]) for r in ds.take_all())
+
+def actors():  # what runs besides Ray's own processes: {process name: PSS MB}, once no process is exiting
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name().startswith("ray::") and p.name() != "ray::IDLE" and "Agent" not in p.name():
+                out[p.name()] = p.memory_full_info().pss / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+seen = {"first": pipeline()}
+time.sleep(1)
+seen["after_pipeline"] = actors()
+release_data_actors()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and actors().keys() & seen["after_pipeline"].keys() and sys.argv[1] == "started":
+    time.sleep(0.5)
+time.sleep(1)
+seen["after_release"] = actors()
+seen["second"] = pipeline()
+print(json.dumps(seen))
+"""
+
+
+def _pipeline_probe(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PIPELINE, mode], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ray_datas_helper_actors_are_released_after_the_last_pipeline_of_a_local_ray():
+    """A Ray Data pipeline leaves its detached helpers running (stats, autoscaling coordinator, actor
+    locations: hundreds of MB for the rest of a run). On the local Ray a run started, they go once encoding is
+    done, and a later pipeline still runs (it starts them again)."""
+    seen = _pipeline_probe("started")
+    assert seen["first"] == seen["second"] == 2 * sum(range(200))
+    left = seen["after_pipeline"]
+    assert len(left) >= 2 and sum(left.values()) > 150, left  # what a run would otherwise hold to its end
+    assert not (left.keys() & seen["after_release"].keys()), seen
+
+
+def test_ray_datas_helper_actors_stay_on_a_ray_that_the_run_only_joined():
+    """On a Ray that someone else started (a cluster, a notebook's), other drivers may be using them."""
+    seen = _pipeline_probe("joined")
+    assert seen["first"] == seen["second"]
+    assert seen["after_pipeline"] and seen["after_pipeline"].keys() <= seen["after_release"].keys(), seen
