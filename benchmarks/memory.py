@@ -154,11 +154,13 @@ def main() -> int:
     store = tempfile.mkdtemp(prefix="raycache-bench-mem-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
 
+    fresh = iter(range(len(args.clients)))  # with --encode, an empty store for each run
+
     def config(clients: int):
         return load_config("experiments/tiny.yaml", [
             f"data.dataset={args.dataset}", f"data.clients={clients}", f"data.alpha={args.alpha}",
             f"federation.rounds={args.rounds}", f"runtime.client_actors={args.client_actors}",
-            f"runtime.cache_dir={store}/{clients if args.encode else 'shared'}",
+            f"runtime.cache_dir={store}/{next(fresh) if args.encode else 'shared'}",
             "tracking.experiment=benchmark-memory"])
 
     # One round first, in its own process and Ray (`raycache run`): the measured runs read precomputed

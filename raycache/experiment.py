@@ -202,6 +202,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     single-use one (a reused process: a sweep's trials). `on_progress(what, done, total)`: encoding and
     synthetic generation as they advance."""
     stage = on_stage or (lambda s: None)
+    from raycache.federation.runtime import release_data_actors
     from raycache.resume import hold_driver
 
     # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
@@ -219,7 +220,10 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
             if ckpt is None:  # a resumed run has these already
                 log_inputs(prep, run)
             start_ray(prep, stage)
-            encoded = encode(prep, run, stage, shared or {}, on_progress)
+            try:
+                encoded = encode(prep, run, stage, shared or {}, on_progress)
+            finally:  # the run's Ray Data pipelines are over, done or failed
+                release_data_actors()
             summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm)
         except BaseException as err:
             from raycache.errors import find_run_failure, find_user_error
@@ -294,7 +298,6 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
            progress: ProgressCallback | None = None) -> Encoded:
     """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on."""
     from raycache.data.features import Features, load_or_encode, load_rows
-    from raycache.federation.runtime import release_data_actors
     from raycache.methods.zeroshot import zero_shot_predictions
 
     cfg, spec, source, splits, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.timings
@@ -352,7 +355,6 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
         if inputs is None:
             inputs = load_pixels(source, prep.transform)
         timings["time_pixels_s"] = time.perf_counter() - t
-    release_data_actors()  # the run's last Ray Data pipeline is done
     return Encoded(feats, cache, inputs, zeroshot_accuracy)
 
 

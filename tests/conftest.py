@@ -76,14 +76,16 @@ def e2e_run(ray_session, mlflow_uri, e2e_store):
 
 
 def ray_actors() -> set[str]:
-    """The process names of the actors running under this process's local Ray (`ray::Class`), but for Ray's own
-    agents and idle workers."""
+    """The names of the Ray workers running under this process's local Ray (`ray::Class` for an actor, or the
+    task it runs), but for Ray's own agents, idle workers and processes that have exited."""
     import psutil
 
     out = set()
     for p in psutil.Process().children(recursive=True):
         try:
             name = p.name()
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
         except psutil.NoSuchProcess:
             continue
         if name.startswith("ray::") and name != "ray::IDLE" and not name.endswith("Agent"):

@@ -321,7 +321,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"runtime.address: cannot reach Ray at {address!r} ({err.strerror or err})") from None
 
 
-_LOCAL_RAY: str | None = None  # the GCS address of the local Ray that `ensure_ray` started in this process
+_LOCAL_RAY: str | None = None  # the node id of the local Ray that `ensure_ray` started here (new at every start)
 
 # Ray Data's helper actors, (name, namespace): detached, one per cluster, got or created by every pipeline
 DATA_HELPERS = (("datasets_stats_actor", "_dataset_stats_actor"),
@@ -331,6 +331,7 @@ DATA_HELPERS = (("datasets_stats_actor", "_dataset_stats_actor"),
 
 def ensure_ray(runtime) -> bool:
     """Join `runtime.address`, or start a local Ray; returns True if this call started it."""
+    global _LOCAL_RAY
     import logging
     import sys
 
@@ -355,21 +356,20 @@ def ensure_ray(runtime) -> bool:
         raise UserError(f"runtime.address: cannot reach Ray at {runtime.address!r} "
                         f"({str(err).splitlines()[0][:160]})") from None
     if not runtime.address:
-        global _LOCAL_RAY
         stop_unused_daemons()
-        _LOCAL_RAY = ray.get_runtime_context().gcs_address
+        _LOCAL_RAY = ray.get_runtime_context().get_node_id()
     return True
 
 
 def release_data_actors() -> None:
     """Stop the helper actors that Ray Data's pipelines leave running (its stats actor, autoscaling coordinator
     and actor-location tracker: about 310 MB of memory, benchmarks/memory.py), once this process's last
-    pipeline (encoding) is done. Only on the local Ray that this process started: no other driver can be using
-    them there, while on a cluster (or a Ray someone else started) they may serve others. A later pipeline
-    starts them again."""
+    pipeline (encoding) is done. Only on the local Ray that this process started, where raycache starts no
+    other driver; on a cluster (or a Ray someone else started) they may serve others. A later pipeline starts
+    them again."""
     import ray
 
-    if _LOCAL_RAY is None or not ray.is_initialized() or ray.get_runtime_context().gcs_address != _LOCAL_RAY:
+    if _LOCAL_RAY is None or not ray.is_initialized() or ray.get_runtime_context().get_node_id() != _LOCAL_RAY:
         return
     for name, namespace in DATA_HELPERS:
         try:
