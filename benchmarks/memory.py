@@ -154,13 +154,11 @@ def main() -> int:
     store = tempfile.mkdtemp(prefix="raycache-bench-mem-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
 
-    fresh = iter(range(len(args.clients)))  # with --encode, an empty store for each run
-
-    def config(clients: int):
+    def config(clients: int, folder: str):
         return load_config("experiments/tiny.yaml", [
             f"data.dataset={args.dataset}", f"data.clients={clients}", f"data.alpha={args.alpha}",
             f"federation.rounds={args.rounds}", f"runtime.client_actors={args.client_actors}",
-            f"runtime.cache_dir={store}/{next(fresh) if args.encode else 'shared'}",
+            f"runtime.cache_dir={store}/{folder}",
             "tracking.experiment=benchmark-memory"])
 
     # One round first, in its own process and Ray (`raycache run`): the measured runs read precomputed
@@ -175,10 +173,11 @@ def main() -> int:
             "tracking.experiment=benchmark-memory-warmup"])], check=True, stdout=subprocess.DEVNULL)
 
     rows = []
-    for clients in args.clients:
+    for i, clients in enumerate(args.clients):
         t = time.perf_counter()
+        cfg = config(clients, str(i) if args.encode else "shared")  # with --encode, an empty store each
         with PeakSampler() as mem:
-            s = run_experiment(config(clients), on_stage=lambda name: setattr(mem, "stage", name))
+            s = run_experiment(cfg, on_stage=lambda name: setattr(mem, "stage", name))
             ray.shutdown()  # inside the sampler: its processes are counted until they are gone
         assert (s.encoded > 0) == args.encode, "features should have come from the store unless --encode"
         if args.encode:  # encoding's pool and pipeline peak apart from the rounds that follow

@@ -75,6 +75,10 @@ def e2e_run(ray_session, mlflow_uri, e2e_store):
     return cfg, summary, rounds, MlflowClient(mlflow_uri), actors
 
 
+# The process names Ray gives the helper actors a Ray Data pipeline leaves running (stats, autoscaling, locations)
+DATA_HELPER_PROCESSES = ("_StatsActor", "AutoscalingCoordinator", "ActorLocationTracker")
+
+
 def ray_actors() -> set[str]:
     """The names of the Ray workers running under this process's local Ray (`ray::Class` for an actor, or the
     task it runs), but for Ray's own agents, idle workers and processes that have exited."""

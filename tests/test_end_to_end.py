@@ -6,6 +6,7 @@ import pytest
 from raycache.config import settings_for
 from raycache.config_file import load_config
 from raycache.experiment import run_experiment
+from conftest import DATA_HELPER_PROCESSES
 
 N_CLASSES, SHOTS, DIM = 10, 16, 64
 
@@ -32,7 +33,7 @@ def test_the_rounds_run_without_ray_datas_helpers(finished):
     Ray stops them once encoding is done, so that they do not sit beside the whole federation."""
     *_, actors = finished
     assert any("ClientHost" in a for a in actors), actors  # the federation's own actors were seen
-    left = [a for a in actors if any(k in a for k in ("_StatsActor", "AutoscalingCoordinator", "LocationTracker"))]
+    left = [a for a in actors if any(k in a for k in DATA_HELPER_PROCESSES)]
     assert not left, actors
 
 

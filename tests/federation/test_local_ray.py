@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from conftest import DATA_HELPER_PROCESSES
+
 PROBE = """
 import json, psutil, ray
 from raycache.config import RuntimeConfig
@@ -33,7 +35,7 @@ def test_a_local_ray_runs_without_the_daemons_nothing_uses():
 
 PIPELINE = """
 import json, sys, time, psutil, ray, ray.data
-HELPERS = ("_StatsActor", "AutoscalingCoordinator", "ActorLocationTracker")  # the process names Ray gives them
+HELPERS = {helpers!r}
 from raycache.config import RuntimeConfig
 from raycache.federation.runtime import ensure_ray, release_data_actors
 
@@ -73,7 +75,8 @@ print(json.dumps(seen))
 
 
 def _pipeline_probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PIPELINE, mode], capture_output=True, text=True, timeout=180)
+    code = PIPELINE.replace("{helpers!r}", repr(DATA_HELPER_PROCESSES))
+    out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
