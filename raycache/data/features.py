@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raycache.data import pil_stage
 from raycache.data.feature_store import ShardWriter, feature_key, read_store
 from raycache.data.sources.base import Source, decode_image
 from raycache.errors import UserError
@@ -228,14 +229,25 @@ def encoder_plan(runtime) -> tuple[int, float, int]:
 
 def decoded(source: Source, runtime, transform, rows: int, views: int = 1, seed: int = 0):
     """The pipeline's CPU stage: `source`'s images as blocks of at most `rows` decoded, preprocessed images
-    (`decode_block`). The source's read gets the stage's remote args, so that Ray Data fuses the read into
+    (`pil_stage.decode_block` where the eval transform's PIL stage compiles to plain steps, else
+    `decode_block`). The source's read gets the stage's remote args, so that Ray Data fuses the read into
     it: a read operator of its own gets a sliver of the CPUs from Ray Data's resource budget and paces the
     whole pipeline (one or two read tasks at a time beside 15 decode tasks, on a 16-core machine). Ray
     Data's default retries a lost task for ever: here `runtime.encode_retries` times."""
     stage = {"num_cpus": runtime.decode_cpus, "max_retries": runtime.encode_retries}
-    return source.to_ray(**stage).map_batches(
-        decode_block, fn_kwargs={"transform": transform, "rows": rows, "views": views, "seed": seed},
-        batch_size=None, batch_format="numpy", **stage)
+    fn, kwargs = decode_task(transform, rows, views, seed)
+    return source.to_ray(**stage).map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",
+                                              **stage)
+
+
+def decode_task(transform, rows: int, views: int = 1, seed: int = 0) -> tuple[Callable, dict]:
+    """(function, keyword arguments) of the decode stage's task: the eval transform's PIL stage compiled to
+    plain steps (`pil_stage`), so that the decode workers never load torch, where it compiles; else
+    `decode_block` with the transform itself (augmented views, steps `pil_stage` does not know)."""
+    steps = pil_stage.compile_steps(split_at_tensor(transform)[0]) if views == 1 else None
+    if steps is not None:
+        return pil_stage.decode_block, {"steps": steps, "rows": rows}
+    return decode_block, {"transform": transform, "rows": rows, "views": views, "seed": seed}
 
 
 def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, seed: int,
