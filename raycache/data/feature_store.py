@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raycache.data.pil_stage import AUGMENT_STREAM
 from raycache.data.sources.base import Source
 from raycache.models.clip import ModelSpec
 
@@ -19,7 +20,7 @@ FEATURE_FORMAT = "raw-v2"  # v1 stored unit-normalised rows; raw rows are a diff
 
 
 def feature_key(spec: ModelSpec, source: Source, views: int = 1, seed: int = 0) -> str:
-    aug = "" if views == 1 else f"|views{views}-seed{seed}"
+    aug = "" if views == 1 else f"|views{views}-seed{seed}-{AUGMENT_STREAM}"
     return hashlib.sha256(f"{FEATURE_FORMAT}|{spec.fingerprint()}|{source.fingerprint}{aug}".encode()).hexdigest()[:24]
 
 

@@ -7,7 +7,6 @@ The encoder actors take `num_cpus` / `num_gpus` from config; fractional GPUs let
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -20,11 +19,6 @@ from raycache.data.feature_store import ShardWriter, feature_key, read_store
 from raycache.data.sources.base import Source, decode_image
 from raycache.errors import UserError
 from raycache.models.clip import ModelSpec
-
-
-def view_seed(seed: int, key: str) -> int:
-    """The seed of one image's augmented views: a function of (seed, the image's key) only."""
-    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "little")
 
 
 def split_at_tensor(transform):
@@ -50,29 +44,25 @@ def to_pixels(img, pil_stage) -> "torch.Tensor":
     return TF.pil_to_tensor(img) if img.mode in ("L", "RGB") else TF.to_tensor(img)
 
 
-def decode_views(batch: dict[str, np.ndarray], transform, views: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Ray Data task, the pipeline's CPU stage: encoded image bytes in, (B, views, C, H, W) pixels out: the
-    eval transform, or `views` augmented views from a stream seeded by (seed, the image's key), so an image's
-    views depend on neither its batch nor its worker. Pixels leave as uint8, to be scaled and normalised by
-    the encoder (`split_at_tensor`), or, for a transform that cannot be split or a batch holding an image
-    that is not 8-bit, as the transform's whole float32 output, ready for the model."""
+def decode_views(batch: dict[str, np.ndarray], transform) -> dict[str, np.ndarray]:
+    """Encoded image bytes in, (B, 1, C, H, W) pixels out, through the eval transform as torchvision runs it
+    (the pipeline's CPU stage for a transform `pil_stage` does not compile, and the serving path's). Pixels
+    leave as uint8, to be scaled and normalised by the encoder (`split_at_tensor`), or, for a transform that
+    cannot be split or a batch holding an image that is not 8-bit, as the transform's whole float32 output,
+    ready for the model."""
     import torch
 
-    steps = augmentation(transform) if views > 1 else transform
-    pil_stage, tensor_stage = split_at_tensor(steps)
+    pil_stage, tensor_stage = split_at_tensor(transform)
     out = []
     for img, key in zip(batch["image"], batch["key"]):
         img = decode_image(img, str(key))
-        if views > 1:
-            torch.manual_seed(view_seed(seed, str(key)))
-        out.append(torch.stack([steps(img) if pil_stage is None else to_pixels(img, pil_stage)
-                                for _ in range(views)]))
+        out.append((transform(img) if pil_stage is None else to_pixels(img, pil_stage))[None])
     if pil_stage is not None and any(o.dtype != torch.uint8 for o in out):  # finish the transform here
         out = [tensor_stage(o.float().div(255) if o.dtype == torch.uint8 else o) for o in out]
     return {"pixels": torch.stack(out).numpy()}
 
 
-def decode_block(block: dict[str, np.ndarray], transform, rows: int, views: int = 1, seed: int = 0):
+def decode_block(block: dict[str, np.ndarray], transform, rows: int):
     """Ray Data task over one whole block as the source reads it: `decode_views` on at most `rows` images at
     a time, each slice yielded as its own output block. Taking whole blocks (no `batch_size`) lets Ray Data
     fuse this stage into the read (one task reads, decodes and preprocesses; no hop through the object store
@@ -80,7 +70,7 @@ def decode_block(block: dict[str, np.ndarray], transform, rows: int, views: int 
     blocks are (a parquet row group can hold thousands of images)."""
     n = len(block["key"])
     for at in range(0, n, rows):
-        yield decode_views({k: v[at:at + rows] for k, v in block.items()}, transform, views, seed)
+        yield decode_views({k: v[at:at + rows] for k, v in block.items()}, transform)
 
 
 class ImageEncoder:
@@ -109,8 +99,9 @@ class ImageEncoder:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_clip(spec, device=self.device)[0] if model is None else model.to(self.device)
-        steps = augmentation(transform) if transform is not None and views > 1 else transform
-        self.tensor_stage = split_at_tensor(steps)[1] if steps is not None else None
+        self.tensor_stage = None
+        if transform is not None:
+            self.tensor_stage = augmented_tensor_stage(transform) if views > 1 else split_at_tensor(transform)[1]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -147,18 +138,23 @@ def input_size(preprocess):
     return sizes[-1] if sizes else None
 
 
-def augmentation(preprocess):
-    """Tip-Adapter's cache augmentation on top of the model's own normalisation: RandomResizedCrop to the
-    model's input size (scale 0.5-1, bicubic) and a horizontal flip with p = 0.5."""
-    from torchvision import transforms as T
-
-    size = input_size(preprocess)
+def augment_size(preprocess) -> tuple[int, int]:
+    """The augmented views' crop size, the model's input size: from the eval transform's compiled steps when
+    it brings them (no torch here), else read from the transform."""
+    steps = getattr(preprocess, "pil_steps", None)
+    size = pil_stage.input_size(steps) if steps else input_size(preprocess)
     if size is None:
         raise UserError("method.augment_views: the model's preprocessing has no crop or resize to take the "
                         "input size from; use method.augment_views: 1")
-    normalize = next(t for t in preprocess.transforms if isinstance(t, T.Normalize))
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(p=0.5), T.ToTensor(), normalize])
+    return (size, size) if isinstance(size, int) else (size[0], size[-1])
+
+
+def augmented_tensor_stage(preprocess):
+    """What the encoder does to augmented views' uint8 pixels: `ToTensor`'s scaling (applied by the caller)
+    and the model's own `Normalize`, as Tip-Adapter's reference follows its crop and flip."""
+    from torchvision import transforms as T
+
+    return T.Compose([next(t for t in preprocess.transforms if isinstance(t, T.Normalize))])
 
 
 def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int = 0,
@@ -242,12 +238,18 @@ def decoded(source: Source, runtime, transform, rows: int, views: int = 1, seed:
 
 def decode_task(transform, rows: int, views: int = 1, seed: int = 0) -> tuple[Callable, dict]:
     """(function, keyword arguments) of the decode stage's task: the eval transform's PIL stage compiled to
-    plain steps (`pil_stage`), so that the decode workers never load torch, where it compiles; else
-    `decode_block` with the transform itself (augmented views, steps `pil_stage` does not know)."""
-    steps = pil_stage.compile_steps(split_at_tensor(transform)[0]) if views == 1 else None
+    plain steps, or Tip-Adapter's augmentation (`views` > 1), run by `pil_stage.decode_block`, so that the
+    decode workers never load torch; `decode_block` with the transform itself for an eval transform that
+    does not compile."""
+    if views > 1:
+        return pil_stage.decode_block, {"steps": pil_stage.augment_steps(augment_size(transform)), "rows": rows,
+                                        "views": views, "seed": seed}
+    # a transform made in another process brings its steps; compiling one here imports torch
+    steps = (transform.pil_steps if hasattr(transform, "pil_steps")
+             else pil_stage.compile_steps(split_at_tensor(transform)[0]))
     if steps is not None:
         return pil_stage.decode_block, {"steps": steps, "rows": rows}
-    return decode_block, {"transform": transform, "rows": rows, "views": views, "seed": seed}
+    return decode_block, {"transform": transform, "rows": rows}
 
 
 def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, seed: int,

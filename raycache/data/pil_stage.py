@@ -7,7 +7,10 @@ same cores, and about half a gigabyte per worker that stays up beside the federa
 whose PIL stage is only resizes, centre crops and mode conversions (open_clip's is) is compiled here, where
 torch is at hand, into tuples of plain values; `decode_block` runs them with PIL and numpy only. The steps
 do what torchvision does on a PIL image, step for step, so the pixels are the same bytes (tested against
-torchvision on images of every shape). Any other step, or augmented views, keeps the torchvision path.
+torchvision on images of every shape). Any other step keeps the torchvision path.
+
+Tip-Adapter's augmented views (`augment_steps`) run here too, whatever the eval transform: they need only
+the model's input size. Their random crops and flips are torchvision's, drawn from numpy's generator.
 
 This module imports neither torch nor torchvision at the top: a decode worker that runs `decode_block`
 never loads them.
@@ -15,14 +18,27 @@ never loads them.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import Iterator
 
 import numpy as np
 
 from raycache.data.sources.base import decode_image
 
-Step = tuple  # ("resize", size list, max_size, PIL filter) | ("center_crop", height, width) | ("convert", mode)
+# ("resize", size list, max_size, PIL filter) | ("center_crop", height, width) | ("convert", mode), and the
+# augmentation's random steps: ("random_resized_crop", height, width, scale, ratio, PIL filter) | ("hflip", p)
+Step = tuple
 MODES = ("RGB", "L")  # conversions whose output is 8-bit pixels, as `ToTensor` scales them
+BICUBIC = 3  # PIL's Image.BICUBIC
+# The augmented views' random stream: part of a stored feature's key, so that features drawn from another
+# stream (torch's, before this module drew them) are never read back as these.
+AUGMENT_STREAM = "numpy-pcg64"
+
+
+def view_seed(seed: int, key: str) -> int:
+    """The seed of one image's augmented views: a function of (seed, the image's key) only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "little")
 
 
 def compile_steps(pil_stage) -> tuple[Step, ...] | None:
@@ -89,8 +105,51 @@ def center_crop(img, height: int, width: int):
     return img.crop((left, top, left + width, top + height))
 
 
-def apply(img, steps: tuple[Step, ...]):
-    """One PIL image through the compiled steps."""
+def input_size(steps: tuple[Step, ...]) -> tuple[int, int] | None:
+    """The model's input (height, width): its eval steps' last crop or resize, as `features.input_size` reads
+    it from the transform (a one-number resize is square); None if there is none."""
+    for step in reversed(steps):
+        if step[0] == "center_crop":
+            return step[1], step[2]
+        if step[0] == "resize":
+            return (step[1][0], step[1][-1])
+    return None
+
+
+def augment_steps(size: tuple[int, int]) -> tuple[Step, ...]:
+    """Tip-Adapter's cache augmentation (its reference's `train_tranform`): RandomResizedCrop to the model's
+    input size, scale 0.5-1, torchvision's default aspect ratios 3/4-4/3, bicubic; a horizontal flip with
+    p = 0.5. `ToTensor` and the model's `Normalize` follow in the encoder."""
+    return (("random_resized_crop", size[0], size[1], (0.5, 1.0), (3 / 4, 4 / 3), BICUBIC), ("hflip", 0.5))
+
+
+def crop_params(height: int, width: int, scale, ratio, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop as torchvision's `RandomResizedCrop.get_params` draws it
+    (area uniform in `scale` of the image's, log aspect ratio uniform in `ratio`; ten tries, then the centre
+    crop clamped to `ratio`), from numpy's generator `rng` instead of torch's."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def apply(img, steps: tuple[Step, ...], rng: np.random.Generator | None = None):
+    """One PIL image through the steps; the random ones (augmentation) draw from `rng`."""
+    from PIL import Image
+
     for step in steps:
         if step[0] == "resize":
             _, size, max_size, resample = step
@@ -99,8 +158,19 @@ def apply(img, steps: tuple[Step, ...]):
                 img = img.resize((w, h), resample)
         elif step[0] == "center_crop":
             img = center_crop(img, step[1], step[2])
-        else:
+        elif step[0] == "convert":
             img = img.convert(step[1])
+        elif step[0] == "random_resized_crop":  # torchvision's resized_crop: crop, then resize unless equal
+            _, height, width, scale, ratio, resample = step
+            top, left, h, w = crop_params(img.height, img.width, scale, ratio, rng)
+            img = img.crop((left, top, left + w, top + h))
+            if (h, w) != (height, width):
+                img = img.resize((width, height), resample)
+        elif step[0] == "hflip":
+            if rng.random() < step[1]:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            raise ValueError(f"unknown preprocessing step {step[0]!r}")
     return img
 
 
@@ -110,11 +180,19 @@ def to_chw(img) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def decode_block(block: dict[str, np.ndarray], steps: tuple[Step, ...], rows: int) -> Iterator[dict]:
+def views_of(img, key: str, steps: tuple[Step, ...], views: int, seed: int) -> np.ndarray:
+    """uint8 (views, C, H, W): `views` draws of the steps on one decoded image, from a stream seeded by (seed,
+    the image's key) alone, so that an image's views depend on neither its batch nor its worker."""
+    rng = np.random.default_rng(view_seed(seed, key))
+    return np.stack([to_chw(apply(img, steps, rng)) for _ in range(views)])
+
+
+def decode_block(block: dict[str, np.ndarray], steps: tuple[Step, ...], rows: int, views: int = 1,
+                 seed: int = 0) -> Iterator[dict]:
     """Ray Data task, the encode pipeline's CPU stage without torch: image bytes in, at most `rows` images
-    per output block of uint8 (B, 1, C, H, W) pixels out (one view each), for the encoder's tensor stage."""
+    per output block of uint8 (B, views, C, H, W) pixels out, for the encoder's tensor stage."""
     n = len(block["key"])
     for at in range(0, n, rows):
-        pixels = [to_chw(apply(decode_image(img, str(key)), steps))
+        pixels = [views_of(decode_image(img, str(key)), str(key), steps, views, seed)
                   for img, key in zip(block["image"][at:at + rows], block["key"][at:at + rows])]
-        yield {"pixels": np.stack(pixels)[:, None]}
+        yield {"pixels": np.stack(pixels)}

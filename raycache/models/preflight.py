@@ -32,8 +32,11 @@ class EvalTransform:
     decode task, a client host), so a process that only hands it on imports neither torch nor open_clip.
     It travels as the config."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], pil_steps=None) -> None:
+        """`pil_steps`: the transform's PIL stage compiled where it was built (`pil_stage.compile_steps`, None
+        if it does not compile), so that the encode pipeline's decode tasks run it without torch."""
         self.cfg = dict(cfg)
+        self.pil_steps = None if pil_steps is None else tuple(tuple(step) for step in pil_steps)
         self._built = None
 
     def build(self):
@@ -52,10 +55,10 @@ class EvalTransform:
         return self.build().transforms
 
     def __getstate__(self) -> dict:
-        return {"cfg": self.cfg}
+        return {"cfg": self.cfg, "pil_steps": self.pil_steps}
 
     def __setstate__(self, state: dict) -> None:
-        self.cfg, self._built = state["cfg"], None
+        self.cfg, self.pil_steps, self._built = state["cfg"], state.get("pil_steps"), None
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,10 @@ def preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tu
 
 
 def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, dict[str, Any]]:
-    """(the preflight, open_clip's preprocessing config the transform was built from)."""
+    """(the preflight, the transform's recipe: open_clip's preprocessing config it was built from and its PIL
+    stage's compiled steps)."""
+    from raycache.data.features import split_at_tensor
+    from raycache.data.pil_stage import compile_steps
     from raycache.models.clip import load_clip
     from raycache.models.text import text_classifier
 
@@ -81,7 +87,8 @@ def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, di
         method.check(settings, model, spec)
     made = Preflight(text_weights=text_classifier(model, tokenizer, class_names, list(templates)),
                      transform=transform)
-    return made, dict(model.visual.preprocess_cfg)
+    return made, {"preprocess": dict(model.visual.preprocess_cfg),
+                  "pil_steps": compile_steps(split_at_tensor(transform)[0])}
 
 
 def _serve(folder: str) -> None:
@@ -100,7 +107,7 @@ def _serve(folder: str) -> None:
         (out / "made.json").write_text(json.dumps({"user_error": str(err)}))
         return
     np.save(out / "text_weights.npy", made.text_weights)
-    (out / "made.json").write_text(json.dumps({"preprocess": recipe}))
+    (out / "made.json").write_text(json.dumps(recipe))
 
 
 def run_preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tuple[str, ...], method=None,
@@ -128,4 +135,5 @@ def run_preflight(spec: ModelSpec, class_names: list[str], templates: list[str] 
         made = json.loads(made_file.read_text())
         if "user_error" in made:
             raise UserError(made["user_error"])
-        return Preflight(np.load(Path(folder) / "text_weights.npy"), EvalTransform(made["preprocess"]))
+        return Preflight(np.load(Path(folder) / "text_weights.npy"),
+                         EvalTransform(made["preprocess"], made["pil_steps"]))

@@ -56,12 +56,13 @@ def test_a_corrupt_image_is_named(ray_session, image_folder, tmp_path):
 def test_augmented_cache_keys_average_the_views_raw_features(ray_session, image_folder, tmp_path):
     """Tip-Adapter's cache key: the mean of the raw features of `views` augmented views (RandomResizedCrop
     to the input size with scale 0.5-1, bicubic; horizontal flip p = 0.5), here of a subset of rows only;
-    the views come from a stream seeded by (seed, image key), so batching cannot change them."""
-    import hashlib
-
+    the views come from a stream seeded by (seed, image key), so batching cannot change them. The expected
+    views are cut and flipped by torchvision's own functional ops, at the crops the stream draws."""
     import torch
     from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
 
+    from raycache.data.pil_stage import crop_params, view_seed
     from raycache.data.sources.base import decode_image
     from raycache.models.clip import load_clip
 
@@ -76,17 +77,23 @@ def test_augmented_cache_keys_average_the_views_raw_features(ray_session, image_
     model, preprocess, _ = load_clip(ModelSpec("tiny"))
     size = next(t.size for t in preprocess.transforms if isinstance(t, T.CenterCrop))
     norm = next(t for t in preprocess.transforms if isinstance(t, T.Normalize))
-    augment = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                         T.RandomHorizontalFlip(p=0.5), T.ToTensor(), norm])
     table = sub.to_ray().take_all()
-    expected, centre = [], []
+    expected, centre, flips = [], [], 0
     for r in table:
         img = decode_image(r["image"], r["key"])
-        torch.manual_seed(int.from_bytes(hashlib.sha256(f"3|{r['key']}".encode()).digest()[:8], "little"))
-        views = torch.stack([augment(img) for _ in range(4)])
+        rng = np.random.default_rng(view_seed(3, r["key"]))
+        views = []
+        for _ in range(4):
+            top, left, h, w = crop_params(img.height, img.width, (0.5, 1.0), (3 / 4, 4 / 3), rng)
+            assert 0.5 * img.height * img.width * 0.9 < h * w <= img.height * img.width  # scale 0.5-1, rounded
+            view = TF.resized_crop(img, top, left, h, w, list(size), T.InterpolationMode.BICUBIC)
+            flip = rng.random() < 0.5
+            flips += flip
+            views.append(norm(TF.to_tensor(TF.hflip(view) if flip else view)))
         with torch.no_grad():
-            expected.append(model.encode_image(views).mean(dim=0).numpy())
+            expected.append(model.encode_image(torch.stack(views)).mean(dim=0).numpy())
             centre.append(model.encode_image(preprocess(img)[None])[0].numpy())
+    assert 0 < flips < 12
     np.testing.assert_allclose(keys.features, np.stack(expected), rtol=1e-4, atol=1e-5)
     assert not np.allclose(keys.features, np.stack(centre), atol=1e-3)  # not the plain centre crop
 

@@ -77,8 +77,8 @@ def test_the_compiled_steps_give_torchvisions_pixels_byte_for_byte(name):
 
 def test_steps_it_does_not_know_keep_the_torchvision_path():
     """A step whose output the compiler cannot vouch for (open_clip's aspect-keeping resize for a non-square
-    input, a user's lambda, a conversion to a float mode) compiles to nothing, and augmented views are never
-    compiled: the decode task stays torchvision's, which runs them as they are."""
+    input, a user's lambda, a conversion to a float mode) compiles to nothing: the decode task stays
+    torchvision's, which runs them as they are. Augmented views need only the input size: always on PIL."""
     import open_clip
     from open_clip.transform import MaybeConvertMode
     from torchvision import transforms as T
@@ -95,7 +95,8 @@ def test_steps_it_does_not_know_keep_the_torchvision_path():
         assert pil_stage.compile_steps(split_at_tensor(t)[0]) is None, t
         assert decode_task(t, rows=4)[0] is features.decode_block
     assert decode_task(eval_32, rows=4)[0] is pil_stage.decode_block
-    assert decode_task(eval_32, rows=4, views=4, seed=1)[0] is features.decode_block
+    fn, kwargs = decode_task(eval_32, rows=4, views=4, seed=1)
+    assert fn is pil_stage.decode_block and kwargs["steps"] == pil_stage.augment_steps((32, 32))
 
 
 WORKER = """
@@ -120,12 +121,60 @@ def test_a_decode_worker_runs_the_compiled_stage_without_loading_torch():
     rng = np.random.default_rng(11)
     block = {"image": np.array([png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SHAPES],
                                dtype=object), "key": np.array([f"k{i}" for i in range(len(SHAPES))])}
-    fn, kwargs = decode_task(transform, rows=4)
-    sent = cloudpickle.dumps((fn, kwargs, block))
-    done = subprocess.run([sys.executable, "-c", WORKER], input=sent, capture_output=True, timeout=120)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    out = pickle.loads(done.stdout)
-    assert out["loaded"] == [], f"the decode worker imported {json.dumps(out['loaded'])}"
-    assert [len(p["pixels"]) for p in out["parts"]] == [4, 4, 1]
-    np.testing.assert_array_equal(np.concatenate([p["pixels"] for p in out["parts"]]),
-                                  decode_views(block, transform)["pixels"])
+    def run(fn, kwargs):
+        sent = cloudpickle.dumps((fn, kwargs, block))
+        done = subprocess.run([sys.executable, "-c", WORKER], input=sent, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        out = pickle.loads(done.stdout)
+        assert out["loaded"] == [], f"the decode worker imported {json.dumps(out['loaded'])}"
+        assert [len(p["pixels"]) for p in out["parts"]] == [4, 4, 1]
+        return np.concatenate([p["pixels"] for p in out["parts"]])
+
+    np.testing.assert_array_equal(run(*decode_task(transform, rows=4)), decode_views(block, transform)["pixels"])
+    views = run(*decode_task(transform, rows=4, views=3, seed=5))  # Tip-Adapter's augmented views
+    assert views.dtype == np.uint8 and views.shape == (len(SHAPES), 3, 3, 32, 32)
+    # room for random crops to differ (far from 4:3, every try fails and the view is the centre crop)
+    big = [i for i, (h, w) in enumerate(SHAPES) if min(h, w) >= 24 and max(h, w) / min(h, w) <= 4 / 3]
+    assert all(len({v.tobytes() for v in views[i]}) == 3 for i in big)  # three different views each
+
+
+def test_augmented_views_are_torchvisions_crops_and_flips_from_numpys_stream():
+    """A view is torchvision's `resized_crop` (bicubic, to the input size) and `hflip` at the crop and coin
+    the stream draws, byte for byte; and the crops are drawn as torchvision's `RandomResizedCrop.get_params`
+    draws them: the same distribution of area and aspect ratio on a non-square image, and the same centre
+    crop where no random crop fits (an image far wider than 4:3)."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    from raycache.data import pil_stage
+
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    steps = pil_stage.augment_steps((20, 24))
+    flips = 0
+    for seed in range(20):
+        got = pil_stage.to_chw(pil_stage.apply(img, steps, np.random.default_rng(seed)))
+        replay = np.random.default_rng(seed)
+        top, left, h, w = pil_stage.crop_params(60, 90, (0.5, 1.0), (3 / 4, 4 / 3), replay)
+        view = TF.resized_crop(img, top, left, h, w, [20, 24], T.InterpolationMode.BICUBIC)
+        flip = replay.random() < 0.5
+        flips += flip
+        expected = TF.pil_to_tensor(TF.hflip(view) if flip else view)
+        np.testing.assert_array_equal(got, expected.numpy(), err_msg=f"seed {seed}")
+    assert 3 < flips < 17
+
+    def stats(draw, n=3000):
+        crops = np.array([draw() for _ in range(n)], dtype=float)  # (top, left, h, w)
+        area, log_ratio = crops[:, 2] * crops[:, 3] / (60 * 90), np.log(crops[:, 3] / crops[:, 2])
+        return np.array([area.mean(), np.quantile(area, 0.1), np.quantile(area, 0.9), log_ratio.mean(),
+                         log_ratio.std(), (crops[:, 0] / (60 - crops[:, 2] + 1)).mean()])
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    ours = stats(lambda: pil_stage.crop_params(60, 90, (0.5, 1.0), (3 / 4, 4 / 3), rng))
+    theirs = stats(lambda: T.RandomResizedCrop.get_params(img, [0.5, 1.0], [3 / 4, 4 / 3]))
+    np.testing.assert_allclose(ours, theirs, atol=0.02)
+    wide = Image.new("RGB", (400, 10))
+    assert (pil_stage.crop_params(10, 400, (0.5, 1.0), (3 / 4, 4 / 3), rng)
+            == tuple(T.RandomResizedCrop.get_params(wide, [0.5, 1.0], [3 / 4, 4 / 3])))

@@ -34,8 +34,12 @@ PARENT = textwrap.dedent("""
                          method_class("cachefl"), settings_for("cachefl"))
     np.save(out + "/weights.npy", made.text_weights)
     json.dump(made.transform.cfg, open(out + "/recipe.json", "w"))
+    from raycache.data.features import decode_task
+
+    fn, kwargs = decode_task(made.transform, rows=4)  # what the encode pipeline's decode tasks will run
+    json.dump(kwargs["steps"], open(out + "/steps.json", "w"))
     report = {"recipe": isinstance(made.transform, EvalTransform), "torch": "torch" in sys.modules,
-              "open_clip": "open_clip" in sys.modules}
+              "open_clip": "open_clip" in sys.modules, "decode": f"{fn.__module__}.{fn.__name__}"}
     try:
         run_preflight(ModelSpec("tiny"), ["zero", "one"], ("{}",), method_class("promptfl"),
                       settings_for("promptfl", n_ctx=500))
@@ -52,7 +56,7 @@ def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_r
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"recipe": True, "torch": False, "open_clip": False, "torch_after": False,
-                      "error": report.get("error")}
+                      "error": report.get("error"), "decode": "raycache.data.pil_stage.decode_block"}
     # A user's mistake found by the method's check in the child is the same one-line UserError here.
     assert report["error"].startswith("method.n_ctx: 500 context tokens")
 
@@ -63,6 +67,12 @@ def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_r
     shipped = EvalTransform(json.loads((tmp_path / "recipe.json").read_text()))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
     np.testing.assert_array_equal(shipped(img).numpy(), here.transform(img).numpy())
+    # the decode tasks' steps, compiled in the child, are the ones this process compiles from its transform
+    from raycache.data import pil_stage
+    from raycache.data.features import split_at_tensor
+
+    steps = pil_stage.compile_steps(split_at_tensor(here.transform)[0])
+    assert steps and json.loads((tmp_path / "steps.json").read_text()) == json.loads(json.dumps(steps))
 
 
 @pytest.mark.parametrize("name", ["tiny", "effnet-lite0"])
@@ -71,9 +81,10 @@ def test_the_transforms_recipe_builds_the_models_own_transform_where_it_is_used(
     from raycache.models.preflight import _made
 
     model, transform, _ = load_clip(ModelSpec(name))
-    recipe = EvalTransform(json.loads(json.dumps(_made(ModelSpec(name), ["a", "b"], ("{}",), None, None)[1])))
+    made = json.loads(json.dumps(_made(ModelSpec(name), ["a", "b"], ("{}",), None, None)[1]))
+    recipe = EvalTransform(made["preprocess"], made["pil_steps"])
     moved = pickle.loads(pickle.dumps(recipe))  # as Ray hands it to a decode task: the config, not a build
-    assert moved._built is None and moved.cfg == recipe.cfg
+    assert moved._built is None and moved.cfg == recipe.cfg and moved.pil_steps == recipe.pil_steps
     rng = np.random.default_rng(3)
     for shape in [(40, 30, 3), (17, 90, 3)]:  # portrait and landscape: resize, then crop
         img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
