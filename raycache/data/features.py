@@ -35,12 +35,12 @@ def split_at_tensor(transform):
     return T.Compose(steps[:at]), T.Compose(steps[at + 1:])
 
 
-def to_pixels(img, pil_stage) -> "torch.Tensor":
-    """One image through the PIL stage: uint8 (C, H, W) for an 8-bit L or RGB image (what `ToTensor` scales
+def to_pixels(img, front) -> "torch.Tensor":
+    """One image through the PIL stage `front`: uint8 (C, H, W) for an 8-bit L or RGB image (what `ToTensor` scales
     by 1/255), else `ToTensor`'s own float output (other modes are not scaled the same way)."""
     from torchvision.transforms import functional as TF
 
-    img = pil_stage(img)
+    img = front(img)
     return TF.pil_to_tensor(img) if img.mode in ("L", "RGB") else TF.to_tensor(img)
 
 
@@ -52,12 +52,12 @@ def decode_views(batch: dict[str, np.ndarray], transform) -> dict[str, np.ndarra
     ready for the model."""
     import torch
 
-    pil_stage, tensor_stage = split_at_tensor(transform)
+    front, tensor_stage = split_at_tensor(transform)  # the PIL stage, the tensor stage
     out = []
     for img, key in zip(batch["image"], batch["key"]):
         img = decode_image(img, str(key))
-        out.append((transform(img) if pil_stage is None else to_pixels(img, pil_stage))[None])
-    if pil_stage is not None and any(o.dtype != torch.uint8 for o in out):  # finish the transform here
+        out.append((transform(img) if front is None else to_pixels(img, front))[None])
+    if front is not None and any(o.dtype != torch.uint8 for o in out):  # finish the transform here
         out = [tensor_stage(o.float().div(255) if o.dtype == torch.uint8 else o) for o in out]
     return {"pixels": torch.stack(out).numpy()}
 
@@ -139,10 +139,11 @@ def input_size(preprocess):
 
 
 def augment_size(preprocess) -> tuple[int, int]:
-    """The augmented views' crop size, the model's input size: from the eval transform's compiled steps when
-    it brings them (no torch here), else read from the transform."""
-    steps = getattr(preprocess, "pil_steps", None)
-    size = pil_stage.input_size(steps) if steps else input_size(preprocess)
+    """The augmented views' crop size, the model's input size: as a transform made in another process brings
+    it (no torch here), else read from the transform."""
+    size = getattr(preprocess, "input_size", None)
+    if size is None:
+        size = input_size(preprocess)
     if size is None:
         raise UserError("method.augment_views: the model's preprocessing has no crop or resize to take the "
                         "input size from; use method.augment_views: 1")
@@ -225,8 +226,7 @@ def encoder_plan(runtime) -> tuple[int, float, int]:
 
 def decoded(source: Source, runtime, transform, rows: int, views: int = 1, seed: int = 0):
     """The pipeline's CPU stage: `source`'s images as blocks of at most `rows` decoded, preprocessed images
-    (`pil_stage.decode_block` where the eval transform's PIL stage compiles to plain steps, else
-    `decode_block`). The source's read gets the stage's remote args, so that Ray Data fuses the read into
+    (`decode_task`). The source's read gets the stage's remote args, so that Ray Data fuses the read into
     it: a read operator of its own gets a sliver of the CPUs from Ray Data's resource budget and paces the
     whole pipeline (one or two read tasks at a time beside 15 decode tasks, on a 16-core machine). Ray
     Data's default retries a lost task for ever: here `runtime.encode_retries` times."""

@@ -4,10 +4,12 @@ The encode pipeline's decode tasks turn image bytes into the uint8 pixels the en
 (`raycache.data.features`). Run as torchvision's `Compose`, that stage makes every decode worker import
 torch, torchvision and open_clip: seconds of CPU at start-up, while the encoder actor imports the same on the
 same cores, and about half a gigabyte per worker that stays up beside the federation. An eval transform
-whose PIL stage is only resizes, centre crops and mode conversions (open_clip's is) is compiled here, where
+whose PIL stage is only resizes, centre crops and mode conversions (open_clip's for a square input, as every
+CLIP has, or a squashing resize) is compiled here, where
 torch is at hand, into tuples of plain values; `decode_block` runs them with PIL and numpy only. The steps
 do what torchvision does on a PIL image, step for step, so the pixels are the same bytes (tested against
-torchvision on images of every shape). Any other step keeps the torchvision path.
+torchvision on images of nine shapes: landscape, portrait, padded, one pixel high). Any other step keeps the
+torchvision path.
 
 Tip-Adapter's augmented views (`augment_steps`) run here too, whatever the eval transform: they need only
 the model's input size. Their random crops and flips are torchvision's, drawn from numpy's generator.
@@ -26,7 +28,7 @@ import numpy as np
 
 from raycache.data.sources.base import decode_image
 
-# ("resize", size list, max_size, PIL filter) | ("center_crop", height, width) | ("convert", mode), and the
+# ("resize", size tuple, max_size, PIL filter) | ("center_crop", height, width) | ("convert", mode), and the
 # augmentation's random steps: ("random_resized_crop", height, width, scale, ratio, PIL filter) | ("hflip", p)
 Step = tuple
 MODES = ("RGB", "L")  # conversions whose output is 8-bit pixels, as `ToTensor` scales them
@@ -60,9 +62,9 @@ def compile_steps(pil_stage) -> tuple[Step, ...] | None:
     steps: list[Step] = []
     for t in pil_stage.transforms:
         if type(t) is T.Resize:
-            size = [t.size] if isinstance(t.size, int) else list(t.size)
-            if len(size) not in (1, 2) or (t.max_size is not None and len(size) != 1):
-                return None
+            size = (t.size,) if isinstance(t.size, int) else tuple(t.size)
+            if len(size) not in (1, 2) or (t.max_size is not None and (len(size) != 1 or t.max_size <= size[0])):
+                return None  # torchvision refuses it on every image: let it say so
             steps.append(("resize", size, t.max_size, int(pil_modes_mapping[t.interpolation])))
         elif type(t) is T.CenterCrop:
             steps.append(("center_crop", int(t.size[0]), int(t.size[1])))
@@ -75,7 +77,15 @@ def compile_steps(pil_stage) -> tuple[Step, ...] | None:
     return tuple(steps)
 
 
-def resized_size(height: int, width: int, size: list[int], max_size: int | None) -> tuple[int, int]:
+def as_steps(steps) -> tuple[Step, ...] | None:
+    """Steps as `compile_steps` makes them (tuples all the way down), from a JSON round trip's lists."""
+    def tupled(x):
+        return tuple(tupled(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+    return None if steps is None else tupled(steps)
+
+
+def resized_size(height: int, width: int, size: tuple[int, ...], max_size: int | None) -> tuple[int, int]:
     """(height, width) after torchvision's `Resize(size, max_size=max_size)`: `size` of one number sets the
     shorter edge (the longer one scaled and truncated, then capped at `max_size`), of two the (height, width)."""
     if len(size) == 2:
@@ -103,17 +113,6 @@ def center_crop(img, height: int, width: int):
             return img
     top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
     return img.crop((left, top, left + width, top + height))
-
-
-def input_size(steps: tuple[Step, ...]) -> tuple[int, int] | None:
-    """The model's input (height, width): its eval steps' last crop or resize, as `features.input_size` reads
-    it from the transform (a one-number resize is square); None if there is none."""
-    for step in reversed(steps):
-        if step[0] == "center_crop":
-            return step[1], step[2]
-        if step[0] == "resize":
-            return (step[1][0], step[1][-1])
-    return None
 
 
 def augment_steps(size: tuple[int, int]) -> tuple[Step, ...]:

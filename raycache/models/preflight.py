@@ -29,14 +29,18 @@ from raycache.models.clip import ModelSpec
 class EvalTransform:
     """The model's eval image transform as open_clip's preprocessing config (size, mean, std,
     interpolation, resize mode): open_clip builds the transform from it where images are preprocessed (a
-    decode task, a client host), so a process that only hands it on imports neither torch nor open_clip.
-    It travels as the config."""
+    client host, the encoder), so a process that only hands it on imports neither torch nor open_clip.
+    It travels as the config, with what the decode tasks need made beforehand (`pil_steps`, `input_size`)."""
 
-    def __init__(self, cfg: dict[str, Any], pil_steps=None) -> None:
+    def __init__(self, cfg: dict[str, Any], pil_steps=None, input_size=None) -> None:
         """`pil_steps`: the transform's PIL stage compiled where it was built (`pil_stage.compile_steps`, None
-        if it does not compile), so that the encode pipeline's decode tasks run it without torch."""
+        if it does not compile), so that the encode pipeline's decode tasks run it without torch;
+        `input_size`: its last crop or resize (`features.input_size`), the augmented views' size."""
+        from raycache.data.pil_stage import as_steps
+
         self.cfg = dict(cfg)
-        self.pil_steps = None if pil_steps is None else tuple(tuple(step) for step in pil_steps)
+        self.pil_steps = as_steps(pil_steps)
+        self.input_size = as_steps(input_size)
         self._built = None
 
     def build(self):
@@ -55,10 +59,11 @@ class EvalTransform:
         return self.build().transforms
 
     def __getstate__(self) -> dict:
-        return {"cfg": self.cfg, "pil_steps": self.pil_steps}
+        return {"cfg": self.cfg, "pil_steps": self.pil_steps, "input_size": self.input_size}
 
     def __setstate__(self, state: dict) -> None:
-        self.cfg, self.pil_steps, self._built = state["cfg"], state.get("pil_steps"), None
+        self.cfg, self._built = state["cfg"], None
+        self.pil_steps, self.input_size = state.get("pil_steps"), state.get("input_size")
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tu
 def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, dict[str, Any]]:
     """(the preflight, the transform's recipe: open_clip's preprocessing config it was built from and its PIL
     stage's compiled steps)."""
-    from raycache.data.features import split_at_tensor
+    from raycache.data.features import input_size, split_at_tensor
     from raycache.data.pil_stage import compile_steps
     from raycache.models.clip import load_clip
     from raycache.models.text import text_classifier
@@ -88,7 +93,7 @@ def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, di
     made = Preflight(text_weights=text_classifier(model, tokenizer, class_names, list(templates)),
                      transform=transform)
     return made, {"preprocess": dict(model.visual.preprocess_cfg),
-                  "pil_steps": compile_steps(split_at_tensor(transform)[0])}
+                  "pil_steps": compile_steps(split_at_tensor(transform)[0]), "input_size": input_size(transform)}
 
 
 def _serve(folder: str) -> None:
@@ -136,4 +141,4 @@ def run_preflight(spec: ModelSpec, class_names: list[str], templates: list[str] 
         if "user_error" in made:
             raise UserError(made["user_error"])
         return Preflight(np.load(Path(folder) / "text_weights.npy"),
-                         EvalTransform(made["preprocess"], made["pil_steps"]))
+                         EvalTransform(made["preprocess"], made["pil_steps"], made["input_size"]))

@@ -60,6 +60,7 @@ def test_the_compiled_steps_give_torchvisions_pixels_byte_for_byte(name):
     stage = split_at_tensor(transform)[0]
     steps = pil_stage.compile_steps(stage)
     assert steps, f"{name} did not compile"
+    assert pil_stage.as_steps(json.loads(json.dumps(steps))) == steps and hash(steps)  # as the preflight ships it
     rng = np.random.default_rng(7)
     for h, w in SHAPES:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -90,6 +91,7 @@ def test_steps_it_does_not_know_keep_the_torchvision_path():
     unknown = [open_clip.image_transform((20, 14), is_train=False),
                T.Compose([T.Lambda(lambda im: im.rotate(90)), T.ToTensor()]),
                T.Compose([MaybeConvertMode("F"), T.ToTensor()]),
+               T.Compose([T.Resize(20, max_size=20), T.ToTensor()]),  # torchvision refuses it on every image
                T.Compose([T.Resize((20, 14), max_size=30)])]  # no ToTensor: not split at all
     for t in unknown:
         assert pil_stage.compile_steps(split_at_tensor(t)[0]) is None, t

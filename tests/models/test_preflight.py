@@ -38,8 +38,11 @@ PARENT = textwrap.dedent("""
 
     fn, kwargs = decode_task(made.transform, rows=4)  # what the encode pipeline's decode tasks will run
     json.dump(kwargs["steps"], open(out + "/steps.json", "w"))
+    augmented, aug_kwargs = decode_task(made.transform, rows=4, views=10, seed=0)  # Tip-Adapter's views
+    json.dump(aug_kwargs["steps"][0][1:3], open(out + "/views.json", "w"))
     report = {"recipe": isinstance(made.transform, EvalTransform), "torch": "torch" in sys.modules,
-              "open_clip": "open_clip" in sys.modules, "decode": f"{fn.__module__}.{fn.__name__}"}
+              "open_clip": "open_clip" in sys.modules, "decode": f"{fn.__module__}.{fn.__name__}",
+              "augmented": f"{augmented.__module__}.{augmented.__name__}"}
     try:
         run_preflight(ModelSpec("tiny"), ["zero", "one"], ("{}",), method_class("promptfl"),
                       settings_for("promptfl", n_ctx=500))
@@ -56,7 +59,8 @@ def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_r
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"recipe": True, "torch": False, "open_clip": False, "torch_after": False,
-                      "error": report.get("error"), "decode": "raycache.data.pil_stage.decode_block"}
+                      "error": report.get("error"), "decode": "raycache.data.pil_stage.decode_block",
+                      "augmented": "raycache.data.pil_stage.decode_block"}
     # A user's mistake found by the method's check in the child is the same one-line UserError here.
     assert report["error"].startswith("method.n_ctx: 500 context tokens")
 
@@ -73,6 +77,11 @@ def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_r
 
     steps = pil_stage.compile_steps(split_at_tensor(here.transform)[0])
     assert steps and json.loads((tmp_path / "steps.json").read_text()) == json.loads(json.dumps(steps))
+    # the augmented views' crop size, from the child: the model's input size, read here from its transform
+    from raycache.data.features import input_size
+
+    size = input_size(here.transform)
+    assert json.loads((tmp_path / "views.json").read_text()) == ([size, size] if isinstance(size, int) else list(size))
 
 
 @pytest.mark.parametrize("name", ["tiny", "effnet-lite0"])
@@ -82,9 +91,10 @@ def test_the_transforms_recipe_builds_the_models_own_transform_where_it_is_used(
 
     model, transform, _ = load_clip(ModelSpec(name))
     made = json.loads(json.dumps(_made(ModelSpec(name), ["a", "b"], ("{}",), None, None)[1]))
-    recipe = EvalTransform(made["preprocess"], made["pil_steps"])
+    recipe = EvalTransform(made["preprocess"], made["pil_steps"], made["input_size"])
     moved = pickle.loads(pickle.dumps(recipe))  # as Ray hands it to a decode task: the config, not a build
     assert moved._built is None and moved.cfg == recipe.cfg and moved.pil_steps == recipe.pil_steps
+    assert moved.input_size == recipe.input_size is not None
     rng = np.random.default_rng(3)
     for shape in [(40, 30, 3), (17, 90, 3)]:  # portrait and landscape: resize, then crop
         img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
