@@ -51,14 +51,11 @@ def compile_steps(pil_stage) -> tuple[Step, ...] | None:
     from torchvision import transforms as T
     from torchvision.transforms.functional import pil_modes_mapping
 
-    convert_types: tuple = ()
     try:  # open_clip's mode conversion: a class in current releases, a function in older ones
         from open_clip import transform as oc
-
-        convert_types = tuple(getattr(oc, name) for name in ("MaybeConvertMode",) if hasattr(oc, name))
-        rgb_fn = getattr(oc, "_convert_to_rgb", None)
     except ImportError:
-        rgb_fn = None
+        oc = None
+    convert_cls, rgb_fn = getattr(oc, "MaybeConvertMode", None), getattr(oc, "_convert_to_rgb", None)
     steps: list[Step] = []
     for t in pil_stage.transforms:
         if type(t) is T.Resize:
@@ -68,7 +65,7 @@ def compile_steps(pil_stage) -> tuple[Step, ...] | None:
             steps.append(("resize", size, t.max_size, int(pil_modes_mapping[t.interpolation])))
         elif type(t) is T.CenterCrop:
             steps.append(("center_crop", int(t.size[0]), int(t.size[1])))
-        elif convert_types and type(t) in convert_types and getattr(t, "mode", None) in MODES:
+        elif convert_cls is not None and type(t) is convert_cls and t.mode in MODES:
             steps.append(("convert", t.mode))
         elif rgb_fn is not None and t is rgb_fn:
             steps.append(("convert", "RGB"))

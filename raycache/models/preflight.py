@@ -40,7 +40,7 @@ class EvalTransform:
 
         self.cfg = dict(cfg)
         self.pil_steps = as_steps(pil_steps)
-        self.input_size = as_steps(input_size)
+        self.input_size = tuple(input_size) if isinstance(input_size, list) else input_size  # JSON gives lists
         self._built = None
 
     def build(self):
