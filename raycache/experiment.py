@@ -192,6 +192,10 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    model_here: bool = False) -> Summary:
     """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id).
 
+    `on_round(round, metrics)`: called as each round ends, before the next round starts and before this
+    round's checkpoint and metrics are written (they are written while the next round runs); it may raise
+    `StopRun` to end the run after this round, which is then still checkpointed and logged.
+
     `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
     checkpoint (written after every round). `audit`: record every client message (`Summary.messages`).
 
@@ -400,21 +404,27 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             totals["up"] += metrics["comm_bytes_up"]
             totals["down"] += metrics["comm_bytes_down"]
             last = metrics
-            # The checkpoint first, then the metrics: a driver that dies between the two resumes after this
-            # round and logs its metrics from the checkpoint (`log_checkpointed_round`); logged first, a
-            # death before the checkpoint would log the round again when it is redone.
-            if cfg.federation.checkpoint:
-                fed.saved(save_round(cfg, run, r, fed.snapshot(), {**totals, "last": last, "seed": cfg.seed,
-                                                                   "method": cfg.method.name, "initial": initial}), r)
-            run.log_metrics(metrics, step=r)
+            # What the server must answer about this round, before the next round changes it
+            snap = fed.snapshot() if cfg.federation.checkpoint else None
             if audit:
                 messages += [{**m, "round": r} for m in fed.audit_log()]
-            if on_round:
+            if on_round:  # before the next round starts: a scheduler that stops this trial wastes no round
                 try:
                     on_round(r, metrics)
                 except StopRun as stop:  # e.g. a sweep's scheduler stopped this trial: end cleanly
                     stopped_by = stop.reason
-                    break
+            if stopped_by is None and r < cfg.federation.rounds:
+                fed.submit_round(r + 1)  # it runs while this round is written
+            # The checkpoint first, then the metrics: a driver that dies between the two resumes after this
+            # round and logs its metrics from the checkpoint (`log_checkpointed_round`); logged first, a
+            # death before the checkpoint would log the round again when it is redone.
+            if snap is not None:
+                meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
+                fed.saved(save_round(cfg, run, r, snap, meta), r)
+                snap = None  # its arrays go now, not after the next round
+            run.log_metrics(metrics, step=r)
+            if stopped_by is not None:
+                break
         timings["time_rounds_s"] = time.perf_counter() - t
         try:
             result = fed.result(cfg.federation.selection)

@@ -108,19 +108,21 @@ def test_a_personal_method_resumes_with_every_clients_own_state(feature_store, r
     class Crash(Exception):
         pass
 
-    def crash(r, metrics):
-        if r == 2:
-            raise Crash("driver died")
+    def crash_at(round_idx):
+        def crash(r, metrics):
+            if r == round_idx:
+                raise Crash("driver died")
+        return crash
 
     real_save = raycache.resume.save_round
 
     def save_then_die(cfg, run, r, snapshot, meta):
         path = real_save(cfg, run, r, snapshot, meta)
-        crash(r, None)
+        crash_at(2)(r, None)
         return path
 
-    if dies.startswith("after"):
-        kwargs = {"on_round": crash}
+    if dies.startswith("after"):  # round 3's callback: round 3 ran, round 2 is checkpointed and logged
+        kwargs = {"on_round": crash_at(3)}
     else:
         monkeypatch.setattr(raycache.resume, "save_round", save_then_die)
         kwargs = {}

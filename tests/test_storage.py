@@ -161,8 +161,8 @@ def test_a_disk_that_fills_mid_run_fails_it_in_one_line_and_it_resumes_once_ther
         f"runtime.cache_dir={small_disk}", "tracking.experiment=full-disk"])
     filler = small_disk / "neighbour.bin"
 
-    def fill_the_disk(r, metrics):
-        if r == 1:
+    def fill_the_disk(r, metrics):  # round 2's callback: round 1 is written, round 2 is not yet
+        if r == 2:
             fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
             try:
                 while os.write(fd, b"\0" * 4096):

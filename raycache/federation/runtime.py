@@ -66,6 +66,7 @@ class Federation:
         self._snap: dict | Path | None = None
         self._snap_round = 0
         self._lost: BaseException | None = None  # the server was lost: rebuild before the next call
+        self._pending: tuple[int, object] | None = None  # (round, its call) started by `submit_round`
         self.server_restarts = 0  # lost servers replaced
         self.rounds_replayed = 0  # rounds run again on a replacement
         try:
@@ -143,14 +144,17 @@ class Federation:
     # since; then the call is made again. Client sampling, faults and local training draw from (seed, round,
     # client), so a replayed round is the round it replaces. At most `federation.server_restarts` times a run.
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args, started=None):
+        """The server's `method(*args)`; `started`: that call's ref, already made (`submit_round`)."""
         import ray
 
         while True:
             try:
                 if self._lost is not None:
                     self._rebuild()
-                return ray.get(getattr(self.server, method).remote(*args))
+                    started = None
+                ref, started = (getattr(self.server, method).remote(*args) if started is None else started), None
+                return ray.get(ref)
             except ray.exceptions.RayActorError as err:
                 server = self.server
                 if (isinstance(err, ray.exceptions.RayTaskError) or server is None
@@ -252,8 +256,22 @@ class Federation:
         """The run's selected result: {"round", "snapshot", "metrics"}."""
         return self._call("result", selection)
 
+    def submit_round(self, round_idx: int) -> None:
+        """Start round `round_idx` on the server and return at once; `run_round(round_idx)` collects it. The
+        driver writes the previous round's checkpoint and metrics meanwhile: take its `snapshot` first (the
+        server answers calls in order, so any other call waits for the round)."""
+        if round_idx != self.round + 1 or self._pending is not None:
+            raise ValueError(f"round {round_idx} submitted after round {self.round}"
+                             + (f" with round {self._pending[0]} still running" if self._pending else ""))
+        if self._lost is None:  # a lost server is rebuilt by `run_round`, which then makes the call itself
+            self._pending = (round_idx, self.server.run_round.remote(round_idx))
+
     def run_round(self, round_idx: int) -> dict[str, float]:
-        metrics = self._call("run_round", round_idx)
+        """Round `round_idx`'s metrics: the call `submit_round` started, or one made now."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] != round_idx:
+            raise ValueError(f"round {round_idx} asked for while round {pending[0]} runs")
+        metrics = self._call("run_round", round_idx, started=None if pending is None else pending[1])
         self.round = round_idx
         return metrics
 

@@ -182,8 +182,8 @@ def test_a_server_lost_before_its_hosts_memories_are_fetched_is_replaced(feature
     clean = run_experiment(quick(feature_store, *extra, "tracking.run_name=memory-clean"))
     call, killed = Federation._call, []
 
-    def kill_after_snapshot(self, method, *args):
-        out = call(self, method, *args)
+    def kill_after_snapshot(self, method, *args, **kwargs):
+        out = call(self, method, *args, **kwargs)
         if method == "snapshot" and self.round == 2 and not killed:
             server = self.server
             ray.kill(server, no_restart=True)

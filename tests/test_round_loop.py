@@ -1,0 +1,63 @@
+"""The driver's round loop: round r+1 runs on the actors while the driver writes round r's checkpoint and
+metrics, and what it writes for round r is round r's."""
+
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from raycache.config_file import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_rounds_checkpoint_holds_that_round_while_the_next_round_runs(feature_store, ray_session, mlflow_uri,
+                                                                         monkeypatch):
+    """Each round's checkpoint is written after the next round was started (the writing overlaps its work),
+    yet holds the state after its own round: round 2's checkpoint of a 3-round run equals the last checkpoint
+    of the same run stopped after 2 rounds (a snapshot taken once round 3 had started would hold round 3's
+    state, since the server answers calls in order). Round 3, the last, starts nothing. Every round's
+    metrics are logged once."""
+    import raycache.resume
+    from raycache.experiment import run_experiment
+    from raycache.federation import checkpoint
+    from raycache.federation.runtime import Federation
+
+    def cfg(rounds: int, name: str):
+        return load_config(str(ROOT / "experiments/tiny.yaml"), [
+            f"federation.rounds={rounds}", "federation.keep_checkpoints=3",
+            f"runtime.cache_dir={feature_store}", "tracking.experiment=round-loop", f"tracking.run_name={name}"])
+
+    two = run_experiment(cfg(2, "two"))
+    client = MlflowClient(mlflow_uri)
+    after_two = checkpoint.load(Path(client.get_run(two.run_id).data.tags["raycache.checkpoint"]))
+    assert after_two.round == 2  # the last round's: nothing ran after it
+
+    started: list[int] = []
+    submit = Federation.submit_round
+
+    def recording_submit(self, round_idx):
+        submit(self, round_idx)
+        started.append(round_idx)
+
+    at_save: dict[int, list[int]] = {}
+    save = raycache.resume.save_round
+
+    def recording_save(cfg, run, r, snapshot, meta):
+        at_save[r] = list(started)
+        return save(cfg, run, r, snapshot, meta)
+
+    monkeypatch.setattr(Federation, "submit_round", recording_submit)
+    monkeypatch.setattr(raycache.resume, "save_round", recording_save)
+    three = run_experiment(cfg(3, "three"))
+    assert at_save == {1: [2], 2: [2, 3], 3: [2, 3]}  # round r+1 started before round r was written
+
+    folder = Path(client.get_run(three.run_id).data.tags["raycache.checkpoint"]).parent
+    second = checkpoint.load(folder / "round-00002.safetensors")
+    assert second.round == 2 and second.meta["last"] == three.history[1]
+    for key, value in after_two.snapshot["state"].items():
+        assert np.array_equal(second.snapshot["state"][key], value), key
+    third = checkpoint.load(folder / "round-00003.safetensors")
+    assert any(not np.array_equal(third.snapshot["state"][k], v) for k, v in after_two.snapshot["state"].items())
+    steps = [m.step for m in client.get_metric_history(three.run_id, "accuracy")]
+    assert steps == [0, 1, 2, 3]
