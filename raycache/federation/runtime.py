@@ -285,7 +285,7 @@ class Federation:
     def close(self) -> None:
         import ray
 
-        if self.warm and not self.failed and self.server is not None:
+        if self.warm and not self.failed and self.server is not None and self._pending is None:  # idle only
             try:  # the hosts the server holds now (it may have replaced some)
                 hosts = ray.get(self.server.current_hosts.remote(), timeout=30)
             except Exception:  # noqa: BLE001 (a server that cannot answer is not worth keeping)
