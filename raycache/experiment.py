@@ -189,12 +189,15 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                    on_stage: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
                    shared: dict[str, np.ndarray] | None = None, resume: str | None = None,
                    audit: bool = False, warm: bool = False, on_progress: ProgressCallback | None = None,
-                   model_here: bool = False) -> Summary:
+                   model_here: bool = False, callback_after_write: bool = False) -> Summary:
     """One experiment as one MLflow run; `tags` are added to it (a sweep's trial: its parent run id).
 
     `on_round(round, metrics)`: called as each round ends, before the next round starts and before this
     round's checkpoint and metrics are written (they are written while the next round runs); it may raise
-    `StopRun` to end the run after this round, which is then still checkpointed and logged.
+    `StopRun` to end the run after this round, which is then still checkpointed and logged. With
+    `callback_after_write`, it is called once its round is checkpointed and logged, and the next round
+    starts after it: for a caller whose process may end inside the callback (a Tune trial that its
+    scheduler stops), so that every round it was told of is on record.
 
     `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
     checkpoint (written after every round). `audit`: record every client message (`Summary.messages`).
@@ -228,7 +231,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                 encoded = encode(prep, run, stage, shared or {}, on_progress)
             finally:  # the run's Ray Data pipelines are over, done or failed
                 release_data_actors()
-            summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm)
+            summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm, callback_after_write)
         except BaseException as err:
             from raycache.errors import find_run_failure, find_user_error
 
@@ -363,7 +366,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
 
 
 def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, stage: Callable[[str], None],
-             ckpt=None, audit: bool = False, warm: bool = False) -> Summary:
+             ckpt=None, audit: bool = False, warm: bool = False, callback_after_write: bool = False) -> Summary:
     """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
     from raycache.data.pixels import compact
     from raycache.federation.runtime import Federation
@@ -408,6 +411,18 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             snap = fed.snapshot() if cfg.federation.checkpoint else None
             if audit:
                 messages += [{**m, "round": r} for m in fed.audit_log()]
+
+            def write(r=r, metrics=metrics, snap=snap) -> None:
+                # The checkpoint first, then the metrics: a driver that dies between the two resumes after
+                # this round and logs its metrics from the checkpoint (`log_checkpointed_round`); logged
+                # first, a death before the checkpoint would log the round again when it is redone.
+                if snap is not None:
+                    meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
+                    fed.saved(save_round(cfg, run, r, snap, meta), r)
+                run.log_metrics(metrics, step=r)
+
+            if callback_after_write:
+                write()
             if on_round:  # before the next round starts: a scheduler that stops this trial wastes no round
                 try:
                     on_round(r, metrics)
@@ -415,14 +430,9 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                     stopped_by = stop.reason
             if stopped_by is None and r < cfg.federation.rounds:
                 fed.submit_round(r + 1)  # it runs while this round is written
-            # The checkpoint first, then the metrics: a driver that dies between the two resumes after this
-            # round and logs its metrics from the checkpoint (`log_checkpointed_round`); logged first, a
-            # death before the checkpoint would log the round again when it is redone.
-            if snap is not None:
-                meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
-                fed.saved(save_round(cfg, run, r, snap, meta), r)
-                snap = None  # its arrays go now, not after the next round
-            run.log_metrics(metrics, step=r)
+            if not callback_after_write:
+                write()
+            del snap, write  # the snapshot's arrays go now, not after the next round
             if stopped_by is not None:
                 break
         timings["time_rounds_s"] = time.perf_counter() - t

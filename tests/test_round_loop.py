@@ -25,7 +25,7 @@ def test_a_rounds_checkpoint_holds_that_round_while_the_next_round_runs(feature_
 
     def cfg(rounds: int, name: str):
         return load_config(str(ROOT / "experiments/tiny.yaml"), [
-            f"federation.rounds={rounds}", "federation.keep_checkpoints=3",
+            f"federation.rounds={rounds}", "method.name=cachefl", "federation.keep_checkpoints=3",
             f"runtime.cache_dir={feature_store}", "tracking.experiment=round-loop", f"tracking.run_name={name}"])
 
     two = run_experiment(cfg(2, "two"))
@@ -61,3 +61,36 @@ def test_a_rounds_checkpoint_holds_that_round_while_the_next_round_runs(feature_
     assert any(not np.array_equal(third.snapshot["state"][k], v) for k, v in after_two.snapshot["state"].items())
     steps = [m.step for m in client.get_metric_history(three.run_id, "accuracy")]
     assert steps == [0, 1, 2, 3]
+
+
+def test_a_callback_after_write_sees_its_round_on_record_and_nothing_started(feature_store, ray_session, mlflow_uri,
+                                                                             monkeypatch):
+    """A sweep's trial reports to Tune, which may end its process inside the report: with
+    `callback_after_write`, each round's callback finds that round checkpointed and logged, and the next
+    round not yet started (a scheduler that stops the trial there wastes no round). The sweep's trials run
+    so (`tests/test_sweep.py`: a trial ASHA stops has exactly the rounds it reported)."""
+    from raycache.experiment import run_experiment
+    from raycache.federation.runtime import Federation
+
+    started: list[int] = []
+    submit = Federation.submit_round
+
+    def recording_submit(self, round_idx):
+        submit(self, round_idx)
+        started.append(round_idx)
+
+    monkeypatch.setattr(Federation, "submit_round", recording_submit)
+    client = MlflowClient(mlflow_uri)
+    seen: dict[int, tuple] = {}
+
+    def on_round(r, metrics):
+        run = client.search_runs([client.get_experiment_by_name("round-loop").experiment_id],
+                                 "attributes.run_name = 'durable'")[0]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")]
+        seen[r] = (list(started), steps, run.data.tags.get("raycache.checkpoint_round"))
+
+    cfg = load_config(str(ROOT / "experiments/tiny.yaml"), [
+        "federation.rounds=3", "method.name=cachefl", f"runtime.cache_dir={feature_store}",
+        "tracking.experiment=round-loop", "tracking.run_name=durable"])
+    run_experiment(cfg, on_round=on_round, callback_after_write=True)
+    assert seen == {1: ([], [0, 1], "1"), 2: ([2], [0, 1, 2], "2"), 3: ([2, 3], [0, 1, 2, 3], "3")}

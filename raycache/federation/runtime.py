@@ -264,7 +264,12 @@ class Federation:
             raise ValueError(f"round {round_idx} submitted after round {self.round}"
                              + (f" with round {self._pending[0]} still running" if self._pending else ""))
         if self._lost is None:  # a lost server is rebuilt by `run_round`, which then makes the call itself
-            self._pending = (round_idx, self.server.run_round.remote(round_idx))
+            import ray
+
+            try:
+                self._pending = (round_idx, self.server.run_round.remote(round_idx))
+            except ray.exceptions.RayActorError:  # found lost at once: `run_round`'s own call finds it too
+                pass
 
     def run_round(self, round_idx: int) -> dict[str, float]:
         """Round `round_idx`'s metrics: the call `submit_round` started, or one made now."""

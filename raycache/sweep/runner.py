@@ -63,6 +63,8 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
     # a retried trial (its process or node was lost) continues its own run from its last checkpoint
     resume = unfinished.run_id if unfinished is not None and CHECKPOINT_TAG in unfinished.tags else None
 
+    # Reported once the round is checkpointed and logged (`callback_after_write`): Tune may end this process
+    # inside the report (its scheduler stopped the trial), and every round it was told of must be on record.
     def report(round_idx: int, metrics: dict[str, float]) -> None:
         if round_idx == rounds:  # reported once the run is closed: Tune ends the trial on its last report
             return
@@ -73,7 +75,7 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str, uri: str, sha
 
     try:
         summary = run_experiment(trial_config(base, params, name), on_round=report, tags=tags, shared=shared,
-                                 warm=warm, resume=resume, model_here=True)
+                                 warm=warm, resume=resume, model_here=True, callback_after_write=True)
         if summary.stopped_by is None:
             tune.report({**summary.final, **summary.selection, "round": rounds})
     except Exception as err:
