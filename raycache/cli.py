@@ -183,7 +183,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from raycache.config import flatten
 
     from raycache.config_file import load_config
-    from raycache.federation.runtime import check_fits, ensure_ray
+    from raycache.ray_session import check_fits, ensure_ray
     from raycache.synth.contact import contact_sheet
     from raycache.synth.generate import fill, prepare, resolve_classes
     from raycache.tracking import Run

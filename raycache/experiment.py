@@ -158,7 +158,7 @@ def prepare(cfg: ExperimentConfig, model_here: bool = False) -> Prepared:
         if cfg.method.cache_init == "synthetic":
             synth_store = prepare_synthetic(cfg, source.class_names)
     if cfg.runtime.address:  # an unreachable cluster is the user's to fix: said before the model is built
-        from raycache.federation.runtime import check_reachable
+        from raycache.ray_session import check_reachable
 
         check_reachable(cfg.runtime.address)
     t = time.perf_counter()
@@ -209,7 +209,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     single-use one (a reused process: a sweep's trials). `on_progress(what, done, total)`: encoding and
     synthetic generation as they advance."""
     stage = on_stage or (lambda s: None)
-    from raycache.federation.runtime import release_data_actors
+    from raycache.ray_session import release_data_actors
     from raycache.resume import hold_driver
 
     # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
@@ -280,7 +280,7 @@ def shared_key(kind: str, prep: Prepared) -> str:
 
 def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
     """Join or start Ray; on a local Ray, every actor pool must fit."""
-    from raycache.federation.runtime import check_fits, ensure_ray
+    from raycache.ray_session import check_fits, ensure_ray
 
     cfg = prep.cfg
     stage("starting Ray")
@@ -370,7 +370,7 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
     from raycache.data.pixels import compact
     from raycache.federation.runtime import Federation
-    from raycache.resume import log_checkpointed_round, save_round
+    from raycache.resume import log_checkpointed_round
 
     cfg, splits, timings = prep.cfg, prep.splits, prep.timings
     y = prep.source.labels
@@ -411,18 +411,9 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             snap = fed.snapshot() if cfg.federation.checkpoint else None
             if audit:
                 messages += [{**m, "round": r} for m in fed.audit_log()]
-
-            def write(r=r, metrics=metrics, snap=snap) -> None:
-                # The checkpoint first, then the metrics: a driver that dies between the two resumes after
-                # this round and logs its metrics from the checkpoint (`log_checkpointed_round`); logged
-                # first, a death before the checkpoint would log the round again when it is redone.
-                if snap is not None:
-                    meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
-                    fed.saved(save_round(cfg, run, r, snap, meta), r)
-                run.log_metrics(metrics, step=r)
-
+            meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
             if callback_after_write:
-                write()
+                _write_round(cfg, run, fed, r, metrics, snap, meta)
             if on_round:  # before the next round starts: a scheduler that stops this trial wastes no round
                 try:
                     on_round(r, metrics)
@@ -431,8 +422,8 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             if stopped_by is None and r < cfg.federation.rounds:
                 fed.submit_round(r + 1)  # it runs while this round is written
             if not callback_after_write:
-                write()
-            del snap, write  # the snapshot's arrays go now, not after the next round
+                _write_round(cfg, run, fed, r, metrics, snap, meta)
+            snap = None  # the snapshot's arrays go now, not after the next round
             if stopped_by is not None:
                 break
         timings["time_rounds_s"] = time.perf_counter() - t
@@ -458,6 +449,19 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
                    last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
                    history, stopped_by, messages, result["metrics"] if result else {}, uri, initial)
+
+
+def _write_round(cfg: ExperimentConfig, run, fed, round_idx: int, metrics: dict[str, float], snap: dict | None,
+                 meta: dict) -> None:
+    """Round `round_idx`'s checkpoint (`snap`, when the run checkpoints), then its metrics: a driver that dies
+    between the two resumes after this round and logs its metrics from the checkpoint
+    (`log_checkpointed_round`); logged first, a death before the checkpoint would log the round again when it
+    is redone."""
+    from raycache.resume import save_round
+
+    if snap is not None:
+        fed.saved(save_round(cfg, run, round_idx, snap, meta), round_idx)
+    run.log_metrics(metrics, step=round_idx)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

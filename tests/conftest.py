@@ -31,7 +31,7 @@ def ray_session():
     import ray
 
     from raycache.config import RuntimeConfig
-    from raycache.federation.runtime import ensure_ray
+    from raycache.ray_session import ensure_ray
 
     ensure_ray(RuntimeConfig(num_cpus=2))
     yield ray

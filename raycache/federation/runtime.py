@@ -152,8 +152,9 @@ class Federation:
             try:
                 if self._lost is not None:
                     self._rebuild()
-                    started = None
-                ref, started = (getattr(self.server, method).remote(*args) if started is None else started), None
+                    started = None  # made to the lost server
+                ref = getattr(self.server, method).remote(*args) if started is None else started
+                started = None  # a retry makes the call anew
                 return ray.get(ref)
             except ray.exceptions.RayActorError as err:
                 server = self.server
@@ -310,109 +311,3 @@ class Federation:
         # actors of a failed run are not reused; a clean early stop (a scheduler's) leaves them healthy
         self.failed = self.failed or (kind is not None and not getattr(kind, "clean", False))
         self.close()
-
-
-def check_fits(prefix: str, actors: int, cpus: float, gpus: float) -> None:
-    """Fail now, rather than wait forever, when a pool of actors can never all be placed on this Ray.
-    `prefix` names the config keys: `runtime.client` -> runtime.client_cpus / runtime.client_gpus."""
-    import ray
-
-    from raycache.errors import UserError
-
-    have = ray.cluster_resources()
-    for what, each in (("CPU", cpus), ("GPU", gpus)):
-        need = actors * each
-        if need > have.get(what, 0.0) + 1e-9:
-            raise UserError(f"{prefix}_{what.lower()}s: {actors} actors x {each:g} {what} = {need:g} {what}, but "
-                            f"the Ray cluster has {have.get(what, 0.0):g}; use fewer actors or less per actor")
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A `host:port` (or `ray://host:port`) address must accept a TCP connection: Ray itself retries an
-    unreachable one for minutes before it gives up."""
-    import socket
-
-    from raycache.errors import UserError
-
-    hostport = address.removeprefix("ray://")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        return  # `auto` and the like: Ray resolves them and fails fast itself
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise UserError(f"runtime.address: cannot reach Ray at {address!r} ({err.strerror or err})") from None
-
-
-_LOCAL_RAY: str | None = None  # the node id of the local Ray that `ensure_ray` started here (new at every start)
-
-# Ray Data's helper actors, (name, namespace): detached, one per cluster, got or created by every pipeline
-DATA_HELPERS = (("datasets_stats_actor", "_dataset_stats_actor"),
-                ("AutoscalingCoordinator", "AutoscalingCoordinator"),
-                ("ActorLocationTracker", "ActorLocationTracker"))
-
-
-def ensure_ray(runtime) -> bool:
-    """Join `runtime.address`, or start a local Ray; returns True if this call started it."""
-    global _LOCAL_RAY
-    import logging
-    import sys
-
-    import ray
-    import ray.data
-
-    from raycache.errors import UserError
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    if ray.is_initialized():
-        return False
-    if runtime.address:
-        check_reachable(runtime.address)
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        if runtime.address:
-            ray.init(address=runtime.address, **kwargs)
-        else:
-            ray.init(num_cpus=runtime.num_cpus, **kwargs)
-    except (ConnectionError, ValueError) as err:
-        raise UserError(f"runtime.address: cannot reach Ray at {runtime.address!r} "
-                        f"({str(err).splitlines()[0][:160]})") from None
-    if not runtime.address:
-        stop_unused_daemons()
-        _LOCAL_RAY = ray.get_runtime_context().get_node_id()
-    return True
-
-
-def release_data_actors() -> None:
-    """Stop the helper actors that Ray Data's pipelines leave running (its stats actor, autoscaling coordinator
-    and actor-location tracker: about 310 MB of memory, benchmarks/memory.py), once this process's last
-    pipeline (encoding) is done. Only on the local Ray that this process started, where raycache starts no
-    other driver; on a cluster (or a Ray someone else started) they may serve others. A later pipeline starts
-    them again."""
-    import ray
-
-    if _LOCAL_RAY is None or not ray.is_initialized() or ray.get_runtime_context().get_node_id() != _LOCAL_RAY:
-        return
-    for name, namespace in DATA_HELPERS:
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        except ValueError:  # no pipeline started it (features came from the store)
-            continue
-
-
-def stop_unused_daemons() -> None:
-    """Stop the two daemons of a local Ray that this process started and nothing here uses. The autoscaler
-    monitor: one machine's fixed resources have nothing to scale. The log monitor: it streams the workers'
-    output to drivers that ask for it, and raycache's driver asks for none (`log_to_driver=False`; the
-    workers' logs stay in Ray's session folder). Together about 110 MB of memory (benchmarks/memory.py).
-    `ray start` can leave both out (`--no-monitor`, `--include-log-monitor=False`); `ray.init` cannot, so
-    they are stopped once it returns, through the node's own calls. A cluster that the run joins
-    (`runtime.address`) is left as it is."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    for name in ("kill_monitor", "kill_log_monitor"):
-        stop = getattr(node, name, None)
-        if stop is not None:  # a Ray without them (a future version) loses only the memory saving
-            stop(check_alive=False)

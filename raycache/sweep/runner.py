@@ -145,7 +145,7 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
     from raycache.data.features import load_or_encode, load_rows
     from raycache.data.pixels import load_pixels
     from raycache.experiment import pixel_feature_rows, prepare, shared_key
-    from raycache.federation.runtime import ensure_ray, release_data_actors
+    from raycache.ray_session import ensure_ray, release_data_actors
 
     keys = [k for k, spec in sweep.space.items() if ("grid" in spec or "choice" in spec)
             and (k.startswith(_INPUT_SECTIONS) or k == "seed" or k.split(".")[-1] in _INPUT_KEYS)]
@@ -205,7 +205,7 @@ def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str
         raise UserError(f"name: sweep {sweep.name!r} already exists under {storage}; pass --resume to continue it "
                         f"or choose another name")
     from raycache.experiment import prepare
-    from raycache.federation.runtime import ensure_ray
+    from raycache.ray_session import ensure_ray
 
     base_prep = prepare(cfg, model_here=True)  # the base's own mistakes fail before Ray starts
     ensure_ray(cfg.runtime)

@@ -11,7 +11,7 @@ from conftest import DATA_HELPER_PROCESSES
 PROBE = """
 import json, psutil, ray
 from raycache.config import RuntimeConfig
-from raycache.federation.runtime import ensure_ray
+from raycache.ray_session import ensure_ray
 assert ensure_ray(RuntimeConfig(num_cpus=1))
 answer = ray.get(ray.remote(lambda: 6 * 7).remote())  # a worker under the raylet, as a run's actors are
 cmds = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
@@ -37,7 +37,7 @@ PIPELINE = """
 import json, sys, time, psutil, ray, ray.data
 HELPERS = {helpers!r}
 from raycache.config import RuntimeConfig
-from raycache.federation.runtime import ensure_ray, release_data_actors
+from raycache.ray_session import ensure_ray, release_data_actors
 
 if sys.argv[1] == "joined":  # a Ray that someone else started: raycache only joins it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
