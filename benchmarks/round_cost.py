@@ -3,8 +3,10 @@ single-process torch loop (same features, partition, seeds, local training and F
 
 For each setting it reports encoder calls against distinct images, the wall-time split (Ray start,
 encoding, rounds), time per round and per client, and the runtime/floor ratio, all from one process run,
-each floor round right after the runtime's round of the same number, so that the ratio is measured under
-the same load. Usage:
+the floor's rounds interleaved with the runtime's in blocks of `BLOCK`, so that the two see the same load
+on a shared machine. (The client actors begin each round's training before the driver asks for it,
+`runtime.look_ahead`: a floor block waits for that round's training to end, and the runtime round whose
+clock holds the block is left out.) Usage:
 
     .venv/bin/python benchmarks/round_cost.py            # tiny config, 100 and 1,000 clients
     .venv/bin/python benchmarks/round_cost.py --rounds 10 --settings 100
@@ -44,6 +46,9 @@ SETTINGS = {
     "10000": ["data.dataset=fashion_mnist", "data.clients=10000", "data.alpha=0.1"],
     "10000@0.01": ["data.dataset=fashion_mnist", "data.clients=10000", "data.alpha=0.1", "federation.fraction=0.01"],
 }
+
+
+BLOCK = 5  # runtime rounds between two blocks of floor rounds
 
 
 def floor_rounds(cfg, rounds: int) -> tuple[list[float], list[float]]:
@@ -100,6 +105,37 @@ class Floor:
         return seconds, float((pred == self.y[splits.test]).mean())
 
 
+class FloorProcess:
+    """The floor in a process of its own, as the plain loop would run: torch in the driver would stay behind
+    when the floor's block ends (its thread pool, its arrays) and share the CPUs with the runtime's next
+    rounds (measured: rounds after a block in the driver 20-40% slower)."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        """The tiny config with `overrides`, loaded in the floor's process (a config does not pickle)."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_floor, args=(overrides, child), daemon=True)
+        self.proc.start()
+        self.conn.recv()  # built
+
+    def rounds(self, numbers: list[int]) -> list[float]:
+        self.conn.send(numbers)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
+
+
+def _serve_floor(overrides: list[str], conn) -> None:
+    floor = Floor(load_config("experiments/tiny.yaml", overrides))
+    conn.send(True)
+    while (numbers := conn.recv()) is not None:
+        conn.send([floor.round(r)[0] for r in numbers])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -110,29 +146,37 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     rows = []
     for name in args.settings:
-        cfg = load_config("experiments/tiny.yaml", SETTINGS[name] + [
+        overrides = SETTINGS[name] + [
             f"federation.rounds={args.rounds}", f"runtime.cache_dir={store}/{name}", "tracking.experiment=benchmark",
-            *([f"runtime.client_actors={args.actors}"] if args.actors else [])])
-        # Each floor round runs right after the runtime's round of the same number (the hosts idle then), so
-        # that the two see the same load on a shared machine; the floor is built after the run has encoded.
+            *([f"runtime.client_actors={args.actors}"] if args.actors else [])]
+        cfg = load_config("experiments/tiny.yaml", overrides)
+        # Every BLOCK rounds the round callback has the floor's process run its next BLOCK rounds, once the
+        # runtime's next round, started ahead, has had time to finish its training (the client actors idle
+        # then); the floor is built at the first block, after the run has encoded.
+        marks: dict[int, float] = {}  # each round's callback entered: the driver's loop between two of them
         fl: list[float] = []
-        floor: list[Floor] = []
-        marks: list[tuple[float, float]] = []  # (callback entered, left): the driver's loop between them
+        floor: list[FloorProcess] = []
+        blocked: set[int] = set()  # runtime rounds whose clock holds a floor block: not measured
 
-        def floor_round(r: int, _metrics) -> None:
-            entered = time.perf_counter()
+        def on_round(r: int, metrics) -> None:
+            marks[r] = time.perf_counter()
+            if r % BLOCK and r < args.rounds:
+                return
+            if r < args.rounds:
+                blocked.add(r + 1)
+                time.sleep(0.2 + 1.5 * metrics["round_seconds"])  # round r+1's training, started ahead, ends
             if not floor:
-                floor.append(Floor(cfg))
-            fl.append(floor[0].round(r)[0])
-            marks.append((entered, time.perf_counter()))
+                floor.append(FloorProcess(overrides))
+            fl.extend(floor[0].rounds(list(range(len(fl) + 1, r + 1))))
 
-        s = run_experiment(cfg, on_round=floor_round)  # an empty feature store each: its own encode, Ray start
+        s = run_experiment(cfg, on_round=on_round)  # an empty feature store each: its own encode, Ray start
+        floor[0].close()
         ray.shutdown()
-        rt = [m["round_seconds"] for m in s.history]
-        # The driver's wall time per round: from leaving round r-1's callback to entering round r's (the round
-        # as the driver waits for it, plus its snapshot and whatever of round r-1's checkpoint and metrics
-        # writing the round did not hide), without the floor's rounds, which run inside the callbacks.
-        loop = [marks[i][0] - marks[i - 1][1] for i in range(1, len(marks))]
+        rt = [m["round_seconds"] for r, m in enumerate(s.history, 1) if r not in blocked]
+        # The driver's wall time per round: from round r-1's callback to round r's (the round as the driver
+        # waits for it, plus its snapshot and whatever of round r-1's checkpoint and metrics writing the
+        # round did not hide).
+        loop = [marks[r] - marks[r - 1] for r in range(2, args.rounds + 1) if r not in blocked]
         # Round 1 pays one-off warm-up (first torch calls in each actor); medians skip nothing but are robust.
         rt_med, fl_med = statistics.median(rt), statistics.median(fl)
         loop_med = statistics.median(loop) if loop else float("nan")

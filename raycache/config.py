@@ -264,6 +264,9 @@ class RuntimeConfig(_Section):
     encode_retries: int = Field(3, ge=0, description="times a batch is rerun whose decode task or encoder actor "
                                 "was lost (its process or node died), the actor restarted as often; a batch's "
                                 "features depend on nothing else, so a rerun gives the same rows")
+    look_ahead: bool = Field(True, description="start each round's training on the client actors right behind "
+                             "the previous round's evaluation, while the driver writes and reports that round "
+                             "(the same results; off: a round starts when the driver asks for it)")
     cache_dir: str = Field(".raycache", description="where encoded features persist across runs")
 
 

@@ -194,10 +194,11 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
 
     `on_round(round, metrics)`: called as each round ends, before the next round starts and before this
     round's checkpoint and metrics are written (they are written while the next round runs); it may raise
-    `StopRun` to end the run after this round, which is then still checkpointed and logged. With
-    `callback_after_write`, it is called once its round is checkpointed and logged, and the next round
-    starts after it: for a caller whose process may end inside the callback (a Tune trial that its
-    scheduler stops), so that every round it was told of is on record.
+    `StopRun` to end the run after this round, which is then still checkpointed and logged (with
+    `runtime.look_ahead`, the client actors have begun the next round's training by then: a stop discards
+    it). With `callback_after_write`, it is called once its round is checkpointed and logged, and nothing of
+    the next round starts before it returns: for a caller whose process may end inside the callback (a Tune
+    trial that its scheduler stops), so that every round it was told of is on record and none is wasted.
 
     `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
     checkpoint (written after every round). `audit`: record every client message (`Summary.messages`).
@@ -384,8 +385,10 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     first = 1 if ckpt is None else ckpt.round + 1
     totals = {"up": 0.0, "down": 0.0} if ckpt is None else {"up": ckpt.meta["up"], "down": ckpt.meta["down"]}
     last = None if ckpt is None else ckpt.meta["last"]
+    # A caller told of each round after it is written may end inside the callback (a Tune trial its scheduler
+    # stops): no round starts before it returns, so none is wasted (and concurrent trials fill the CPUs).
     with Federation(cfg, prep.task, train, prep.trainers, evals, enc.cache, prep.counts, audit=audit,
-                    warm=warm) as fed:
+                    warm=warm, look_ahead=not callback_after_write) as fed:
         run.log_metrics({**fed.info(), "client_nodes": len(set(fed.nodes)),  # nodes the client actors span
                          "client_gpu_devices": fed.gpu_devices,  # GPUs they span (fractions share one)
                          "actors_reused": fed.reused})  # taken from a warm pool (a sweep's earlier trial)

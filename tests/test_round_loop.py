@@ -94,3 +94,54 @@ def test_a_callback_after_write_sees_its_round_on_record_and_nothing_started(fea
         "tracking.experiment=round-loop", "tracking.run_name=durable"])
     run_experiment(cfg, on_round=on_round, callback_after_write=True)
     assert seen == {1: ([], [0, 1], "1"), 2: ([2], [0, 1, 2], "2"), 3: ([2, 3], [0, 1, 2, 3], "3")}
+
+
+def test_looking_ahead_starts_the_next_rounds_training_before_the_driver_asks_and_changes_no_result(
+        feature_store, ray_session, mlflow_uri):
+    """With `runtime.look_ahead`, the client actors start round r+1's training right behind round r's
+    evaluation: while the driver is still in round 1's callback (held there 1 s), both hosts have started
+    round 2 (Ray's task events: every round so far, against round 1's alone when the server waits to be
+    asked). Every logged metric but the timings, the validation-selected round and the result are the same
+    either way: the round started early is the round the driver would have asked for."""
+    import time
+
+    import ray
+
+    from raycache.experiment import run_experiment
+
+    hosts = 2
+    runs, started = {}, {}
+    for ahead in (False, True):
+        cfg = load_config(str(ROOT / "experiments/tiny.yaml"), [
+            "federation.rounds=3", "method.name=cachefl", f"runtime.cache_dir={feature_store}",
+            f"runtime.client_actors={hosts}", f"runtime.look_ahead={str(ahead).lower()}",
+            "tracking.experiment=round-loop", f"tracking.run_name=ahead-{ahead}"])
+        window = {"begun": time.time()}
+
+        def on_round(r, metrics, window=window):
+            if r == 1:
+                time.sleep(1.0)  # the driver is busy: round 2 has not been asked for
+                window["left"] = time.time()
+            if r == 3:
+                time.sleep(2.0)  # the hosts report their task events each second, unless killed first
+
+        runs[ahead] = run_experiment(cfg, on_round=on_round)
+        assert runs[ahead].history[0]["clients_succeeded"] >= hosts  # a round gives every host clients
+        deadline = time.time() + 30  # task events reach the GCS within a second or so
+        while True:
+            trains = [e for e in ray.timeline() if e.get("ph") == "X" and e["name"] == "train"
+                      and e["ts"] / 1e6 > window["begun"]]
+            if len(trains) >= 3 * hosts or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(trains) == 3 * hosts
+        started[ahead] = sum(e["ts"] / 1e6 < window["left"] for e in trains)
+    assert started == {False: hosts, True: 2 * hosts}
+
+    def learned(summary):
+        return [{k: v for k, v in m.items() if not any(w in k for w in ("seconds", "memory", "time"))}
+                for m in summary.history]
+
+    assert learned(runs[True]) == learned(runs[False])
+    assert runs[True].selection == runs[False].selection
+    assert runs[True].initial == runs[False].initial

@@ -47,10 +47,11 @@ class Federation:
 
     def __init__(self, cfg, task: Task, train: tuple[np.ndarray, np.ndarray], parts: list[np.ndarray],
                  evals, server_data: tuple[np.ndarray, np.ndarray], class_counts: np.ndarray,
-                 audit: bool = False, warm: bool = False) -> None:
+                 audit: bool = False, warm: bool = False, look_ahead: bool = True) -> None:
         """`train` holds the inputs the method trains on (features, or images), `parts` each trainer's rows
         of it (one pooled trainer for a centralised method), `evals` the test, validation and client-test
-        sets (`EvalSets`), `class_counts` the clients' label mixes."""
+        sets (`EvalSets`), `class_counts` the clients' label mixes. `look_ahead` (with
+        `runtime.look_ahead`): the server starts each round's training before it is asked for the round."""
         self.hosts: list = []
         self.nodes: list[str] = []
         self.server = None
@@ -58,6 +59,8 @@ class Federation:
         self.reused = 0  # actors taken from the warm pool
         self.failed = False
         self.cfg, self.audit = cfg, audit
+        # the audit log is read per round: a round started before the last one's log is read would mix them
+        self.look_ahead = look_ahead and cfg.runtime.look_ahead and not audit
         self._spec = (cfg, task, train, parts, evals, server_data, class_counts, audit)
         self.round = 0  # the last round the server's state holds
         self._started = False  # round 0 (`start`) done
@@ -125,7 +128,7 @@ class Federation:
         ray.get(reinits)
         server_args = (method_cls, cfg.method, task_ref, evals_ref, server_data, class_counts, self.hosts,
                        len(parts), cfg.federation, cfg.seed, (options, specs),
-                       np.array([len(p) for p in parts], np.int64))
+                       np.array([len(p) for p in parts], np.int64), self.look_ahead)
         # The server can replace a host that dies or times out: it gets the same options and arguments.
         self.server = WARM.take(("server",)) if self.warm else None
         if self.server is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,10 +26,11 @@ from raycache.methods.base import State, state_nbytes, state_params
 class Server:
     def __init__(self, method_cls, settings, task, evals: EvalSets, server_data, class_counts: np.ndarray,
                  hosts: list, trainers: int, federation, seed: int, host_spec: tuple | None = None,
-                 sizes: np.ndarray | None = None) -> None:
+                 sizes: np.ndarray | None = None, look_ahead: bool = False) -> None:
         """`evals`: the test, validation and client-test sets. `host_spec` = (actor options, [(args, kwargs)
         per host]): how to start a replacement for a host that died or timed out. `sizes`: each trainer's
-        training samples (the automatic deadline scales with them)."""
+        training samples (the automatic deadline scales with them). `look_ahead`: start each round's training
+        as soon as its state is known (`_look_ahead`)."""
         from raycache.federation.strategies import strategy_class
 
         # The method computes on the hosts (they hold torch and the data): the server asks them for the
@@ -59,6 +61,14 @@ class Server:
         self.reached = np.zeros(trainers, dtype=bool)  # clients that hold the initial state (personal flow)
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
+        # Looking ahead: a round's training starts on the hosts right behind the previous round's evaluation,
+        # before the driver asks for it (`_look_ahead`). Only where training leaves nothing behind on a host
+        # (no client's own state or optimiser memory there), so that a round started and never asked for
+        # changes nothing.
+        self.look_ahead = look_ahead and not self.pinned and bool(self.hosts)
+        self._next: int | None = None  # the round to start once this evaluation's calls are out
+        self._ahead: Round | None = None  # that round, started
+        self._ended = time.perf_counter()  # when the last round (or round 0) ended: a started round's clock
 
     @functools.cached_property
     def method(self):
@@ -151,6 +161,7 @@ class Server:
         began = time.monotonic()
         share_of = {h: share for h, share in enumerate(shares) if share}
         calls = {h: [self.hosts[h].predict_share.remote(ref, share)] for h, share in share_of.items()}
+        self._launch_ahead()  # the next round's training queues right behind these calls on the hosts
         rows = {h: sum(stop - start for _, start, stop in share) for h, share in share_of.items()}
         answers, failed = self.watch.evaluations(calls, rows, began)  # failed: host -> why
         got = {piece: pred for h, (preds,) in answers.items() for piece, pred in zip(share_of[h], preds)}
@@ -195,9 +206,45 @@ class Server:
 
     def start(self) -> dict[str, float]:
         """Evaluate the initial state (round 0): it is a candidate for selection like every round."""
-        metrics = self.evaluate()
+        metrics = self._evaluate_then(1)
         self._offer(0, metrics, 0.0)
+        self._ended = time.perf_counter()
         return metrics
+
+    def _evaluate_then(self, next_round: int) -> dict[str, float]:
+        """`evaluate()` of the current state; with `look_ahead`, round `next_round` (if the run has it) starts
+        on the hosts as soon as the evaluation's calls are out, so that they go from evaluating straight on
+        to training, while this server computes the metrics and the driver writes and reports the round."""
+        self._ahead = None
+        if self.look_ahead and next_round <= self.federation.rounds:
+            self._next = next_round
+        try:
+            return self.evaluate()
+        finally:
+            self._launch_ahead()  # a flow that evaluated without asking the hosts: now
+
+    def _launch_ahead(self) -> None:
+        round_idx, self._next = self._next, None
+        if round_idx is not None:
+            self._ahead = self._issue(round_idx)
+
+    def _issue(self, round_idx: int) -> "Round":
+        """Sample round `round_idx`'s clients, plan its faults, and start their training on the hosts (one call
+        per host, the state broadcast by its one object-store copy)."""
+        from raycache.federation.faults import plan_faults
+
+        sampled = sample_clients(self.trainers, self.fraction, self.seed, round_idx)
+        faults = plan_faults(sampled, self.seed, round_idx, self.federation)
+        reporting = sampled[faults.reporting]  # the rest dropped out or missed the deadline: no work asked
+        state_ref = self._shared()  # the one broadcast of this round
+        calls = {h: self._train_call(h, state_ref, mine.tolist(), round_idx)
+                 for h, mine in enumerate(assign_hosts(reporting, self.sizes, len(self.hosts), self.pinned))
+                 if len(mine)}
+        return Round(round_idx, sampled, faults, reporting, state_ref, self.state, calls, list(self.hosts))
+
+    def _train_call(self, h: int, state_ref, clients: list[int], round_idx: int) -> tuple:
+        return (self.hosts[h].train.remote(state_ref, clients, round_idx, self.federation.client_timeout_s),
+                clients)
 
     def _offer(self, round_idx: int, metrics: dict[str, float], round_bytes: float) -> None:
         if self.selection.offer(round_idx, metrics, round_bytes):
@@ -257,6 +304,7 @@ class Server:
     def restore(self, snap: dict) -> None:
         import ray
 
+        self._ahead = None
         self.state = snap["state"]
         self.reached = np.array(snap["reached"], dtype=bool)  # a writable copy (ray.get gives read-only views)
         if "selection" in snap:
@@ -303,19 +351,21 @@ class Server:
         return reports, failed, timed_out
 
     def run_round(self, round_idx: int) -> dict[str, float]:
-        from raycache.federation.faults import plan_faults
-
+        """Round `round_idx`: its clients' training (started already if the previous round looked ahead), the
+        merge, the evaluation; its metrics. `round_seconds` runs from the previous round's end when this round
+        had started by then (its training overlapped the driver's turn), else from this call."""
         t0 = time.perf_counter()
-        sampled = sample_clients(self.trainers, self.fraction, self.seed, round_idx)
-        faults = plan_faults(sampled, self.seed, round_idx, self.federation)
-        reporting = sampled[faults.reporting]  # the rest dropped out or missed the deadline: no work asked
-        state_ref = self._shared()  # the one broadcast of this round
-        calls = {}
-        for h, mine in enumerate(assign_hosts(reporting, self.sizes, len(self.hosts), self.pinned)):
-            if len(mine):
-                mine = mine.tolist()
-                calls[h] = (self.hosts[h].train.remote(state_ref, mine, round_idx, self.federation.client_timeout_s),
-                            mine)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.round_idx == round_idx and ahead.state is self.state:
+            t0 = self._ended
+            for h, (_, clients) in list(ahead.calls.items()):
+                if self.hosts[h] is not ahead.hosts[h]:  # replaced since (it failed the evaluation): ask its successor
+                    ahead.calls[h] = self._train_call(h, ahead.state_ref, clients, round_idx)
+            rnd = ahead
+        else:  # not started (the first round of a resumed run, a rebuilt server, no looking ahead): now
+            rnd = self._issue(round_idx)
+        del ahead
+        sampled, faults, reporting, calls = rnd.sampled, rnd.faults, rnd.reporting, rnd.calls
         reports, failed, timed_out = self._collect(calls, round_idx) if calls else ([], 0, 0)
         succeeded = int(sum(len(r.messages) for r in reports))
         counts = {"clients_sampled": float(len(sampled)), "clients_succeeded": float(succeeded),
@@ -334,9 +384,9 @@ class Server:
         peak_mb = float(max(r.peak_rss_mb for r in reports))
         # The hosts' partial sums (a full model's, in float64) and the broadcast, in the object store and
         # here: merged and trained from, so dropped before the evaluation.
-        del reports, calls, state_ref
+        del reports, calls, rnd
         heap.release(state_nbytes(self.state))
-        metrics = self.evaluate()
+        metrics = self._evaluate_then(round_idx + 1)
         metrics.update({
             "loss": float((losses * samples).sum() / samples.sum()),
             "comm_bytes_up": bytes_up,
@@ -354,4 +404,20 @@ class Server:
 
             metrics["dp_epsilon"] = epsilon(dp.noise_multiplier, len(sampled) / self.trainers, round_idx, dp.delta)
         self._offer(round_idx, metrics, bytes_up + bytes_down)
+        self._ended = time.perf_counter()
         return metrics
+
+
+@dataclass
+class Round:
+    """A round's training as it was started: its clients, faults and calls (host -> (ref, clients)), the
+    state it broadcast (by `state_ref`) and the hosts it asked."""
+
+    round_idx: int
+    sampled: np.ndarray
+    faults: object
+    reporting: np.ndarray
+    state_ref: object
+    state: State
+    calls: dict[int, tuple]
+    hosts: list

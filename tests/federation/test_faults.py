@@ -231,6 +231,24 @@ def _host_stopper(index: int, stopped: list[int]):
     return stop
 
 
+def _run_with_a_stopped_host(cfg, index: int):
+    """`cfg` run with host `index` stopped after round 1 (`_host_stopper`), under a watchdog: without a
+    deadline the run would wait for ever, so the watchdog ends the wait and the test fails instead. The
+    stopped process is killed whatever happened. Returns the run's summary once it asserts it was stopped."""
+    from raycache.federation.supervision import AUTO_FLOOR_S
+
+    stopped: list[int] = []
+    watchdog = threading.Timer(AUTO_FLOOR_S + 150, _kill, [stopped])
+    watchdog.start()
+    try:
+        summary = run_experiment(cfg, on_round=_host_stopper(index, stopped))
+    finally:
+        watchdog.cancel()
+        _kill(stopped)
+    assert stopped and summary.rounds == 3
+    return summary
+
+
 def _kill(pids: list[int]) -> None:
     import os
     import signal
@@ -250,12 +268,14 @@ def _kill(pids: list[int]) -> None:
 def test_a_host_that_hangs_past_its_deadline_is_replaced(feature_store, ray_session, mlflow_uri, deadline):
     """A host that stops answering (SIGSTOP: alive, silent) holds its round past its deadline; the server
     gives up on its clients, kills it and starts a replacement, and the next round is whole again. With the
-    default (automatic) deadline too: a hung host never blocks a run for ever."""
+    default (automatic) deadline too: a hung host never blocks a run for ever. (Without looking ahead, so that
+    round 2's training is asked of the host after it stopped: `test_a_host_that_hangs_...looked_ahead`.)"""
     from raycache.federation.supervision import AUTO_FACTOR, AUTO_FLOOR_S
 
     stopped = []
     extra = ["federation.client_timeout_s=0.5"] if deadline == "explicit" else []
-    cfg = quick(feature_store, *extra, "data.clients=4", "federation.rounds=3", "tracking.run_name=hung")
+    cfg = quick(feature_store, *extra, "data.clients=4", "federation.rounds=3", "tracking.run_name=hung",
+                "runtime.look_ahead=false")
     try:
         summary = run_experiment(cfg, on_round=_host_stopper(0, stopped))
     finally:
@@ -282,19 +302,9 @@ def test_a_host_that_hangs_while_evaluating_is_replaced_and_its_rows_are_evaluat
     rows elsewhere: every round's metrics equal an undisturbed run's, and the run never waits for ever."""
     from raycache.federation.supervision import AUTO_FLOOR_S
 
-    stopped = []
     extra = ["federation.fraction=0.1", "federation.rounds=3", "federation.checkpoint=false"]
     clean = run_experiment(quick(feature_store, *extra, "tracking.run_name=eval-clean"))
-    # without a deadline the run would wait for ever: the watchdog ends the wait, so the test fails instead
-    watchdog = threading.Timer(AUTO_FLOOR_S + 150, _kill, [stopped])
-    watchdog.start()
-    try:
-        hung = run_experiment(quick(feature_store, *extra, "tracking.run_name=eval-hung"),
-                              on_round=_host_stopper(1, stopped))
-    finally:
-        watchdog.cancel()
-        _kill(stopped)  # never leave a stopped process behind, whatever happened
-    assert stopped and hung.rounds == 3
+    hung = _run_with_a_stopped_host(quick(feature_store, *extra, "tracking.run_name=eval-hung"), 1)
     learned = (*MODEL_METRICS, "val_accuracy")  # host 1's share holds the validation rows, which select
     assert [{k: m[k] for k in learned} for m in hung.history] == [{k: m[k] for k in learned} for m in clean.history]
     assert hung.selection == clean.selection
@@ -303,6 +313,29 @@ def test_a_host_that_hangs_while_evaluating_is_replaced_and_its_rows_are_evaluat
     assert second["host_restarts"] == 0  # counted with the round's training, before its evaluation
     assert AUTO_FLOOR_S <= second["round_seconds"] < AUTO_FLOOR_S + 90
     assert third["host_restarts"] == 1 and third["round_seconds"] < AUTO_FLOOR_S  # its replacement answers
+
+
+@pytest.mark.slow  # waits out the automatic floor (30 s) of an evaluation deadline: CI runs it (.ci/run)
+def test_a_host_that_hangs_after_the_server_looked_ahead_is_replaced_and_the_next_round_asked_again(
+        feature_store, ray_session, mlflow_uri):
+    """Looking ahead, the server starts round r+1's training on the hosts right behind round r's evaluation.
+    Host 1, stopped after round 1, has already trained round 2 (its call came before the callback), so round
+    2 loses no client, but it misses its share of round 2's evaluation and is replaced; round 3's training,
+    already sent to it, is sent again to its replacement: round 3 is whole and on time, and every round's
+    metrics equal an undisturbed run's."""
+    from raycache.federation.supervision import AUTO_FLOOR_S
+
+    extra = ["data.clients=4", "federation.fraction=1.0", "federation.rounds=3", "federation.checkpoint=false",
+             "runtime.look_ahead=true"]
+    clean = run_experiment(quick(feature_store, *extra, "tracking.run_name=ahead-clean"))
+    hung = _run_with_a_stopped_host(quick(feature_store, *extra, "tracking.run_name=ahead-hung"), 1)
+    learned = (*MODEL_METRICS, "val_accuracy")
+    assert [{k: m[k] for k in learned} for m in hung.history] == [{k: m[k] for k in learned} for m in clean.history]
+    first, second, third = hung.history
+    assert second["clients_failed"] == 0 and second["clients_succeeded"] == 4  # trained before it stopped
+    assert AUTO_FLOOR_S <= second["round_seconds"] < AUTO_FLOOR_S + 90  # its evaluation waited out
+    assert third["host_restarts"] == 1 and third["clients_succeeded"] == 4  # asked again of the replacement
+    assert third["round_seconds"] < AUTO_FLOOR_S  # not waiting on the stopped host's copy of the call
 
 
 @pytest.mark.slow  # waits out the automatic floor (30 s) of an evaluation deadline: CI runs it (.ci/run)
@@ -323,16 +356,7 @@ def test_a_personal_host_that_hangs_while_evaluating_is_replaced(feature_store, 
     idle = 1 - home_host(int(client), cfg.runtime.client_actors)
     assert cfg.runtime.client_actors == 2
     clean = run_experiment(cfg)
-    stopped = []
-    watchdog = threading.Timer(AUTO_FLOOR_S + 150, _kill, [stopped])
-    watchdog.start()
-    try:
-        hung = run_experiment(quick(feature_store, *extra, "tracking.run_name=personal-hung"),
-                              on_round=_host_stopper(idle, stopped))
-    finally:
-        watchdog.cancel()
-        _kill(stopped)
-    assert stopped and hung.rounds == 3
+    hung = _run_with_a_stopped_host(quick(feature_store, *extra, "tracking.run_name=personal-hung"), idle)
     learned = (*MODEL_METRICS, "val_accuracy")
     assert [{k: m[k] for k in learned} for m in hung.history[:1]] == \
            [{k: m[k] for k in learned} for m in clean.history[:1]]
