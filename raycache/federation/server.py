@@ -30,7 +30,7 @@ class Server:
         """`evals`: the test, validation and client-test sets. `host_spec` = (actor options, [(args, kwargs)
         per host]): how to start a replacement for a host that died or timed out. `sizes`: each trainer's
         training samples (the automatic deadline scales with them). `look_ahead`: start each round's training
-        as soon as its state is known (`_look_ahead`)."""
+        as soon as its state is known (`_evaluate_then`)."""
         from raycache.federation.strategies import strategy_class
 
         # The method computes on the hosts (they hold torch and the data): the server asks them for the
@@ -62,7 +62,7 @@ class Server:
         self.selection = Selection(federation.target_accuracy)  # validation selects the run's result
         self.best: dict = {"state": self.state, "clients": {}, "reached": self.reached.copy()}  # at best_round
         # Looking ahead: a round's training starts on the hosts right behind the previous round's evaluation,
-        # before the driver asks for it (`_look_ahead`). Only where training leaves nothing behind on a host
+        # before the driver asks for it (`_evaluate_then`). Only where training leaves nothing behind on a host
         # (no client's own state or optimiser memory there), so that a round started and never asked for
         # changes nothing.
         self.look_ahead = look_ahead and not self.pinned and bool(self.hosts)
