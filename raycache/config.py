@@ -284,6 +284,10 @@ with warnings.catch_warnings():
         copy_weights: bool = Field(False, description="copy a local model.pretrained file or folder into the run's "
                                    "MLflow model, which then stands on its own (false: referenced, and checked "
                                    "against its fingerprint when the model is loaded)")
+        flush_seconds: float = Field(1.0, ge=0.0, description="write rounds to MLflow at most this often: a round's "
+                                     "metrics and checkpoint link wait, in its checkpoint file, until this many "
+                                     "seconds have passed since the last write, and go with the next (0: every "
+                                     "round as it ends; a sweep's trials always do)")
 
 
 DEFAULT_METHOD = "cachefl"

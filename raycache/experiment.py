@@ -371,7 +371,8 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     """The federation's actors, the rounds (each logged and checkpointed), the selected result, logged."""
     from raycache.data.pixels import compact
     from raycache.federation.runtime import Federation
-    from raycache.resume import log_checkpointed_round
+    from raycache.resume import log_checkpointed_rounds
+    from raycache.round_log import RoundLog
 
     cfg, splits, timings = prep.cfg, prep.splits, prep.timings
     y = prep.source.labels
@@ -399,36 +400,43 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
             initial = ckpt.meta.get("initial", {})
             fed.restore(ckpt.snapshot, ckpt.round, ckpt.path)
             ckpt.snapshot = {}  # on the server now, and in its file: a full model's arrays are not held here too
-            log_checkpointed_round(run, ckpt)
+            log_checkpointed_rounds(run, ckpt)
             run.set_tags({"raycache.resumed_from_round": ckpt.round})
         timings["time_actors_s"] = time.perf_counter() - t
         stage("training")
         t = time.perf_counter()
-        for r in range(first, cfg.federation.rounds + 1):
-            metrics = fed.run_round(r)
-            history.append(metrics)
-            totals["up"] += metrics["comm_bytes_up"]
-            totals["down"] += metrics["comm_bytes_down"]
-            last = metrics
-            # What the server must answer about this round, before the next round changes it
-            snap = fed.snapshot() if cfg.federation.checkpoint else None
-            if audit:
-                messages += [{**m, "round": r} for m in fed.audit_log()]
-            meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
-            if callback_after_write:
-                _write_round(cfg, run, fed, r, metrics, snap, meta)
-            if on_round:  # before the next round starts: a scheduler that stops this trial wastes no round
-                try:
-                    on_round(r, metrics)
-                except StopRun as stop:  # e.g. a sweep's scheduler stopped this trial: end cleanly
-                    stopped_by = stop.reason
-            if stopped_by is None and r < cfg.federation.rounds:
-                fed.submit_round(r + 1)  # it runs while this round is written
-            if not callback_after_write:
-                _write_round(cfg, run, fed, r, metrics, snap, meta)
-            snap = None  # the snapshot's arrays go now, not after the next round
-            if stopped_by is not None:
-                break
+        # a sweep's trial reports each round to Tune as it is on record: written at once
+        log = RoundLog(run, 0.0 if callback_after_write else cfg.tracking.flush_seconds)
+        try:
+            for r in range(first, cfg.federation.rounds + 1):
+                metrics = fed.run_round(r)
+                history.append(metrics)
+                totals["up"] += metrics["comm_bytes_up"]
+                totals["down"] += metrics["comm_bytes_down"]
+                last = metrics
+                # What the server must answer about this round, before the next round changes it
+                snap = fed.snapshot() if cfg.federation.checkpoint else None
+                if audit:
+                    messages += [{**m, "round": r} for m in fed.audit_log()]
+                meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
+                if callback_after_write:
+                    _write_round(cfg, log, fed, r, metrics, snap, meta)
+                if on_round:  # before the next round starts: a scheduler that stops this trial wastes no round
+                    try:
+                        on_round(r, metrics)
+                    except StopRun as stop:  # e.g. a sweep's scheduler stopped this trial: end cleanly
+                        stopped_by = stop.reason
+                if stopped_by is None and r < cfg.federation.rounds:
+                    fed.submit_round(r + 1)  # it runs while this round is written
+                if not callback_after_write:
+                    _write_round(cfg, log, fed, r, metrics, snap, meta)
+                snap = None  # the snapshot's arrays go now, not after the next round
+                if stopped_by is not None:
+                    break
+        except BaseException as err:  # what waits is written before the run is ended
+            log.close(err)
+            raise
+        log.close()
         timings["time_rounds_s"] = time.perf_counter() - t
         try:
             result = fed.result(cfg.federation.selection)
@@ -454,17 +462,21 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                    history, stopped_by, messages, result["metrics"] if result else {}, uri, initial)
 
 
-def _write_round(cfg: ExperimentConfig, run, fed, round_idx: int, metrics: dict[str, float], snap: dict | None,
+def _write_round(cfg: ExperimentConfig, log, fed, round_idx: int, metrics: dict[str, float], snap: dict | None,
                  meta: dict) -> None:
-    """Round `round_idx`'s checkpoint (`snap`, when the run checkpoints), then its metrics: a driver that dies
-    between the two resumes after this round and logs its metrics from the checkpoint
-    (`log_checkpointed_round`); logged first, a death before the checkpoint would log the round again when it
-    is redone."""
-    from raycache.resume import save_round
+    """Round `round_idx`'s checkpoint (`snap`, when the run checkpoints), holding the rounds not yet logged,
+    then its metrics and the checkpoint's link to the `RoundLog`, which writes them when due: a driver that
+    dies before they are written resumes from this checkpoint and logs them from it
+    (`log_checkpointed_rounds`); logged first, a death before the checkpoint would log the round again when
+    it is redone."""
+    from raycache.resume import checkpoint_tags, save_round
 
+    tags = None
     if snap is not None:
-        fed.saved(save_round(cfg, run, round_idx, snap, meta), round_idx)
-    run.log_metrics(metrics, step=round_idx)
+        path = save_round(cfg, log.run, round_idx, snap, {**meta, "unlogged": log.unlogged(round_idx, metrics)})
+        fed.saved(path, round_idx)
+        tags = checkpoint_tags(path, round_idx)
+    log.add(round_idx, metrics, tags)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

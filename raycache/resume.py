@@ -1,10 +1,10 @@
 """A run's checkpoints and result files, and resuming a run whose driver died.
 
 After every round the full server state is written (atomically, durably) to `<cache_dir>/checkpoints/<run id>/
-round-<r>.safetensors` and linked from the run, and older round files beyond `federation.keep_checkpoints`
-(and the best validation round's) are deleted; the selected result goes beside them as `final.safetensors`.
-`--resume <run id>` continues from the latest checkpoint, in the same run, after checking that the config is
-the run's own.
+round-<r>.safetensors` and linked from the run (with the round's metrics, `raycache.round_log`), and older
+round files beyond `federation.keep_checkpoints` (and the best validation round's) are deleted; the
+selected result goes beside them as `final.safetensors`. `--resume <run id>` continues from the newest
+checkpoint file, in the same run, after checking that the config is the run's own.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def rounds_on_disk(folder: Path) -> dict[int, Path]:
 
 def prune(folder: Path, keep: int, best_round: int | None) -> list[int]:
     """Delete round checkpoints beyond the newest `keep` and the best validation round's; returns the rounds
-    deleted. Called only after the newest is on disk and linked, so a resume never points at a deleted file."""
+    deleted. Called only after the newest is on disk: a resume takes the newest file (`newest_checkpoint`)."""
     from raycache.storage import remove_stale
 
     rounds = rounds_on_disk(folder)
@@ -128,24 +128,40 @@ def resumable(cfg, run_id: str):
         if logged is not None and logged != str(value)[:6000] and not key.startswith("tracking."):
             raise UserError(f"--resume: {key}={value!r} differs from the run's {key}={logged!r}; resume with "
                             f"the run's config")
-    path = old.tags.get(CHECKPOINT_TAG)
+    path = newest_checkpoint(cfg, run_id, old.tags.get(CHECKPOINT_TAG))
     if path is None:
         raise UserError(f"--resume: run {run_id} has no checkpoint (it stopped before its first round ended, "
                         f"or ran with federation.checkpoint=false)")
-    ckpt = checkpoint.load(Path(path))
+    ckpt = checkpoint.load(path)
     if "selection" not in ckpt.snapshot:  # its split had no validation set: resuming would change its data
         raise UserError(f"--resume: run {run_id} predates validation-based selection (its checkpoint has no "
                         f"selection record); start it again")
     return ckpt
 
 
+def newest_checkpoint(cfg, run_id: str, linked: str | None) -> Path | None:
+    """The newest round checkpoint of a run: the newest file in the folder of the one the run links
+    (`linked`, its checkpoint tag) or else in its folder under `cfg`. The link is written with the round's
+    metrics (`raycache.round_log`), so a driver that died may have left newer files than it names; every
+    file there is whole (written atomically)."""
+    folder = Path(linked).parent if linked else run_folder(cfg, run_id)
+    rounds = rounds_on_disk(folder) if folder.is_dir() else {}
+    if rounds:
+        return rounds[max(rounds)]
+    return Path(linked) if linked else None
+
+
+def checkpoint_tags(path: Path, round_idx: int) -> dict[str, str]:
+    """The tags that link a run to its newest checkpoint."""
+    return {CHECKPOINT_TAG: str(path), "raycache.checkpoint_round": str(round_idx)}
+
+
 def save_round(cfg, run, round_idx: int, snapshot: dict, meta: dict) -> Path:
-    """Write this round's checkpoint (atomically and durably), link it from the run, then delete the round
-    checkpoints `federation.keep_checkpoints` does not keep. Returns its path."""
+    """Write this round's checkpoint (atomically and durably), then delete the round checkpoints
+    `federation.keep_checkpoints` does not keep. Returns its path (the caller links it from the run)."""
     from raycache.federation import checkpoint
 
     path = checkpoint.save(round_path(cfg, run.run_id, round_idx), round_idx, snapshot, meta)
-    run.set_tags({CHECKPOINT_TAG: str(path), "raycache.checkpoint_round": round_idx})
     prune(path.parent, cfg.federation.keep_checkpoints, (snapshot.get("selection") or {}).get("best_round"))
     return path
 
@@ -163,11 +179,16 @@ def save_result(cfg, run, result: dict) -> Path:
     return path
 
 
-def log_checkpointed_round(run, ckpt) -> None:
-    """Log the checkpointed round's metrics (kept in the checkpoint) if its driver died before it logged
-    them: each round is in the run's history exactly once."""
+def log_checkpointed_rounds(run, ckpt) -> None:
+    """Log the rounds the checkpoint carries that its driver died before logging (`unlogged`; a checkpoint
+    of earlier versions carries its own round's, `last`), and link the run to it: each round is in the
+    run's history exactly once."""
+    import time
+
     from raycache.tracking import history
 
-    last = ckpt.meta.get("last") or {}
-    if last and ckpt.round not in {step for step, _ in history(run.run_id, next(iter(last)))}:
-        run.log_metrics(last, step=ckpt.round)
+    rounds = [tuple(u) for u in ckpt.meta.get("unlogged") or []]
+    if not rounds and ckpt.meta.get("last"):
+        rounds = [(ckpt.round, int(time.time() * 1000), ckpt.meta["last"])]
+    logged = {step for step, _ in history(run.run_id, next(iter(rounds[0][2])))} if rounds else set()
+    run.log_rounds([u for u in rounds if u[0] not in logged], checkpoint_tags(ckpt.path, ckpt.round))

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raycache.federation import checkpoint
+from raycache.resume import newest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ("accuracy", "loss", "client_accuracy_mean", "client_accuracy_std", "comm_bytes_up_total",
@@ -54,8 +55,9 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
             proc.wait()
     killed = run_named("killed")
     assert killed.info.status == "RUNNING"  # nobody ended it: the driver died
-    ckpt = checkpoint.load(Path(killed.data.tags["raycache.checkpoint"]))
-    assert 2 <= ckpt.round < 5  # a complete round's checkpoint, mid-run
+    # the newest complete round's checkpoint, mid-run (the run's link to it may lag: tracking.flush_seconds)
+    ckpt = checkpoint.load(newest_checkpoint(None, killed.info.run_id, killed.data.tags["raycache.checkpoint"]))
+    assert 2 <= ckpt.round < 5
 
     resumed = subprocess.run(cmd + ["--resume", killed.info.run_id], env=env, cwd=tmp_path, capture_output=True,
                              text=True, timeout=600)
@@ -132,7 +134,12 @@ def test_a_personal_method_resumes_with_every_clients_own_state(feature_store, r
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("resume-local").experiment_id
     died = client.search_runs([exp], "attributes.status = 'FAILED'")[0]
-    assert died.data.tags["raycache.checkpoint_round"] == "2"
+    folder = Path(died.data.tags["raycache.checkpoint"]).parent
+    assert max(rounds_on_disk(folder)) == 2
+    # The run links a checkpoint with its round's metrics: a death between the two leaves round 2's file
+    # unlinked (and its metrics unlogged), and the resume takes the newest file all the same.
+    linked = died.data.tags["raycache.checkpoint_round"]
+    assert linked == ("2" if dies.startswith("after") else "1"), linked
     if dies.startswith("after"):  # a driver that is still alive keeps its run: --resume is refused
         holder = subprocess.Popen([sys.executable, "-c", (
             "import sys, time; from raycache.config_file import load_config; from raycache.resume import "
@@ -161,7 +168,49 @@ def test_a_personal_method_resumes_with_every_clients_own_state(feature_store, r
         assert {st: v for st, v in logged if st >= 1} == {r + 1: m[k] for r, m in enumerate(whole.history)}, k
     assert resumed.selection["result_accuracy"] == whole.selection["result_accuracy"]
     # keep_checkpoints (default 1): the newest round's file and the best validation round's, no temp files
-    folder = Path(died.data.tags["raycache.checkpoint"]).parent
     best = int(resumed.selection["best_round"])
     assert set(rounds_on_disk(folder)) == {3} | ({best} if best > 0 else set())
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_rounds_waiting_for_mlflow_when_the_driver_dies_are_logged_by_the_resume_each_once(
+        feature_store, ray_session, mlflow_uri, monkeypatch):
+    """With `tracking.flush_seconds`, rounds wait in their checkpoints to reach MLflow together. A driver that
+    dies with rounds waiting and no chance to write them (kill -9: here, the run's closing write skipped)
+    leaves them in its newest checkpoint, unlinked; the resume continues from that checkpoint, logs them,
+    and the run ends with every round once, with the uninterrupted run's values."""
+    from raycache.config_file import load_config
+    from raycache.experiment import run_experiment
+    from raycache.round_log import RoundLog
+
+    cfg = load_config(str(ROOT / "experiments/tiny.yaml"), [
+        "method.name=cachefl", "federation.rounds=5", "tracking.flush_seconds=3600",
+        f"runtime.cache_dir={feature_store}", "tracking.experiment=resume-waiting"])
+    whole = run_experiment(cfg)
+
+    class Killed(Exception):
+        pass
+
+    def die(r, metrics):
+        if r == 4:  # round 4 ran; rounds 1-3 are checkpointed, round 1 alone is logged (the first goes at once)
+            raise Killed
+
+    monkeypatch.setattr(RoundLog, "close", lambda self, error=None: None)
+    with pytest.raises(Killed):
+        run_experiment(cfg, on_round=die)
+    monkeypatch.undo()
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("resume-waiting").experiment_id
+    died = client.search_runs([exp], "attributes.status = 'FAILED'")[0]
+    assert sorted(m.step for m in client.get_metric_history(died.info.run_id, "accuracy")) == [0, 1]
+    assert died.data.tags["raycache.checkpoint_round"] == "1"
+
+    resumed = run_experiment(cfg, resume=died.info.run_id)
+    assert resumed.rounds == 2 and died.info.run_id == resumed.run_id  # rounds 4 and 5, from round 3's file
+    for key in ("accuracy", "loss", "val_accuracy", "comm_bytes_up"):
+        logged = [(m.step, m.value) for m in client.get_metric_history(died.info.run_id, key)]
+        assert sorted(st for st, _ in logged) == ([0] if key in whole.initial else []) + [1, 2, 3, 4, 5], key
+        assert {st: v for st, v in logged if st >= 1} == {r + 1: m[key] for r, m in enumerate(whole.history)}, key
+    after = client.get_run(died.info.run_id)
+    assert after.data.tags["raycache.resumed_from_round"] == "3" and after.data.tags["raycache.checkpoint_round"] == "5"
+    assert resumed.selection["result_accuracy"] == whole.selection["result_accuracy"]
