@@ -287,7 +287,7 @@ with warnings.catch_warnings():
         flush_seconds: float = Field(1.0, ge=0.0, description="write rounds to MLflow at most this often: a round's "
                                      "metrics and checkpoint link wait, in its checkpoint file, until this many "
                                      "seconds have passed since the last write, and go with the next (0: every "
-                                     "round as it ends; a sweep's trials always do)")
+                                     "round as it ends; a sweep's trials and runs without checkpoints always do)")
 
 
 DEFAULT_METHOD = "cachefl"

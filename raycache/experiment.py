@@ -405,8 +405,10 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
         timings["time_actors_s"] = time.perf_counter() - t
         stage("training")
         t = time.perf_counter()
-        # a sweep's trial reports each round to Tune as it is on record: written at once
-        log = RoundLog(run, 0.0 if callback_after_write else cfg.tracking.flush_seconds)
+        # written at once: a sweep's trial reports each round to Tune as it is on record; without checkpoints,
+        # nothing but the driver would hold a waiting round
+        at_once = callback_after_write or not cfg.federation.checkpoint
+        log = RoundLog(run, 0.0 if at_once else cfg.tracking.flush_seconds)
         try:
             for r in range(first, cfg.federation.rounds + 1):
                 metrics = fed.run_round(r)
@@ -471,12 +473,14 @@ def _write_round(cfg: ExperimentConfig, log, fed, round_idx: int, metrics: dict[
     it is redone."""
     from raycache.resume import checkpoint_tags, save_round
 
-    tags = None
-    if snap is not None:
-        path = save_round(cfg, log.run, round_idx, snap, {**meta, "unlogged": log.unlogged(round_idx, metrics)})
-        fed.saved(path, round_idx)
-        tags = checkpoint_tags(path, round_idx)
-    log.add(round_idx, metrics, tags)
+    entry, tags = log.stamp(round_idx, metrics), None
+    try:
+        if snap is not None:
+            path = save_round(cfg, log.run, round_idx, snap, {**meta, "unlogged": log.unlogged(entry)})
+            fed.saved(path, round_idx)
+            tags = checkpoint_tags(path, round_idx)
+    finally:  # a round whose checkpoint failed (a full disk) still has its metrics logged, unlinked
+        log.add(entry, tags)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):

@@ -190,5 +190,7 @@ def log_checkpointed_rounds(run, ckpt) -> None:
     rounds = [tuple(u) for u in ckpt.meta.get("unlogged") or []]
     if not rounds and ckpt.meta.get("last"):
         rounds = [(ckpt.round, int(time.time() * 1000), ckpt.meta["last"])]
-    logged = {step for step, _ in history(run.run_id, next(iter(rounds[0][2])))} if rounds else set()
-    run.log_rounds([u for u in rounds if u[0] not in logged], checkpoint_tags(ckpt.path, ckpt.round))
+    keys = {k for _, _, metrics in rounds for k in metrics}
+    logged = {k: {step for step, _ in history(run.run_id, k)} for k in keys}  # per key: a write cut short
+    missing = [(r, ts, {k: v for k, v in metrics.items() if r not in logged[k]}) for r, ts, metrics in rounds]
+    run.log_rounds([m for m in missing if m[2]], checkpoint_tags(ckpt.path, ckpt.round))

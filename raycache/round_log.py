@@ -9,7 +9,9 @@ crash could lose:
   a resume logs those the run lacks (`raycache.resume.log_checkpointed_rounds`) and continues from the
   newest checkpoint file, linked or not;
 - an exception writes what waits before the run is ended (`close`).
-With `every` 0 each round is written as it ends (a sweep's trials: Tune reads their rounds from MLflow).
+With `every` 0 each round is written as it ends: a sweep's trials (Tune reads their rounds from MLflow) and a
+run without checkpoints (nothing else would hold a waiting round). A round waits at most `every` plus the
+next round (what is due is written when a round ends).
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ class RoundLog:
         self.tags: dict[str, str] = {}
         self.written: float | None = None  # when the last write was (None: nothing written yet)
 
-    def unlogged(self, round_idx: int, metrics: dict[str, float]) -> list[list]:
-        """What round `round_idx`'s checkpoint carries: the rounds waiting, then this one (JSON lists)."""
-        return [[r, ts, m] for r, ts, m in self.waiting] + [[round_idx, _now_ms(), dict(metrics)]]
+    def stamp(self, round_idx: int, metrics: dict[str, float]) -> tuple[int, int, dict[str, float]]:
+        """Round `round_idx`'s entry, stamped with the time it ended: the same in its checkpoint and in MLflow
+        (a resume that logs it again from the checkpoint would add nothing MLflow lacks)."""
+        return round_idx, _now_ms(), dict(metrics)
 
-    def add(self, round_idx: int, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
-        """Round `round_idx` ended with `metrics` (and its checkpoint's `tags`): written now if due."""
-        self.waiting.append((round_idx, _now_ms(), dict(metrics)))
+    def unlogged(self, entry: tuple[int, int, dict[str, float]]) -> list[list]:
+        """What the checkpoint of `entry`'s round carries: the rounds waiting, then this one (JSON lists)."""
+        return [list(e) for e in (*self.waiting, entry)]
+
+    def add(self, entry: tuple[int, int, dict[str, float]], tags: dict[str, str] | None = None) -> None:
+        """A round ended (`entry`, from `stamp`; `tags`: its checkpoint's link): written now if due."""
+        self.waiting.append(entry)
         self.tags.update(tags or {})
         due = self.written is None or self.clock() - self.written >= self.every
         if due or sum(len(m) for _, _, m in self.waiting) >= MAX_BATCH_METRICS:

@@ -22,7 +22,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 UI_QUERY = "workflowType=machine_learning"
 
 
-MAX_BATCH_METRICS = 1000  # MLflow's limit on the metrics of one log_batch
+MAX_BATCH_METRICS = 1000  # MLflow's limit on the metrics of one batch
 
 
 def tracking_uri() -> str:
@@ -184,16 +184,13 @@ class Run:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_rounds(self, rounds: list[tuple[int, int, dict[str, float]]], tags: dict[str, str]) -> None:
-        """Several rounds' metrics, each `(step, timestamp in ms, metrics)`, and `tags`, in as few MLflow
-        writes as its limit of 1,000 metrics a batch allows (the tags go with the last)."""
+        """Several rounds' metrics, each `(step, timestamp in ms, metrics)`, and `tags`, in one call (MLflow's
+        client cuts it into batches within its limits)."""
         from mlflow.entities import Metric, RunTag
 
-        items = [Metric(k, float(v), ts, step) for step, ts, metrics in rounds for k, v in metrics.items()]
-        chunks = [items[i:i + MAX_BATCH_METRICS] for i in range(0, len(items), MAX_BATCH_METRICS)] or [[]]
-        for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
-            self.client.log_batch(self.run_id, metrics=chunk,
-                                  tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()] if last else [])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for step, ts, metrics in rounds
+                                                    for k, v in metrics.items()],
+                              tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
