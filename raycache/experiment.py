@@ -405,11 +405,10 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
         timings["time_actors_s"] = time.perf_counter() - t
         stage("training")
         t = time.perf_counter()
-        # written at once: a sweep's trial reports each round to Tune as it is on record; without checkpoints,
-        # nothing but the driver would hold a waiting round
+        # Rounds written at once: a sweep's trial reports each to Tune as it is on record; without checkpoints,
+        # nothing but the driver would hold a waiting round. What waits is written as the block ends, raised or not.
         at_once = callback_after_write or not cfg.federation.checkpoint
-        log = RoundLog(run, 0.0 if at_once else cfg.tracking.flush_seconds)
-        try:
+        with RoundLog(run, 0.0 if at_once else cfg.tracking.flush_seconds) as log:
             for r in range(first, cfg.federation.rounds + 1):
                 metrics = fed.run_round(r)
                 history.append(metrics)
@@ -435,10 +434,6 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
                 snap = None  # the snapshot's arrays go now, not after the next round
                 if stopped_by is not None:
                     break
-        except BaseException as err:  # what waits is written before the run is ended
-            log.close(err)
-            raise
-        log.close()
         timings["time_rounds_s"] = time.perf_counter() - t
         try:
             result = fed.result(cfg.federation.selection)

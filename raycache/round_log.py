@@ -8,7 +8,7 @@ crash could lose:
 - every round's checkpoint file is written at once and carries the rounds still waiting (`unlogged`), and
   a resume logs those the run lacks (`raycache.resume.log_checkpointed_rounds`) and continues from the
   newest checkpoint file, linked or not;
-- an exception writes what waits before the run is ended (`close`).
+- an exception writes what waits before the run is ended (`close`, on leaving a `with RoundLog(...)`).
 With `every` 0 each round is written as it ends: a sweep's trials (Tune reads their rounds from MLflow) and a
 run without checkpoints (nothing else would hold a waiting round). A round waits at most `every` plus the
 next round (what is due is written when a round ends).
@@ -53,6 +53,12 @@ class RoundLog:
             self.run.log_rounds(self.waiting, self.tags)
         self.waiting, self.tags = [], {}
         self.written = self.clock()
+
+    def __enter__(self) -> "RoundLog":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        self.close(error)
 
     def close(self, error: BaseException | None = None) -> None:
         """Write what waits. While `error` ends the run, a failing write is said in one line, not raised

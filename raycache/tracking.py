@@ -178,10 +178,7 @@ class Run:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.log_rounds([(step, int(time.time() * 1000), metrics)], {})
 
     def log_rounds(self, rounds: list[tuple[int, int, dict[str, float]]], tags: dict[str, str]) -> None:
         """Several rounds' metrics, each `(step, timestamp in ms, metrics)`, and `tags`, in one call (MLflow's
