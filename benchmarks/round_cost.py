@@ -6,7 +6,10 @@ encoding, rounds), time per round and per client, and the runtime/floor ratio, a
 the floor's rounds interleaved with the runtime's in blocks of `BLOCK`, so that the two see the same load
 on a shared machine. (The client actors begin each round's training before the driver asks for it,
 `runtime.look_ahead`: a floor block waits for that round's training to end, and the runtime round whose
-clock holds the block is left out.) Usage:
+clock holds the block is left out.) Each block is followed by the same rounds of the split floor
+(`SplitFloor`): the floor's arithmetic shared out over as many processes as the run has client actors, all
+running at once, so `split_s` is the floor divided by the workers as this machine's cores deliver it when
+all of them are busy, beside the ideal `floor_s / workers`. Usage:
 
     .venv/bin/python benchmarks/round_cost.py            # tiny config, 100 and 1,000 clients
     .venv/bin/python benchmarks/round_cost.py --rounds 10 --settings 100
@@ -23,6 +26,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -32,8 +36,8 @@ from raycache.data.cache_source import cache_examples
 from raycache.experiment import prepare, run_experiment  # noqa: E402
 from raycache.methods.training import LocalRound  # noqa: E402
 from raycache.federation.aggregate import WeightedSum  # noqa: E402
-from raycache.federation.evaluate import predict  # noqa: E402
-from raycache.federation.sampling import client_seed, sample_clients  # noqa: E402
+from raycache.federation.evaluate import predict, row_pieces  # noqa: E402
+from raycache.federation.sampling import assign_hosts, client_seed, sample_clients  # noqa: E402
 from raycache.methods import method_class  # noqa: E402
 
 SETTINGS = {
@@ -62,14 +66,19 @@ def floor_rounds(cfg, rounds: int) -> tuple[list[float], list[float]]:
 
 class Floor:
     """The floor's rounds one at a time, so that `main` can run each right after the runtime's round of the
-    same number: both then see the same load on a shared machine."""
+    same number: both then see the same load on a shared machine.
 
-    def __init__(self, cfg) -> None:
+    `share` = (k, n): only worker k of n's part of each round, the clients and evaluation rows the runtime's
+    host k of n would get (`assign_hosts`, `row_pieces`), for the split floor (`SplitFloor`)."""
+
+    def __init__(self, cfg, share: tuple[int, int] = (0, 1)) -> None:
         prep = prepare(cfg)
-        self.cfg = cfg
+        self.cfg, self.share = cfg, share
         self.feats = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
         self.y, self.splits, self.parts = prep.source.labels, prep.splits, prep.parts
         self.train_f, self.train_y = self.feats[self.splits.train], self.y[self.splits.train]
+        self.sizes = np.array([len(p) for p in self.parts], np.int64)
+        self.test_f, self.val_f = self.feats[self.splits.test], self.feats[self.splits.val]  # held, as hosts do
         self.method = method_class(prep.cfg.method.name)(prep.cfg.method, prep.task)
         cache_f, cache_y = self.feats[self.splits.server], self.y[self.splits.server]
         if prep.uses_cache:  # the same keys the runtime builds (augmented views, synthetic set, ...)
@@ -90,17 +99,25 @@ class Floor:
         cfg, method, splits = self.cfg, self.method, self.splits
         t0 = time.perf_counter()
         total = WeightedSum()
-        for c in sample_clients(len(self.parts), cfg.federation.fraction, cfg.seed, r):
+        k, n = self.share
+        clients = sample_clients(len(self.parts), cfg.federation.fraction, cfg.seed, r)
+        if n > 1:
+            clients = assign_hosts(clients, self.sizes, n, pinned=False)[k]
+        for c in clients:
             idx = self.parts[c]
             update, _ = method.local_train(self.state, torch.from_numpy(self.train_f[idx]),
                                            torch.from_numpy(self.train_y[idx]),
                                            LocalRound(client_seed(cfg.seed, r, int(c)), r, cfg.federation.rounds))
             total.add(update, float(len(idx)))
-        self.state = state = total.mean()
+        self.state = state = total.mean() if total.weight else self.state
         # the runtime evaluates every round, on the test and the validation splits
-        pred = predict(lambda f: method.logits(state, f), self.feats[splits.test])
+        if n > 1:  # this worker's rows of them
+            for name, start, stop in row_pieces({"test": len(splits.test), "val": len(splits.val)}, n)[k]:
+                predict(lambda f: method.logits(state, f), getattr(self, f"{name}_f")[start:stop])
+            return time.perf_counter() - t0, float("nan")
+        pred = predict(lambda f: method.logits(state, f), self.test_f)
         if len(splits.val):
-            predict(lambda f: method.logits(state, f), self.feats[splits.val])
+            predict(lambda f: method.logits(state, f), self.val_f)
         seconds = time.perf_counter() - t0
         return seconds, float((pred == self.y[splits.test]).mean())
 
@@ -110,15 +127,16 @@ class FloorProcess:
     when the floor's block ends (its thread pool, its arrays) and share the CPUs with the runtime's next
     rounds (measured: rounds after a block in the driver 20-40% slower)."""
 
-    def __init__(self, overrides: list[str]) -> None:
+    def __init__(self, overrides: list[str], share: tuple[int, int] = (0, 1), wait: bool = True) -> None:
         """The tiny config with `overrides`, loaded in the floor's process (a config does not pickle)."""
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve_floor, args=(overrides, child), daemon=True)
+        self.proc = ctx.Process(target=_serve_floor, args=(overrides, share, child), daemon=True)
         self.proc.start()
-        self.conn.recv()  # built
+        if wait:
+            self.conn.recv()  # built
 
     def rounds(self, numbers: list[int]) -> list[float]:
         self.conn.send(numbers)
@@ -129,8 +147,33 @@ class FloorProcess:
         self.proc.join()
 
 
-def _serve_floor(overrides: list[str], conn) -> None:
-    floor = Floor(load_config("experiments/tiny.yaml", overrides))
+class SplitFloor:
+    """The floor run perfectly in parallel, on this machine: `n` floor processes, each doing its share of
+    every round (the clients and evaluation rows host k of n gets), all at once, a round at a time, with no
+    communication and no merge between them (each averages its own share). A round's time is the slowest
+    worker's. It is the floor divided by the workers as the hardware delivers it: two busy cores of a
+    shared VM can each run slower than one busy core does, which `floor_s / n` does not show."""
+
+    def __init__(self, overrides: list[str], n: int) -> None:
+        self.workers = [FloorProcess(overrides, (k, n), wait=False) for k in range(n)]
+        for w in self.workers:
+            w.conn.recv()  # built
+
+    def rounds(self, numbers: list[int]) -> list[float]:
+        out = []
+        for r in numbers:
+            for w in self.workers:
+                w.conn.send([r])
+            out.append(max(w.conn.recv()[0] for w in self.workers))
+        return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+
+
+def _serve_floor(overrides: list[str], share: tuple[int, int], conn) -> None:
+    floor = Floor(load_config("experiments/tiny.yaml", overrides), share)
     conn.send(True)
     while (numbers := conn.recv()) is not None:
         conn.send([floor.round(r)[0] for r in numbers])
@@ -155,7 +198,9 @@ def main() -> int:
         # then); the floor is built at the first block, after the run has encoded.
         marks: dict[int, float] = {}  # each round's callback entered: the driver's loop between two of them
         fl: list[float] = []
-        floor: list[FloorProcess] = []
+        fl_split: list[float] = []
+        floor: list = []  # [FloorProcess, SplitFloor]
+        workers = cfg.runtime.client_actors
         blocked: set[int] = set()  # runtime rounds whose clock holds a floor block: not measured
 
         def on_round(r: int, metrics) -> None:
@@ -166,11 +211,14 @@ def main() -> int:
                 blocked.add(r + 1)
                 time.sleep(0.2 + 1.5 * metrics["round_seconds"])  # round r+1's training, started ahead, ends
             if not floor:
-                floor.append(FloorProcess(overrides))
-            fl.extend(floor[0].rounds(list(range(len(fl) + 1, r + 1))))
+                floor.extend([FloorProcess(overrides), SplitFloor(overrides, workers)])
+            numbers = list(range(len(fl) + 1, r + 1))
+            fl.extend(floor[0].rounds(numbers))
+            fl_split.extend(floor[1].rounds(numbers))
 
         s = run_experiment(cfg, on_round=on_round)  # an empty feature store each: its own encode, Ray start
-        floor[0].close()
+        for f in floor:
+            f.close()
         ray.shutdown()
         rt = [m["round_seconds"] for r, m in enumerate(s.history, 1) if r not in blocked]
         # The driver's wall time per round: from round r-1's callback to round r's (the round as the driver
@@ -178,17 +226,19 @@ def main() -> int:
         # round did not hide).
         loop = [marks[r] - marks[r - 1] for r in range(2, args.rounds + 1) if r not in blocked]
         # Round 1 pays one-off warm-up (first torch calls in each actor); medians skip nothing but are robust.
-        rt_med, fl_med = statistics.median(rt), statistics.median(fl)
+        rt_med, fl_med, split_med = statistics.median(rt), statistics.median(fl), statistics.median(fl_split)
         loop_med = statistics.median(loop) if loop else float("nan")
         clients = int(s.history[0]["clients_sampled"])
         rows.append((name, clients, s.encoded, s.distinct_images, s.timings["time_ray_start_s"],
                      s.timings["time_encode_s"], sum(rt), rt_med, 1000 * rt_med / clients,
                      fl_med, 1000 * (rt_med - fl_med) / clients, rt_med / fl_med, loop_med, loop_med / fl_med,
-                     s.final["accuracy"]))
+                     workers, split_med, rt_med / split_med, s.final["accuracy"]))
         print(f"[{name}] rounds (s): runtime {[round(x, 3) for x in rt]}  floor {[round(x, 3) for x in fl]}  "
-              f"driver loop {[round(x, 3) for x in loop]}", file=sys.stderr)
+              f"driver loop {[round(x, 3) for x in loop]}  split floor {[round(x, 3) for x in fl_split]}",
+              file=sys.stderr)
     head = ("setting", "clients", "encoded", "distinct", "ray_s", "encode_s", "rounds_s", "round_s",
-            "ms/client", "floor_s", "overhead_ms/client", "ratio", "loop_s", "loop_ratio", "acc")
+            "ms/client", "floor_s", "overhead_ms/client", "ratio", "loop_s", "loop_ratio", "workers", "split_s",
+            "split_ratio", "acc")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(str(x) if isinstance(x, (int, str)) else f"{x:.3f}" for x in r))

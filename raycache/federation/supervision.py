@@ -93,15 +93,16 @@ class Supervisor:
         while pending:
             limits = {h: limit(h) for h in pending}
             due = [start + d for d in limits.values() if d is not None]
-            ray.wait(list(pending.values()), num_returns=1,
-                     timeout=None if not due else max(0.0, min(due) - time.monotonic()))
+            ready, _ = ray.wait(list(pending.values()), num_returns=1,  # one call per answer, no polling
+                                timeout=None if not due else max(0.0, min(due) - time.monotonic()))
+            ready = set(ready)
             for h in list(pending):
-                if ray.wait([pending[h]], timeout=0)[0]:
+                if pending[h] in ready:
                     del pending[h]
                     yield h, None
                 elif limits[h] is not None and time.monotonic() - start >= limits[h]:
-                    del pending[h]
-                    yield h, limits[h]
+                    del pending[h]  # late, unless it answered as the limit passed (a wait returns one answer)
+                    yield h, None if ray.wait([refs[h]], timeout=0)[0] else limits[h]
 
     def evaluations(self, calls: dict[int, list], rows, began: float) -> tuple[dict[int, list], dict[int, str]]:
         """Wait for each host's evaluation calls (`calls[h]`, which the host runs in order), under its evaluation

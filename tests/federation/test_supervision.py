@@ -1,6 +1,8 @@
-"""The server's host deadlines as their documented formulas, on made-up paces (no Ray: the maths alone). The
-deadlines in action (a host stopped mid-round or mid-evaluation, and replaced) are in test_faults.py."""
+"""The server's host deadlines as their documented formulas, on made-up paces (no Ray: the maths alone), and
+the wait that applies them, on real Ray calls. The deadlines in action (a host stopped mid-round or
+mid-evaluation, and replaced) are in test_faults.py."""
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -43,3 +45,24 @@ def test_the_evaluation_deadline_follows_the_slowest_evaluation_pace():
     s.missed_deadline(0)
     assert s.eval_deadline(0, 50) == 2 * (AUTO_FLOOR_S + AUTO_FACTOR * 0.02 * 50)
     assert not s.replaceable  # no host spec: a failed host cannot be restarted
+
+
+def test_the_wait_yields_each_answer_once_and_a_silent_call_at_its_limit(ray_session):
+    """Two calls that answered at once, both already past their limit (0 s), are answers, not late; a call that
+    stays silent is yielded as late once its limit has passed, and not before."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    def silent() -> None:
+        time.sleep(60)
+
+    hung = silent.remote()
+    refs = {0: ray.put("a"), 1: ray.put("b"), 2: hung}
+    try:
+        began = time.monotonic()
+        seen = list(supervisor().wait(refs, lambda h: 0.0 if h < 2 else 0.5))
+        took = time.monotonic() - began
+    finally:
+        ray.cancel(hung, force=True)
+    assert sorted(seen[:2]) == [(0, None), (1, None)]
+    assert seen[2:] == [(2, 0.5)] and 0.5 <= took < 5
