@@ -28,13 +28,13 @@ from raycache.data.cache_source import cache_examples, prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import client_holdout, few_shot, predefined_split, stratified_split
-from raycache.errors import StopRun, UserError
+from raycache.errors import UserError
 from raycache.methods import method_class, weighting
 from raycache.methods.base import Task
 from raycache.models.clip import ModelSpec
 from raycache.models.preflight import run_preflight
+from raycache.round_loop import RoundCallback, Rounds, run_rounds
 
-RoundCallback = Callable[[int, dict[str, float]], None]
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total): long work as it advances
 
 
@@ -380,12 +380,9 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
     t = time.perf_counter()
     train = (compact(enc.inputs[splits.train]), np.ascontiguousarray(y[splits.train]))
     evals = _eval_sets(enc.inputs, y, splits, prep.client_tests)
-    history: list[dict[str, float]] = []
-    messages: list[dict] = []
-    stopped_by = None
     first = 1 if ckpt is None else ckpt.round + 1
-    totals = {"up": 0.0, "down": 0.0} if ckpt is None else {"up": ckpt.meta["up"], "down": ckpt.meta["down"]}
-    last = None if ckpt is None else ckpt.meta["last"]
+    done = Rounds({"up": 0.0, "down": 0.0}, None) if ckpt is None else \
+        Rounds({"up": ckpt.meta["up"], "down": ckpt.meta["down"]}, ckpt.meta["last"])
     # A caller told of each round after it is written may end inside the callback (a Tune trial its scheduler
     # stops): no round starts before it returns, so none is wasted (and concurrent trials fill the CPUs).
     with Federation(cfg, prep.task, train, prep.trainers, evals, enc.cache, prep.counts, audit=audit,
@@ -409,40 +406,17 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
         # nothing but the driver would hold a waiting round. What waits is written as the block ends, raised or not.
         at_once = callback_after_write or not cfg.federation.checkpoint
         with RoundLog(run, 0.0 if at_once else cfg.tracking.flush_seconds) as log:
-            for r in range(first, cfg.federation.rounds + 1):
-                metrics = fed.run_round(r)
-                history.append(metrics)
-                totals["up"] += metrics["comm_bytes_up"]
-                totals["down"] += metrics["comm_bytes_down"]
-                last = metrics
-                # What the server must answer about this round, before the next round changes it
-                snap = fed.snapshot() if cfg.federation.checkpoint else None
-                if audit:
-                    messages += [{**m, "round": r} for m in fed.audit_log()]
-                meta = {**totals, "last": last, "seed": cfg.seed, "method": cfg.method.name, "initial": initial}
-                if callback_after_write:
-                    _write_round(cfg, log, fed, r, metrics, snap, meta)
-                if on_round:  # before the next round starts: a scheduler that stops this trial wastes no round
-                    try:
-                        on_round(r, metrics)
-                    except StopRun as stop:  # e.g. a sweep's scheduler stopped this trial: end cleanly
-                        stopped_by = stop.reason
-                if stopped_by is None and r < cfg.federation.rounds:
-                    fed.submit_round(r + 1)  # it runs while this round is written
-                if not callback_after_write:
-                    _write_round(cfg, log, fed, r, metrics, snap, meta)
-                snap = None  # the snapshot's arrays go now, not after the next round
-                if stopped_by is not None:
-                    break
+            run_rounds(cfg, fed, log, first, done, initial, on_round, audit, callback_after_write)
         timings["time_rounds_s"] = time.perf_counter() - t
         try:
             result = fed.result(cfg.federation.selection)
         except Exception:  # noqa: BLE001
-            if stopped_by is None:
+            if done.stopped_by is None:
                 raise
             # A trial its scheduler stopped may lose its actors to Tune's clean-up before it assembles a
             # result: it ends as stopped (KILLED, with the reason), with its rounds logged and no result.
             result = None
+    totals, last = done.totals, done.last
     run.log_metrics(timings)
     run.log_metrics({"server_restarts": fed.server_restarts,  # lost server actors replaced ...
                      "rounds_replayed": fed.rounds_replayed,  # ... and the rounds they ran again
@@ -455,27 +429,8 @@ def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, 
         stage("logging the result as an MLflow model")
         uri = publish(cfg, run, prep.task, result)
     return Summary(run.run_id, run.experiment_id, run.ui_hint(), cfg.method.name, enc.zeroshot_accuracy,
-                   last, len(history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
-                   history, stopped_by, messages, result["metrics"] if result else {}, uri, initial)
-
-
-def _write_round(cfg: ExperimentConfig, log, fed, round_idx: int, metrics: dict[str, float], snap: dict | None,
-                 meta: dict) -> None:
-    """Round `round_idx`'s checkpoint (`snap`, when the run checkpoints), holding the rounds not yet logged,
-    then its metrics and the checkpoint's link to the `RoundLog`, which writes them when due: a driver that
-    dies before they are written resumes from this checkpoint and logs them from it
-    (`log_checkpointed_rounds`); logged first, a death before the checkpoint would log the round again when
-    it is redone."""
-    from raycache.resume import checkpoint_tags, save_round
-
-    entry, tags = log.stamp(round_idx, metrics), None
-    try:
-        if snap is not None:
-            path = save_round(cfg, log.run, round_idx, snap, {**meta, "unlogged": log.unlogged(entry)})
-            fed.saved(path, round_idx)
-            tags = checkpoint_tags(path, round_idx)
-    finally:  # a round whose checkpoint failed (a full disk) still has its metrics logged, unlinked
-        log.add(entry, tags)
+                   last, len(done.history), totals["up"], totals["down"], timings, enc.features.encoded, len(y),
+                   done.history, done.stopped_by, done.messages, result["metrics"] if result else {}, uri, initial)
 
 
 def _eval_sets(inputs: np.ndarray, labels: np.ndarray, splits, client_tests: list[np.ndarray]):
