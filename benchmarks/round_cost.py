@@ -77,7 +77,7 @@ class Floor:
         self.feats = load_or_encode(prep.source, prep.spec, prep.cfg.runtime).features
         self.y, self.splits, self.parts = prep.source.labels, prep.splits, prep.parts
         self.train_f, self.train_y = self.feats[self.splits.train], self.y[self.splits.train]
-        self.sizes = np.array([len(p) for p in self.parts], np.int64)
+        self.sizes = np.maximum([len(p) for p in self.parts], 1)  # as the server deals them
         self.test_f, self.val_f = self.feats[self.splits.test], self.feats[self.splits.val]  # held, as hosts do
         self.method = method_class(prep.cfg.method.name)(prep.cfg.method, prep.task)
         cache_f, cache_y = self.feats[self.splits.server], self.y[self.splits.server]
@@ -87,7 +87,7 @@ class Floor:
         self.state = self.method.init_state(cache_f, cache_y)
 
     def round(self, r: int) -> tuple[float, float]:
-        """(seconds, test accuracy) of round `r`, on one thread."""
+        """(seconds, test accuracy) of round `r`, on one thread (accuracy NaN for a share: the split floor)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -200,7 +200,7 @@ def main() -> int:
         fl: list[float] = []
         fl_split: list[float] = []
         floor: list = []  # [FloorProcess, SplitFloor]
-        workers = cfg.runtime.client_actors
+        workers = min(cfg.runtime.client_actors, cfg.data.clients)  # the hosts a run starts
         blocked: set[int] = set()  # runtime rounds whose clock holds a floor block: not measured
 
         def on_round(r: int, metrics) -> None:

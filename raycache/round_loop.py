@@ -1,12 +1,14 @@
-"""The driver's rounds: each round run on the federation, snapshotted, told to the caller, written (its
-checkpoint, then its metrics), and the next round started while this one is written.
+"""The driver's rounds: each round run on the federation, snapshotted, told to the caller and written (its
+checkpoint, then its metrics); by default the next round starts before this one is written and runs
+while it is.
 
-`run_rounds` owns the order of those steps, which is what makes a run exact after a crash at any point:
-- the server's snapshot is taken before the next round can change it;
-- a caller told of each round after it is written (a sweep's trial: Tune reads its rounds) may stop the
-  run inside the callback, so no round starts before the callback returns;
-- otherwise the next round starts first and runs while this one is written;
-- a round's checkpoint is written before its metrics (`write_round`).
+`run_rounds` owns the order of those steps:
+- the server's snapshot is taken before the next round can change it, and a round's checkpoint is written
+  before its metrics (`write_round`): what makes a run exact after a crash at any point;
+- no round starts before the caller's callback returns, so a caller that stops the run inside it (a sweep's
+  scheduler) wastes no round;
+- a caller told of each round after it is written (a sweep's trial: Tune reads its rounds from MLflow) gets
+  the round written before the callback; otherwise it is written after the next round has started.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ RoundCallback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class Rounds:
-    """What the rounds left: every round's metrics, the last round's, the bytes moved so far (a resumed run's
-    earlier rounds included), the audited client messages, and why the run stopped early (None: it did not)."""
+    """What the rounds left: the metrics of every round run here (a resumed run's earlier rounds are not in
+    `history`), the last round's, the bytes moved so far (a resumed run's earlier rounds included), the
+    audited client messages, and why the run stopped early (None: it did not)."""
 
     totals: dict[str, float]
     last: dict[str, float] | None
