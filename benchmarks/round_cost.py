@@ -99,10 +99,9 @@ class Floor:
         cfg, method, splits = self.cfg, self.method, self.splits
         t0 = time.perf_counter()
         total = WeightedSum()
-        k, n = self.share
-        clients = sample_clients(len(self.parts), cfg.federation.fraction, cfg.seed, r)
-        if n > 1:
-            clients = assign_hosts(clients, self.sizes, n, pinned=False)[k]
+        k, n = self.share  # (0, 1): every sampled client, in order, and every evaluation row
+        clients = assign_hosts(sample_clients(len(self.parts), cfg.federation.fraction, cfg.seed, r), self.sizes, n,
+                               pinned=False)[k]
         for c in clients:
             idx = self.parts[c]
             update, _ = method.local_train(self.state, torch.from_numpy(self.train_f[idx]),
@@ -110,16 +109,11 @@ class Floor:
                                            LocalRound(client_seed(cfg.seed, r, int(c)), r, cfg.federation.rounds))
             total.add(update, float(len(idx)))
         self.state = state = total.mean() if total.weight else self.state
-        # the runtime evaluates every round, on the test and the validation splits
-        if n > 1:  # this worker's rows of them
-            for name, start, stop in row_pieces({"test": len(splits.test), "val": len(splits.val)}, n)[k]:
-                predict(lambda f: method.logits(state, f), getattr(self, f"{name}_f")[start:stop])
-            return time.perf_counter() - t0, float("nan")
-        pred = predict(lambda f: method.logits(state, f), self.test_f)
-        if len(splits.val):
-            predict(lambda f: method.logits(state, f), self.val_f)
+        # the runtime evaluates every round, on the test and the validation splits (this worker's rows of them)
+        pred = {name: predict(lambda f: method.logits(state, f), getattr(self, f"{name}_f")[start:stop])
+                for name, start, stop in row_pieces({"test": len(splits.test), "val": len(splits.val)}, n)[k]}
         seconds = time.perf_counter() - t0
-        return seconds, float((pred == self.y[splits.test]).mean())
+        return seconds, float((pred["test"] == self.y[splits.test]).mean()) if n == 1 else float("nan")
 
 
 class FloorProcess:
