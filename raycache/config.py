@@ -252,7 +252,7 @@ class RuntimeConfig(_Section):
     client_actors: int = Field(2, ge=1, description="actors hosting the virtual clients")
     client_cpus: float = Field(1.0, ge=0, description="CPUs per client actor (fractions allowed)")
     client_gpus: float = Field(0.0, ge=0, description="GPUs per client actor (fractions share one GPU)")
-    encoder_actors: int = Field(1, ge=1, description="encoder actors in the Ray Data pool")
+    encoder_actors: int = Field(1, ge=1, description="encoder actors in the pool a run starts once")
     encoder_cpus: float = Field(1.0, ge=0, description="CPUs per encoder actor (what Ray reserves; its torch "
                                                        "threads: runtime.encoder_threads)")
     encoder_threads: int | None = Field(None, ge=1, description="torch threads per encoder actor (null: on a "

@@ -32,7 +32,7 @@ from raycache.errors import UserError
 from raycache.methods import method_class, weighting
 from raycache.methods.base import Task
 from raycache.models.clip import ModelSpec
-from raycache.models.preflight import run_preflight
+from raycache.models.preflight import start_preflight
 from raycache.round_loop import RoundCallback, Rounds, run_rounds
 
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total): long work as it advances
@@ -115,10 +115,13 @@ class Encoded:
     zeroshot_accuracy: float
 
 
-def prepare(cfg: ExperimentConfig, model_here: bool = False) -> Prepared:
+def prepare(cfg: ExperimentConfig, model_here: bool = False,
+            meanwhile: Callable[[ExperimentConfig, ModelSpec, Any], None] | None = None) -> Prepared:
     """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here.
     `model_here`: build the model in this process, for a process that is reused (a sweep's driver and its
-    trials: they pay the import once); else in a single-use one (`raycache.models.preflight`)."""
+    trials: they pay the import once); else in a single-use one (`raycache.models.preflight`).
+    `meanwhile(cfg, spec, source)`: called once every check that needs no model has passed, while the
+    model's single-use process works (a run starts Ray and its encoders then)."""
     method = method_class(cfg.method.name)
     fed = cfg.federation  # the run logs concrete settings: derived values folded in, every null resolved
     cfg = cfg.model_copy(update={"method": cfg.method.resolved(), "federation": fed.model_copy(
@@ -164,7 +167,10 @@ def prepare(cfg: ExperimentConfig, model_here: bool = False) -> Prepared:
     t = time.perf_counter()
     # The model's weights exist and fit the method (its own check), the classes' text weights, the image
     # transform: made where the model is built, a single-use process unless this one holds torch already.
-    made = run_preflight(spec, source.class_names, cfg.model.templates, method, cfg.method, here=model_here)
+    with start_preflight(spec, source.class_names, cfg.model.templates, method, cfg.method, here=model_here) as job:
+        if meanwhile is not None:
+            meanwhile(cfg, spec, source)
+        made = job.result()
     task = Task(source.class_names, made.text_weights, spec, tuple(cfg.model.templates), cfg.federation.rounds)
     transform = made.transform
     return Prepared(cfg, spec, source, splits, parts, trainers, client_tests, counts, task, transform, synth_store, uses_cache,
@@ -210,15 +216,20 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     single-use one (a reused process: a sweep's trials). `on_progress(what, done, total)`: encoding and
     synthetic generation as they advance."""
     stage = on_stage or (lambda s: None)
-    from raycache.ray_session import release_data_actors
+    from raycache.ray_session import EarlyStart, release_data_actors
     from raycache.resume import hold_driver
 
-    # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind
-    prep = prepare(cfg, model_here)
-    lock = hold_driver(cfg, resume) if resume is not None else None  # one live driver per run
+    # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind (Ray and the
+    # encoders start beside the model's single-use process, once every check that needs no model has passed)
+    early = EarlyStart(stage, lambda spec, source: input_key("features", spec, source) in (shared or {}))
+    lock = None
     try:
+        prep = prepare(cfg, model_here, early)
+        early.record(prep.timings)
+        lock = hold_driver(cfg, resume) if resume is not None else None  # one live driver per run
         run, ckpt = open_run(prep, tags, resume)
     except BaseException:
+        early.close()
         if lock is not None:
             lock.close()
         raise
@@ -229,7 +240,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
                 log_inputs(prep, run)
             start_ray(prep, stage)
             try:
-                encoded = encode(prep, run, stage, shared or {}, on_progress)
+                encoded = encode(prep, run, stage, shared or {}, on_progress, early.encoders)
             finally:  # the run's Ray Data pipelines are over, done or failed
                 release_data_actors()
             summary = federate(prep, encoded, run, on_round, stage, ckpt, audit, warm, callback_after_write)
@@ -243,6 +254,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
         else:
             run.finish()
     finally:  # let go only once the run is ended: a --resume in between would find it still RUNNING
+        early.close()  # if it failed before its encode did
         if lock is not None:
             lock.close()
     return summary
@@ -274,9 +286,13 @@ def log_inputs(prep: Prepared, run) -> None:
 
 def shared_key(kind: str, prep: Prepared) -> str:
     """The key of a shared input: its kind ("features" or "pixels") and what it is made from."""
+    return input_key(kind, prep.spec, prep.source)
+
+
+def input_key(kind: str, spec: ModelSpec, source) -> str:
     from raycache.data.feature_store import feature_key
 
-    return f"{kind}/{feature_key(prep.spec, prep.source)}"
+    return f"{kind}/{feature_key(spec, source)}"
 
 
 def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
@@ -284,16 +300,15 @@ def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
     from raycache.ray_session import check_fits, ensure_ray
 
     cfg = prep.cfg
-    stage("starting Ray")
     t = time.perf_counter()
-    ensure_ray(cfg.runtime)
+    ensure_ray(cfg.runtime)  # started already beside the model's preflight (`EarlyStart`)
     if cfg.runtime.address is None:  # a local Ray never grows; a cluster's autoscaler may add nodes to fit
         rt = cfg.runtime
         check_fits("runtime.client", min(rt.client_actors, cfg.data.clients), rt.client_cpus, rt.client_gpus)
         check_fits("runtime.encoder", rt.encoder_actors, 0.0, rt.encoder_gpus)  # CPUs: features.encoder_plan
         if prep.synth_store is not None:
             check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
-    prep.timings["time_ray_start_s"] = time.perf_counter() - t
+    prep.timings["time_ray_start_s"] = prep.timings.get("time_ray_start_s", 0.0) + time.perf_counter() - t
 
 
 def pixel_feature_rows(splits) -> np.ndarray:
@@ -303,55 +318,61 @@ def pixel_feature_rows(splits) -> np.ndarray:
 
 
 def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, np.ndarray],
-           progress: ProgressCallback | None = None) -> Encoded:
-    """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on."""
+           progress: ProgressCallback | None = None, encoders=None) -> Encoded:
+    """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on.
+    One encoder pool serves the run's encodes (the features, the cache's keys): `encoders`, started early
+    (`EarlyStart`), or else started by the first encode that finds the store without its features; stopped
+    before the pixels' pipeline and the federation, whose tasks and actors need its CPUs."""
+    from raycache.data.encoders import EncoderPool
     from raycache.data.features import Features, load_or_encode, load_rows
     from raycache.methods.zeroshot import zero_shot_predictions
 
     cfg, spec, source, splits, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.timings
-    stage("encoding images (once per model and dataset)")
-    t = time.perf_counter()
-    features_shared = shared_key("features", prep) in shared
-    y = source.labels
-    f = None  # every image's features, where the method trains or evaluates on them
-    if features_shared:
-        feats = Features(shared[shared_key("features", prep)], 0, None)
-        f = feats.features
-    elif prep.uses_pixels and not prep.uses_cache:
-        # Training and evaluation run through the encoder on images: the frozen features serve only the
-        # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded.
-        feats = load_rows(source, spec, cfg.runtime, pixel_feature_rows(splits), prep.transform,
-                          _work(progress, "encoding images"))
-    else:
-        feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform,
-                               progress=_work(progress, "encoding images"))
-        f = feats.features
-    test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]  # pixel_feature_rows' order
-    server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
-    timings["time_encode_s"] = time.perf_counter() - t
-
-    zs_pred = zero_shot_predictions(test_f, prep.task.text_weights)
-    zeroshot_accuracy = float((zs_pred == y[splits.test]).mean())
-    run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
-                     "distinct_images": len(y), "num_classes": len(source.class_names),
-                     "samples_train": sum(len(p) for p in prep.parts), "samples_val": len(splits.val),
-                     "samples_trained_on": sum(len(t) for t in prep.trainers),  # tip_adapter: its K shots
-                     "samples_test": len(splits.test), "samples_server": len(splits.server),
-                     "samples_client_test": sum(len(p) for p in prep.client_tests),
-                     **client_sizes(prep.parts),
-                     "features_shared": float(features_shared)})
-
-    cache = (server_f, y[splits.server])  # the server's labelled hold-out
-    if prep.uses_cache:
-        stage(f"building the cache source ({cfg.method.cache_init})")
+    with encoders or EncoderPool(spec, cfg.runtime) as encoders:  # stopped before the pixels and the federation
+        stage("encoding images (once per model and dataset)")
         t = time.perf_counter()
-        cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store,
-                                                         splits.train[prep.trainers[0]],
-                                                         _work(progress, "generating synthetic images"),
-                                                         prep.transform)
-        cache = (cache_f, cache_y)
-        run.log_metrics(cache_metrics)
-        timings["time_cache_source_s"] = time.perf_counter() - t
+        features_shared = shared_key("features", prep) in shared
+        y = source.labels
+        f = None  # every image's features, where the method trains or evaluates on them
+        if features_shared:
+            feats = Features(shared[shared_key("features", prep)], 0, None)
+            f = feats.features
+        elif prep.uses_pixels and not prep.uses_cache:
+            # Training and evaluation run through the encoder on images: the frozen features serve only the
+            # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded.
+            feats = load_rows(source, spec, cfg.runtime, pixel_feature_rows(splits), prep.transform,
+                              _work(progress, "encoding images"), encoders)
+        else:
+            feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform,
+                                   progress=_work(progress, "encoding images"), encoders=encoders)
+            f = feats.features
+        # pixel_feature_rows' order where only those rows were encoded
+        test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]
+        server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
+        timings["time_encode_s"] = time.perf_counter() - t
+
+        zs_pred = zero_shot_predictions(test_f, prep.task.text_weights)
+        zeroshot_accuracy = float((zs_pred == y[splits.test]).mean())
+        run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
+                         "distinct_images": len(y), "num_classes": len(source.class_names),
+                         "samples_train": sum(len(p) for p in prep.parts), "samples_val": len(splits.val),
+                         "samples_trained_on": sum(len(t) for t in prep.trainers),  # tip_adapter: its K shots
+                         "samples_test": len(splits.test), "samples_server": len(splits.server),
+                         "samples_client_test": sum(len(p) for p in prep.client_tests),
+                         **client_sizes(prep.parts),
+                         "features_shared": float(features_shared)})
+
+        cache = (server_f, y[splits.server])  # the server's labelled hold-out
+        if prep.uses_cache:
+            stage(f"building the cache source ({cfg.method.cache_init})")
+            t = time.perf_counter()
+            cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store,
+                                                             splits.train[prep.trainers[0]],
+                                                             _work(progress, "generating synthetic images"),
+                                                             prep.transform, encoders)
+            cache = (cache_f, cache_y)
+            run.log_metrics(cache_metrics)
+            timings["time_cache_source_s"] = time.perf_counter() - t
 
     inputs = f
     if prep.uses_pixels:  # the method trains through the image encoder: clients get images, not features

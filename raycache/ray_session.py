@@ -1,7 +1,10 @@
 """The Ray a run uses: a cluster it joins (checked reachable first) or a local Ray it starts with only what a run
-needs, whether a pool of actors can ever fit on it, and the helpers a Ray Data pipeline leaves behind."""
+needs (beside its model's preflight, with its encoder pool: `EarlyStart`), whether a pool of actors can ever
+fit on it, and the helpers a Ray Data pipeline leaves behind."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 
 def check_fits(prefix: str, actors: int, cpus: float, gpus: float) -> None:
@@ -108,3 +111,69 @@ def stop_unused_daemons() -> None:
         stop = getattr(node, name, None)
         if stop is not None:  # a Ray without them (a future version) loses only the memory saving
             stop(check_alive=False)
+
+
+def warm_data():
+    """Ray Data's cold start, paid now in a thread (returned): the first pipeline on a fresh Ray waits about
+    3 s before its first block (its task workers import Ray Data; its helper actors start), the next ones
+    0.2-0.3 s (measured on this project's 2-core machines)."""
+    import threading
+
+    def run() -> None:
+        import ray.data
+
+        try:
+            ray.data.range(1).map_batches(_same, batch_format="numpy").materialize()
+        except Exception:  # noqa: BLE001 - only a warm-up: the pipeline it serves reports its own failures
+            pass
+
+    thread = threading.Thread(target=run, name="raycache-warm-data", daemon=True)
+    thread.start()
+    return thread
+
+
+def _same(batch):
+    return batch
+
+
+class EarlyStart:
+    """What a run starts while its model's single-use process works (`prepare`'s `meanwhile`): Ray; and,
+    where the store lacks the dataset's features, the encoder pool, whose actors import torch and build the
+    model beside that process rather than after it, and Ray Data's cold start (`warm_data`)."""
+
+    def __init__(self, stage: Callable[[str], None], shared: Callable[..., bool] = lambda spec, source: False) -> None:
+        """`shared(spec, source)`: whether the caller has the dataset's features already (a sweep's trial)."""
+        self.stage, self.shared = stage, shared
+        self.encoders = None  # raycache.data.encoders.EncoderPool, once started
+        self.ray_s: float | None = None
+        self.warming = None  # the thread of `warm_data`
+
+    def __call__(self, cfg, spec, source) -> None:
+        import time
+        from pathlib import Path
+
+        from raycache.data.encoders import EncoderPool
+        from raycache.data.feature_store import feature_key, has_entry
+
+        self.stage("starting Ray")
+        t = time.perf_counter()
+        ensure_ray(cfg.runtime)
+        self.ray_s = time.perf_counter() - t
+        if self.shared(spec, source) or has_entry(Path(cfg.runtime.cache_dir) / "features", feature_key(spec, source)):
+            return
+        if cfg.runtime.address is None:
+            check_fits("runtime.encoder", cfg.runtime.encoder_actors, 0.0, cfg.runtime.encoder_gpus)
+        self.encoders = EncoderPool(spec, cfg.runtime).start()
+        self.warming = warm_data()
+
+    def record(self, timings: dict[str, float]) -> None:
+        """Once the model's preflight is made: Ray's start into `timings`; the warm-up over (it has had the
+        preflight's time; no pipeline of the run's runs beside it)."""
+        if self.ray_s is not None:
+            timings["time_ray_start_s"] = self.ray_s
+        if self.warming is not None:
+            self.warming.join()
+
+    def close(self) -> None:
+        if self.encoders is not None:
+            self.encoders.close()

@@ -138,8 +138,9 @@ def image_folder(tmp_path) -> Path:
 
 
 def kill_pool_actors(marker: str) -> list[int]:
-    """SIGKILL the Ray worker processes of a Ray Data actor pool whose class is `marker` (Ray titles an actor's
-    process `ray::MapWorker(MapBatches(<class>))`): what a lost node does to them. Returns the pids killed."""
+    """SIGKILL the Ray worker processes of the actors whose class is `marker` (Ray titles an actor's process
+    `ray::<class>...`, or `ray::MapWorker(MapBatches(<class>))` in a Ray Data actor pool): what a lost node
+    does to them. Returns the pids killed."""
     import psutil
 
     killed = []

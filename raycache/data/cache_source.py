@@ -31,11 +31,13 @@ def prepare_synthetic(cfg, class_names: list[str]):
 
 def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
                    shot_rows: np.ndarray | None = None, progress=None,
-                   transform=None) -> tuple[np.ndarray, np.ndarray, dict]:
+                   transform=None, encoders=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(features, labels, metrics): K examples per class, class-major, that the server builds its cache from.
     `shot_rows`: the source rows the centralised trainer holds (for `cache_init: shots`). `progress(done,
     total)`: synthetic images made so far, as they arrive. `transform`: the model's eval preprocessing, for
-    images that must be encoded (else built where needed)."""
+    images that must be encoded (else built where needed). `encoders`: the run's encoder pool
+    (`data.encoders.EncoderPool`), for those images; stopped while the generator's actors run, which may
+    need its CPUs or GPU."""
     kind = cfg.method.cache_init
     n_classes, k = len(source.class_names), cfg.method.shots
     if kind == "random":
@@ -45,7 +47,7 @@ def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
     if kind in ("real", "shots"):
         pool = splits.server if kind == "real" else shot_rows
         rows = pool[class_balanced_rows(source.labels[pool], n_classes, k)]
-        keys, metrics = _keys(source, rows, feats[rows], spec, cfg, transform)
+        keys, metrics = _keys(source, rows, feats[rows], spec, cfg, transform, encoders)
         return keys, source.labels[rows], metrics
     from raycache.config import DataConfig
     from raycache.data.features import load_or_encode
@@ -60,20 +62,23 @@ def cache_examples(cfg, spec, source, splits, feats: np.ndarray, store=None,
         def on_images(n: int) -> None:
             done[0] += n
             progress(done[0], total)
+    if encoders is not None:
+        encoders.close()  # started again at its next encode
     result = fill(store, cfg.synth, on_images)
     synthetic = open_source(DataConfig(dataset=str(result.out)))
     rows = class_balanced_rows(synthetic.labels, n_classes, k)
     plain, metrics = None, {}
     if cfg.method.augment_views == 1:
-        encoded = load_or_encode(synthetic, spec, cfg.runtime, transform=transform)
+        encoded = load_or_encode(synthetic, spec, cfg.runtime, transform=transform, encoders=encoders)
         plain, metrics = encoded.features[rows], {"synth_features_encoded": encoded.encoded}
-    keys, more = _keys(synthetic, rows, plain, spec, cfg, transform)
+    keys, more = _keys(synthetic, rows, plain, spec, cfg, transform, encoders)
     metrics.update(more)
     return keys, synthetic.labels[rows], {"synth_images": result.images, "synth_images_generated": result.generated,
                                           "synth_seconds": result.seconds, **metrics}
 
 
-def _keys(source, rows: np.ndarray, plain: np.ndarray | None, spec, cfg, transform=None) -> tuple[np.ndarray, dict]:
+def _keys(source, rows: np.ndarray, plain: np.ndarray | None, spec, cfg, transform=None,
+          encoders=None) -> tuple[np.ndarray, dict]:
     """The raw key features of `source`'s images at `rows`: `plain` (their stored centre-crop features) with
     one view, else the mean of `method.augment_views` augmented views, encoded once and stored."""
     views = cfg.method.augment_views
@@ -82,5 +87,5 @@ def _keys(source, rows: np.ndarray, plain: np.ndarray | None, spec, cfg, transfo
     from raycache.data.features import load_or_encode
 
     encoded = load_or_encode(source.subset(rows), spec, cfg.runtime, views=views, seed=cfg.seed,
-                             transform=transform)
+                             transform=transform, encoders=encoders)
     return encoded.features, {"cache_views_encoded": encoded.encoded}

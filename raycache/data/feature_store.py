@@ -24,6 +24,11 @@ def feature_key(spec: ModelSpec, source: Source, views: int = 1, seed: int = 0) 
     return hashlib.sha256(f"{FEATURE_FORMAT}|{spec.fingerprint()}|{source.fingerprint}{aug}".encode()).hexdigest()[:24]
 
 
+def has_entry(store: Path, key: str) -> bool:
+    """Whether the store holds an entry for `key` (not read: `read_store` may still find it damaged)."""
+    return (store / key / INDEX).is_file() or (store / f"{key}.safetensors").is_file()
+
+
 def read_store(store: Path, key: str, n: int) -> np.ndarray | None:
     """The stored features of `key` as one (n, D) array in the source's order, or None when the store lacks
     them whole (missing, damaged, or another length: the store is a cache, so they are encoded again)."""

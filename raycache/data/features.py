@@ -1,6 +1,6 @@
-"""Encode once: CLIP image features for every image of a dataset, computed by a Ray Data pipeline (decode
-tasks feeding an encoder actor pool) and kept in the feature store (`raycache.data.feature_store`) under a
-fingerprint of (model weights, dataset), so rounds, epochs and later runs reuse them.
+"""Encode once: CLIP image features for every image of a dataset, computed by Ray Data decode tasks feeding
+an encoder pool (`raycache.data.encoders`) and kept in the feature store (`raycache.data.feature_store`)
+under a fingerprint of (model weights, dataset), so rounds, epochs and later runs reuse them.
 
 The encoder actors take `num_cpus` / `num_gpus` from config; fractional GPUs let several share one device.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from raycache.data import pil_stage
+from raycache.data.encoders import EncoderPool, block_pieces
 from raycache.data.feature_store import ShardWriter, feature_key, read_store
 from raycache.data.sources.base import Source, decode_image
 from raycache.errors import UserError
@@ -74,11 +75,11 @@ def decode_block(block: dict[str, np.ndarray], transform, rows: int):
 
 
 class ImageEncoder:
-    """Ray Data callable class, the pipeline's model stage: one model per actor, (B, views, 3, H, W) pixels
-    in, (B, D) features out (the mean over the views). It only runs the model and the transform's tensor
-    stage (uint8 pixels scaled to [0, 1] and normalised on the actor's device, exactly as `ToTensor` and
-    `Normalize` would): decoding and the PIL work happen in `decode_block` tasks upstream, so the actor's CPUs
-    (or its GPU) never wait on PIL.
+    """The pipeline's model stage (held by an `encoders.EncoderActor`, or by a served model): one model,
+    (B, views, 3, H, W) pixels in, (B, D) features out (the mean over the views). It only runs the model and
+    the transform's tensor stage (uint8 pixels scaled to [0, 1] and normalised on the actor's device, exactly
+    as `ToTensor` and `Normalize` would): decoding and the PIL work happen in `decode_block` tasks upstream,
+    so the actor's CPUs (or its GPU) never wait on PIL.
 
     Features are the raw `encode_image` output (not normalised): FedCLIP's adapter reads them as they come
     from CLIP (its reference normalises only after the adapter); every other method normalises them itself."""
@@ -99,6 +100,10 @@ class ImageEncoder:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_clip(spec, device=self.device)[0] if model is None else model.to(self.device)
+        self.set_stage(transform, views)
+
+    def set_stage(self, transform, views: int = 1) -> None:
+        """The tensor stage of `transform` (the augmentation's, for `views` > 1) runs from now on."""
         self.tensor_stage = None
         if transform is not None:
             self.tensor_stage = augmented_tensor_stage(transform) if views > 1 else split_at_tensor(transform)[1]
@@ -159,11 +164,14 @@ def augmented_tensor_stage(preprocess):
 
 
 def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, seed: int = 0,
-                  transform=None, progress: Callable[[int, int], None] | None = None) -> Features:
+                  transform=None, progress: Callable[[int, int], None] | None = None,
+                  encoders: EncoderPool | None = None) -> Features:
     """Features for every image of `source` under `spec` (with `views` > 1: the mean raw feature of that many
     augmented views per image, seeded by `seed`); encodes only if the store lacks them. `transform`: the
     model's eval preprocessing, if the caller has it (else it is built here). `progress(done, total)` is
-    called as blocks of features arrive (images)."""
+    called as blocks of features arrive (images). `encoders`: the caller's pool (a run's, started once for
+    all its encodes), used if it fits `spec` and `runtime`; else it is stopped (two pools on a local Ray
+    could hold the CPUs the decode tasks need) and a pool is started for this call."""
     key = feature_key(spec, source, views, seed)
     store = Path(runtime.cache_dir) / "features"
     feats = read_store(store, key, len(source.labels))
@@ -175,19 +183,26 @@ def load_or_encode(source: Source, spec: ModelSpec, runtime, views: int = 1, see
         transform = load_clip(spec)[1]
     meta = {"model": json.dumps(spec.__dict__), "dataset": source.fingerprint}
     with ShardWriter(store, key, meta) as writer:
-        feats, encoded = _encode(source, spec, runtime, transform, views, seed, writer, progress)
+        if encoders is not None and encoders.fits(spec, runtime):
+            feats, encoded = _encode(source, runtime, transform, views, seed, writer, encoders, progress)
+        else:
+            if encoders is not None:  # its actors' CPUs are this pool's to take (its next encode restarts it)
+                encoders.close()
+            with EncoderPool(spec, runtime) as own:
+                feats, encoded = _encode(source, runtime, transform, views, seed, writer, own, progress)
     return Features(feats, encoded, writer.stored)
 
 
 def load_rows(source: Source, spec: ModelSpec, runtime, rows: np.ndarray, transform=None,
-              progress: Callable[[int, int], None] | None = None) -> Features:
+              progress: Callable[[int, int], None] | None = None, encoders: EncoderPool | None = None) -> Features:
     """Features of `source`'s `rows` only, in that order: sliced from the whole dataset's stored features
     when a run left them, else encoded for those rows alone (a subset with a store entry of its own)."""
     store = Path(runtime.cache_dir) / "features"
     whole = read_store(store, feature_key(spec, source), len(source.labels))
     if whole is not None:
         return Features(whole[rows], 0, store / feature_key(spec, source))
-    return load_or_encode(source.subset(rows), spec, runtime, transform=transform, progress=progress)
+    return load_or_encode(source.subset(rows), spec, runtime, transform=transform, progress=progress,
+                          encoders=encoders)
 
 
 def encoder_plan(runtime) -> tuple[int, float, int]:
@@ -252,32 +267,25 @@ def decode_task(transform, rows: int, views: int = 1, seed: int = 0) -> tuple[Ca
     return decode_block, {"transform": transform, "rows": rows}
 
 
-def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, seed: int,
-            writer: ShardWriter, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
-    """Two Ray Data stages: `decoded`'s tasks (CPU) decode and preprocess, the `ImageEncoder` actor pool
-    runs the model; blocks stream through both, and each block of features is written as a shard and
-    copied into one preallocated array as it arrives (the dataset is held once)."""
+def _encode(source: Source, runtime, transform, views: int, seed: int, writer: ShardWriter, pool: EncoderPool,
+            progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
+    """`decoded`'s tasks (CPU) decode and preprocess, `pool`'s actors run the model; blocks stream through
+    both in the source's order, and each block of features is written as a shard and copied into one
+    preallocated array as it arrives (the dataset is held once)."""
     import ray.data
 
-    actors, cpus, threads = encoder_plan(runtime)
+    pool.start()  # before the pipeline plans and decodes: the actors build their model meanwhile
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # features line up with source.labels
+    ctx.execution_options.preserve_order = True  # blocks reach the pool in the source's order
+    cpus, gpus = pool.resources()  # not the decode stage's to budget: Ray Data counts the cluster's whole
+    excluded = ctx.execution_options.exclude_resources
+    ctx.execution_options.exclude_resources = excluded.add(ray.data.ExecutionResources(cpu=cpus, gpu=gpus))
     batch = max(1, runtime.encoder_batch_size // views)  # images x views per forward pass
-    ds = decoded(source, runtime, transform, batch, views, seed).map_batches(
-        ImageEncoder,
-        fn_constructor_kwargs={"spec": spec, "use_gpu": runtime.encoder_gpus > 0, "threads": threads,
-                               "transform": transform, "views": views},
-        batch_size=batch, batch_format="numpy", num_cpus=cpus, num_gpus=runtime.encoder_gpus,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        # A lost actor (its process or node died) is restarted and its batches rerun, a bounded number of
-        # times (Ray Data's default is for ever: a batch that kills its actor would hang the encode). An
-        # exception a batch raises is not retried: it fails the encode, nothing half-written.
-        max_restarts=runtime.encode_retries, max_task_retries=runtime.encode_retries,
-    )
     n = len(source.labels)
     out, at, calls = None, 0, 0
     try:
-        for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ds = decoded(source, runtime, transform, batch, views, seed)
+        for block in pool.map(block_pieces(ds.iter_internal_ref_bundles()), transform, views):
             feats = block["features"].astype(np.float32, copy=False)
             if out is None:
                 out = np.empty((n, feats.shape[1]), np.float32)
@@ -299,6 +307,8 @@ def _encode(source: Source, spec: ModelSpec, runtime, transform, views: int, see
         if user is not None:
             raise user from None
         raise
+    finally:
+        ctx.execution_options.exclude_resources = excluded
     if at != n:
         raise RuntimeError(f"encoder returned {at} rows for {n} images")
     return out, calls

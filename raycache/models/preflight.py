@@ -119,26 +119,69 @@ def run_preflight(spec: ModelSpec, class_names: list[str], templates: list[str] 
                   settings=None, here: bool = False) -> Preflight:
     """`preflight`, in a single-use process unless this one holds torch already or `here` asks for this
     one. A user's mistake found there is raised here as the same one-line `UserError`."""
-    import subprocess
+    with start_preflight(spec, class_names, templates, method, settings, here) as job:
+        return job.result()
 
+
+def start_preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tuple[str, ...], method=None,
+                    settings=None, here: bool = False) -> "PreflightJob":
+    """`run_preflight` begun: its single-use process started, for the caller to do other work (start Ray)
+    until it asks for the `result`; made at once in this process where that is where it is made."""
     if here or "torch" in sys.modules:
-        return preflight(spec, class_names, templates, method, settings)
-    with tempfile.TemporaryDirectory(prefix="raycache-preflight-") as folder:
-        job = {"path": sys.path, "spec": spec.__dict__, "class_names": list(class_names), "templates": list(templates),
-               "method": getattr(method, "name", None),
-               "settings": settings.model_dump_json() if method is not None else None}
-        (Path(folder) / "job.json").write_text(json.dumps(job))
-        # A new interpreter, not a multiprocessing child: that would re-run the caller's main script. Its
-        # output is kept for a failure's message (a progress display on this process's stderr stays whole).
-        code = "import sys; from raycache.models.preflight import _serve; _serve(sys.argv[1])"
-        done = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, check=False,
-                              cwd=os.getcwd())
-        made_file = Path(folder) / "made.json"
-        if done.returncode != 0 or not made_file.is_file():
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"the model's preflight process failed (exit code {done.returncode}): {last[0]}")
+        return PreflightJob(made=preflight(spec, class_names, templates, method, settings))
+    folder = Path(tempfile.mkdtemp(prefix="raycache-preflight-"))
+    job = {"path": sys.path, "spec": spec.__dict__, "class_names": list(class_names), "templates": list(templates),
+           "method": getattr(method, "name", None),
+           "settings": settings.model_dump_json() if method is not None else None}
+    (folder / "job.json").write_text(json.dumps(job))
+    return PreflightJob(folder=folder)
+
+
+class PreflightJob:
+    """A preflight under way in its single-use process, or already made. A new interpreter, not a
+    multiprocessing child (that would re-run the caller's main script); its output goes to files in its
+    folder, kept for a failure's message (a progress display on this process's stderr stays whole, and a
+    chatty model cannot fill a pipe no one reads yet)."""
+
+    def __init__(self, made: Preflight | None = None, folder: Path | None = None) -> None:
+        import subprocess
+
+        self.made, self.folder, self.proc = made, folder, None
+        if folder is not None:
+            code = "import sys; from raycache.models.preflight import _serve; _serve(sys.argv[1])"
+            with open(folder / "out.txt", "wb") as out:
+                self.proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=out,
+                                             stderr=subprocess.STDOUT, cwd=os.getcwd())
+
+    def result(self) -> Preflight:
+        """The preflight, once its process has made it; a user's mistake found there as its `UserError`."""
+        if self.made is not None:
+            return self.made
+        code = self.proc.wait()
+        made_file = self.folder / "made.json"
+        if code != 0 or not made_file.is_file():
+            text = (self.folder / "out.txt").read_text(errors="replace").strip()
+            last = text.splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the model's preflight process failed (exit code {code}): {last[0]}")
         made = json.loads(made_file.read_text())
         if "user_error" in made:
             raise UserError(made["user_error"])
-        return Preflight(np.load(Path(folder) / "text_weights.npy"),
-                         EvalTransform(made["preprocess"], made["pil_steps"], made["input_size"]))
+        self.made = Preflight(np.load(self.folder / "text_weights.npy"),
+                              EvalTransform(made["preprocess"], made["pil_steps"], made["input_size"]))
+        return self.made
+
+    def close(self) -> None:
+        """Its process stopped if it still runs (the caller gave up on it), its folder removed."""
+        import shutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "PreflightJob":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -141,38 +141,57 @@ def shared_inputs(base: dict, sweep: SweepConfig, base_prep) -> dict[str, np.nda
     A cache method's keys (the synthetic set, the augmented views of the key images) are made here too and
     land in the on-disk store, where each trial finds them: a trial holds only its own placement group, so
     an encoder or generator pool started inside it could never be placed."""
-    from raycache.data.cache_source import cache_examples
-    from raycache.data.features import load_or_encode, load_rows
-    from raycache.data.pixels import load_pixels
-    from raycache.experiment import pixel_feature_rows, prepare, shared_key
+    from raycache.data.encoders import EncoderPool
+    from raycache.experiment import prepare
     from raycache.ray_session import ensure_ray, release_data_actors
 
     keys = [k for k, spec in sweep.space.items() if ("grid" in spec or "choice" in spec)
             and (k.startswith(_INPUT_SECTIONS) or k == "seed" or k.split(".")[-1] in _INPUT_KEYS)]
     combos = grid_points({k: {"grid": next(iter(sweep.space[k].values()))} for k in keys})
     shared: dict[str, np.ndarray] = {}
-    for combo in combos:
-        try:
-            prep = prepare(trial_config(base, combo, "encode"), model_here=True) if combo else base_prep
-        except UserError:  # that trial fails on its own, with its reason on its run; the rest go on
-            continue
-        ensure_ray(prep.cfg.runtime)
-        pixels_only = prep.uses_pixels and not prep.uses_cache
-        if pixels_only:  # its trials read their test and server rows' features from the store, not encode them
-            load_rows(prep.source, prep.spec, prep.cfg.runtime, pixel_feature_rows(prep.splits), prep.transform)
-        elif shared_key("features", prep) not in shared:
-            shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime,
-                                                                        transform=prep.transform).features
-        if prep.uses_pixels and shared_key("pixels", prep) not in shared:
-            shared[shared_key("pixels", prep)] = load_pixels(prep.source, prep.transform)
-        if prep.uses_cache:
+    encoders = None  # one pool while the model and its settings stay the same: its start-up is paid once
+    try:
+        for combo in combos:
             try:
-                cache_examples(prep.cfg, prep.spec, prep.source, prep.splits, shared[shared_key("features", prep)],
-                               prep.synth_store, prep.splits.train[prep.trainers[0]], transform=prep.transform)
-            except (UserError, ValueError):  # that trial fails on its own, with its reason on its run
+                prep = prepare(trial_config(base, combo, "encode"), model_here=True) if combo else base_prep
+            except UserError:  # that trial fails on its own, with its reason on its run; the rest go on
                 continue
+            ensure_ray(prep.cfg.runtime)
+            if encoders is None or not encoders.fits(prep.spec, prep.cfg.runtime):
+                if encoders is not None:
+                    encoders.close()
+                encoders = EncoderPool(prep.spec, prep.cfg.runtime)  # started by its first encode
+            _share_inputs(prep, shared, encoders)
+    finally:
+        if encoders is not None:
+            encoders.close()
     release_data_actors()  # the trials read what was encoded here: no pipeline of this process follows
     return shared
+
+
+def _share_inputs(prep, shared: dict[str, np.ndarray], encoders) -> None:
+    """One combination's inputs into `shared` (or the store), encoded by `encoders`."""
+    from raycache.data.cache_source import cache_examples
+    from raycache.data.features import load_or_encode, load_rows
+    from raycache.data.pixels import load_pixels
+    from raycache.experiment import pixel_feature_rows, shared_key
+
+    pixels_only = prep.uses_pixels and not prep.uses_cache
+    if pixels_only:  # its trials read their test and server rows' features from the store, not encode them
+        load_rows(prep.source, prep.spec, prep.cfg.runtime, pixel_feature_rows(prep.splits), prep.transform,
+                  encoders=encoders)
+    elif shared_key("features", prep) not in shared:
+        shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime,
+                                                              transform=prep.transform, encoders=encoders).features
+    if prep.uses_pixels and shared_key("pixels", prep) not in shared:
+        shared[shared_key("pixels", prep)] = load_pixels(prep.source, prep.transform)
+    if prep.uses_cache:
+        try:
+            cache_examples(prep.cfg, prep.spec, prep.source, prep.splits, shared[shared_key("features", prep)],
+                           prep.synth_store, prep.splits.train[prep.trainers[0]], transform=prep.transform,
+                           encoders=encoders)
+        except (UserError, ValueError):  # that trial fails on its own, with its reason on its run
+            pass
 
 
 def run_sweep(sweep: SweepConfig, base: dict, resume: bool = False, address: str | None = None,

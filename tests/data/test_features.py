@@ -217,7 +217,7 @@ def test_an_encoder_actor_lost_mid_encode_is_restarted_and_its_batches_rerun(ray
     def write_then_kill(self, feats):
         write(self, feats)
         if not killed:
-            killed.extend(kill_pool_actors("ImageEncoder"))
+            killed.extend(kill_pool_actors("EncoderActor"))
 
     monkeypatch.setattr(feature_store.ShardWriter, "write", write_then_kill)
     again = load_or_encode(src, ModelSpec("tiny"), RuntimeConfig(cache_dir=str(tmp_path / "killed"),

@@ -49,6 +49,29 @@ PARENT = textwrap.dedent("""
     except UserError as err:
         report["error"] = str(err)
     report["torch_after"] = "torch" in sys.modules
+
+    # prepare's `meanwhile` (a run starts Ray and its encoders there) runs while the child builds the model;
+    # a `meanwhile` that fails stops the child
+    import psutil
+    from raycache.config_file import load_config
+    from raycache.experiment import prepare
+
+    def children():
+        return [p for p in psutil.Process().children() if "_serve" in " ".join(p.cmdline())]
+
+    beside = []
+    prep = prepare(load_config("experiments/tiny.yaml", []), meanwhile=lambda *a: beside.append(len(children())))
+    report["beside"], report["after"] = beside, len(children())
+    report["same_weights"] = bool(np.allclose(prep.task.text_weights, run_preflight(
+        ModelSpec("tiny"), prep.source.class_names, prep.cfg.model.templates).text_weights, atol=1e-6))
+
+    def fail(*a):
+        raise RuntimeError("meanwhile failed")
+
+    try:
+        prepare(load_config("experiments/tiny.yaml", []), meanwhile=fail)
+    except RuntimeError as err:
+        report["failed"], report["left"] = str(err), len(children())
     print(json.dumps(report))
 """)
 
@@ -60,7 +83,10 @@ def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_r
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"recipe": True, "torch": False, "open_clip": False, "torch_after": False,
                       "error": report.get("error"), "decode": "raycache.data.pil_stage.decode_block",
-                      "augmented": "raycache.data.pil_stage.decode_block"}
+                      "augmented": "raycache.data.pil_stage.decode_block",
+                      # `meanwhile` ran beside the model's process, which was gone once prepare returned; a
+                      # failing one is raised as it is, and leaves no model process behind
+                      "beside": [1], "after": 0, "same_weights": True, "failed": "meanwhile failed", "left": 0}
     # A user's mistake found by the method's check in the child is the same one-line UserError here.
     assert report["error"].startswith("method.n_ctx: 500 context tokens")
 

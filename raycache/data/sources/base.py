@@ -53,7 +53,8 @@ class Source:
         rows = np.asarray(rows, dtype=np.int64)
         digest = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         return Source(f"{self.name}[{len(rows)} rows]", self.labels[rows], self.class_names,
-                      f"{self.fingerprint}/rows-{digest}", lambda **read: self.to_ray(rows, **read),
+                      f"{self.fingerprint}/rows-{digest}",
+                      lambda at=None, **read: self.to_ray(rows if at is None else rows[np.asarray(at)], **read),
                       None if self.domains is None else self.domains[rows], self.domain_names, every_class=False)
 
 
