@@ -2,11 +2,11 @@
 the source's order by the driver, block by block, as the decode stage (`features.decoded`, Ray Data tasks)
 makes them.
 
-A run starts its pool once and every encode of the run uses it: the dataset's features, the cache's
-augmented keys, the synthetic images' features. Starting an encoder is a fresh process importing torch and
+A run starts its pool once, beside its model's preflight (`ray_session.EarlyStart`), and its encodes use
+it: the dataset's features, the cache's augmented keys (a synthetic cache stops it while the generator's
+actors run; its next encode starts it again). Starting an encoder is a fresh process importing torch and
 open_clip and building the model (about 6 s for ViT-B-32 on this project's 2-core machines), which a Ray
-Data actor pool pays again at every pipeline; and a pool started before the pipeline plans and decodes does
-that work beside it. The blocks travel from the decode tasks to the actors through the object store by
+Data actor pool pays again at every pipeline; a pool started early does that work beside other work. The blocks travel from the decode tasks to the actors through the object store by
 reference (the driver holds refs, never pixels); the features come back to the driver, which writes them.
 """
 
