@@ -58,7 +58,6 @@ class EncoderPool:
     def __init__(self, spec: ModelSpec, runtime) -> None:
         self.spec, self.runtime = spec, runtime
         self.actors: list = []
-        self.cpus = 0.0
 
     def fits(self, spec: ModelSpec, runtime) -> bool:
         """Whether this pool encodes as a pool made for (`spec`, `runtime`) would."""
@@ -75,8 +74,8 @@ class EncoderPool:
         from raycache.data.features import encoder_plan
 
         rt = self.runtime
-        actors, self.cpus, threads = encoder_plan(rt)
-        cls = ray.remote(EncoderActor).options(num_cpus=self.cpus, num_gpus=rt.encoder_gpus,
+        actors, cpus, threads = encoder_plan(rt)
+        cls = ray.remote(EncoderActor).options(num_cpus=cpus, num_gpus=rt.encoder_gpus,
                                                max_restarts=rt.encode_retries, max_task_retries=rt.encode_retries)
         self.actors = [cls.remote(self.spec, rt.encoder_gpus > 0, threads) for _ in range(actors)]
         return self
@@ -87,10 +86,6 @@ class EncoderPool:
 
         ray.get([actor.ready.remote() for actor in self.start().actors])
         return self
-
-    def resources(self) -> tuple[float, float]:
-        """(CPUs, GPUs) the started pool holds: what a pipeline that feeds it must not count on."""
-        return len(self.actors) * self.cpus, len(self.actors) * self.runtime.encoder_gpus
 
     def map(self, blocks: Iterable, transform, views: int = 1) -> Iterator[dict]:
         """Each of `blocks` (a ref to a decoded block, or (ref, (start, end)) for rows of one) encoded, in

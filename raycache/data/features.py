@@ -277,9 +277,6 @@ def _encode(source: Source, runtime, transform, views: int, seed: int, writer: S
     pool.start()  # before the pipeline plans and decodes: the actors build their model meanwhile
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # blocks reach the pool in the source's order
-    cpus, gpus = pool.resources()  # not the decode stage's to budget: Ray Data counts the cluster's whole
-    excluded = ctx.execution_options.exclude_resources
-    ctx.execution_options.exclude_resources = excluded.add(ray.data.ExecutionResources(cpu=cpus, gpu=gpus))
     batch = max(1, runtime.encoder_batch_size // views)  # images x views per forward pass
     n = len(source.labels)
     out, at, calls = None, 0, 0
@@ -307,8 +304,6 @@ def _encode(source: Source, runtime, transform, views: int, seed: int, writer: S
         if user is not None:
             raise user from None
         raise
-    finally:
-        ctx.execution_options.exclude_resources = excluded
     if at != n:
         raise RuntimeError(f"encoder returned {at} rows for {n} images")
     return out, calls
