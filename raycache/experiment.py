@@ -167,6 +167,7 @@ def prepare(cfg: ExperimentConfig, model_here: bool = False,
     t = time.perf_counter()
     # The model's weights exist and fit the method (its own check), the classes' text weights, the image
     # transform: made where the model is built, a single-use process unless this one holds torch already.
+    # time_text_s is its whole span, `meanwhile` included (a run's Ray start lies inside it).
     with start_preflight(spec, source.class_names, cfg.model.templates, method, cfg.method, here=model_here) as job:
         if meanwhile is not None:
             meanwhile(cfg, spec, source)
