@@ -120,8 +120,9 @@ def prepare(cfg: ExperimentConfig, model_here: bool = False,
     """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here.
     `model_here`: build the model in this process, for a process that is reused (a sweep's driver and its
     trials: they pay the import once); else in a single-use one (`raycache.models.preflight`).
-    `meanwhile(cfg, spec, source)`: called once every check that needs no model has passed, while the
-    model's single-use process works (a run starts Ray and its encoders then)."""
+    `meanwhile(cfg, spec, source, rows)`: called once every check that needs no model has passed, while the
+    model's single-use process works (a run starts Ray and its encoders then; `rows`: the only rows whose
+    features the run encodes, or None for all); not called where the model is built in this process."""
     method = method_class(cfg.method.name)
     fed = cfg.federation  # the run logs concrete settings: derived values folded in, every null resolved
     cfg = cfg.model_copy(update={"method": cfg.method.resolved(), "federation": fed.model_copy(
@@ -169,8 +170,9 @@ def prepare(cfg: ExperimentConfig, model_here: bool = False,
     # transform: made where the model is built, a single-use process unless this one holds torch already.
     # time_text_s is its whole span, `meanwhile` included (a run's Ray start lies inside it).
     with start_preflight(spec, source.class_names, cfg.model.templates, method, cfg.method, here=model_here) as job:
-        if meanwhile is not None:
-            meanwhile(cfg, spec, source)
+        if meanwhile is not None and job.running:
+            pixels_only = method.uses_pixels(cfg.method) and not uses_cache  # `encode` reads these rows only
+            meanwhile(cfg, spec, source, pixel_feature_rows(splits) if pixels_only else None)
         made = job.result()
     task = Task(source.class_names, made.text_weights, spec, tuple(cfg.model.templates), cfg.federation.rounds)
     transform = made.transform
@@ -220,8 +222,8 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     from raycache.ray_session import EarlyStart, release_data_actors
     from raycache.resume import hold_driver
 
-    # cheap checks first: a user's mistake must not cost a Ray start or leave a run behind (Ray and the
-    # encoders start beside the model's single-use process, once every check that needs no model has passed)
+    # cheap checks first: a user's mistake must not leave a run behind, nor cost a Ray start unless only the
+    # model's single-use process finds it (Ray and the encoders start beside it, once every other check passed)
     early = EarlyStart(stage, lambda spec, source: input_key("features", spec, source) in (shared or {}))
     lock = None
     try:

@@ -116,14 +116,17 @@ def stop_unused_daemons() -> None:
 def warm_data():
     """Ray Data's cold start, paid now in a thread (returned): the first pipeline on a fresh Ray waits about
     3 s before its first block (its task workers import Ray Data; its helper actors start), the next ones
-    0.2-0.3 s (measured on this project's 2-core machines)."""
+    0.2-0.3 s (measured on this project's 2-core machines). Its caller joins it before Ray may stop
+    (`EarlyStart.record`, `EarlyStart.close`)."""
     import threading
 
     def run() -> None:
+        import ray
         import ray.data
 
         try:
-            ray.data.range(1).map_batches(_same, batch_format="numpy").materialize()
+            if ray.is_initialized():  # never one of its own (Ray Data would start one, from this thread)
+                ray.data.range(1).map_batches(_same, batch_format="numpy").materialize()
         except Exception:  # noqa: BLE001 - only a warm-up: the pipeline it serves reports its own failures
             pass
 
@@ -148,7 +151,8 @@ class EarlyStart:
         self.ray_s: float | None = None
         self.warming = None  # the thread of `warm_data`
 
-    def __call__(self, cfg, spec, source) -> None:
+    def __call__(self, cfg, spec, source, rows=None) -> None:
+        """`rows`: the only rows whose features the run encodes (a method that trains on pixels), else None."""
         import time
         from pathlib import Path
 
@@ -159,7 +163,9 @@ class EarlyStart:
         t = time.perf_counter()
         ensure_ray(cfg.runtime)
         self.ray_s = time.perf_counter() - t
-        if self.shared(spec, source) or has_entry(Path(cfg.runtime.cache_dir) / "features", feature_key(spec, source)):
+        store = Path(cfg.runtime.cache_dir) / "features"
+        if self.shared(spec, source) or has_entry(store, feature_key(spec, source)) or (
+                rows is not None and has_entry(store, feature_key(spec, source.subset(rows)))):
             return
         if cfg.runtime.address is None:
             check_fits("runtime.encoder", cfg.runtime.encoder_actors, 0.0, cfg.runtime.encoder_gpus)
@@ -172,8 +178,16 @@ class EarlyStart:
         if self.ray_s is not None:
             timings["time_ray_start_s"] = self.ray_s
         if self.warming is not None:
-            self.warming.join()
+            self.warming.join(WARM_WAIT_S)
 
     def close(self) -> None:
+        """The pool stopped; the warm-up's helper actors released if the run ended before its encode."""
         if self.encoders is not None:
             self.encoders.close()
+        if self.warming is not None:
+            self.warming.join(WARM_WAIT_S)
+            release_data_actors()
+            self.warming = None
+
+
+WARM_WAIT_S = 60.0  # a warm-up that takes longer (a cluster still adding nodes) is left to finish on its own

@@ -2,12 +2,14 @@
 the source's order by the driver, block by block, as the decode stage (`features.decoded`, Ray Data tasks)
 makes them.
 
-A run starts its pool once, beside its model's preflight (`ray_session.EarlyStart`), and its encodes use
-it: the dataset's features, the cache's augmented keys (a synthetic cache stops it while the generator's
-actors run; its next encode starts it again). Starting an encoder is a fresh process importing torch and
-open_clip and building the model (about 6 s for ViT-B-32 on this project's 2-core machines), which a Ray
-Data actor pool pays again at every pipeline; a pool started early does that work beside other work. The blocks travel from the decode tasks to the actors through the object store by
-reference (the driver holds refs, never pixels); the features come back to the driver, which writes them.
+A run starts its pool once (beside its model's preflight process, where the store lacks what it encodes:
+`ray_session.EarlyStart`; else at its first encode), and its encodes use it: the dataset's features, the
+cache's augmented keys (a synthetic cache stops it while the generator's actors run; its next encode starts
+it again). Starting an encoder is a fresh process importing torch and open_clip and building the model
+(about 6 s for ViT-B-32 on this project's 2-core machines), which a Ray Data actor pool pays again at every
+pipeline; a pool started early does that work beside other work. The blocks travel from the decode tasks
+to the actors through the object store by reference (the driver holds refs, never pixels); the features
+come back to the driver, which writes them.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class EncoderPool:
     the decode tasks on a local Ray), started by `start` or at the first `map`, stopped by `close`.
 
     A lost actor (its process or node died) is restarted and its blocks rerun, `runtime.encode_retries`
-    times (a block's features depend on that block alone); an exception a block raises is not retried: it
-    fails the encode."""
+    times over the pool's life (a block's features depend on that block alone); an exception a block
+    raises is not retried: it fails the encode, which stops the pool (its next encode starts it afresh)."""
 
     def __init__(self, spec: ModelSpec, runtime) -> None:
         self.spec, self.runtime = spec, runtime

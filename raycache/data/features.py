@@ -300,6 +300,7 @@ def _encode(source: Source, runtime, transform, views: int, seed: int, writer: S
     except Exception as err:  # Ray wraps the actor's exception; surface a user's mistake as one line
         from raycache.errors import find_user_error
 
+        pool.close()  # its queued blocks dropped, its actors' restarts spent: the next encode starts it afresh
         user = find_user_error(err)
         if user is not None:
             raise user from None

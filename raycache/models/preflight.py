@@ -129,12 +129,18 @@ def start_preflight(spec: ModelSpec, class_names: list[str], templates: list[str
     until it asks for the `result`; made at once in this process where that is where it is made."""
     if here or "torch" in sys.modules:
         return PreflightJob(made=preflight(spec, class_names, templates, method, settings))
+    import shutil
+
     folder = Path(tempfile.mkdtemp(prefix="raycache-preflight-"))
     job = {"path": sys.path, "spec": spec.__dict__, "class_names": list(class_names), "templates": list(templates),
            "method": getattr(method, "name", None),
            "settings": settings.model_dump_json() if method is not None else None}
-    (folder / "job.json").write_text(json.dumps(job))
-    return PreflightJob(folder=folder)
+    try:
+        (folder / "job.json").write_text(json.dumps(job))
+        return PreflightJob(folder=folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 class PreflightJob:
@@ -153,6 +159,11 @@ class PreflightJob:
                 self.proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=out,
                                              stderr=subprocess.STDOUT, cwd=os.getcwd())
 
+    @property
+    def running(self) -> bool:
+        """Whether the preflight is being made in its own process (else it was made here, already)."""
+        return self.proc is not None
+
     def result(self) -> Preflight:
         """The preflight, once its process has made it; a user's mistake found there as its `UserError`."""
         if self.made is not None:
@@ -162,7 +173,8 @@ class PreflightJob:
         if code != 0 or not made_file.is_file():
             text = (self.folder / "out.txt").read_text(errors="replace").strip()
             last = text.splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"the model's preflight process failed (exit code {code}): {last[0]}")
+            how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}, out of memory?"
+            raise RuntimeError(f"the model's preflight process failed ({how}): {last[0]}")
         made = json.loads(made_file.read_text())
         if "user_error" in made:
             raise UserError(made["user_error"])

@@ -184,6 +184,7 @@ def _share_inputs(prep, shared: dict[str, np.ndarray], encoders) -> None:
         shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime,
                                                               transform=prep.transform, encoders=encoders).features
     if prep.uses_pixels and shared_key("pixels", prep) not in shared:
+        encoders.close()  # the decode tasks get every CPU (a later encode starts it again)
         shared[shared_key("pixels", prep)] = load_pixels(prep.source, prep.transform)
     if prep.uses_cache:
         try:

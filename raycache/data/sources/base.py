@@ -50,12 +50,15 @@ class Source:
         """The images at `rows`, in that order, as a source of their own (fingerprinted by the rows)."""
         import hashlib
 
-        rows = np.asarray(rows, dtype=np.int64)
-        digest = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
-        return Source(f"{self.name}[{len(rows)} rows]", self.labels[rows], self.class_names,
-                      f"{self.fingerprint}/rows-{digest}",
-                      lambda at=None, **read: self.to_ray(rows if at is None else rows[np.asarray(at)], **read),
-                      None if self.domains is None else self.domains[rows], self.domain_names, every_class=False)
+        kept = np.asarray(rows, dtype=np.int64)
+        digest = hashlib.sha256(kept.tobytes()).hexdigest()[:16]
+
+        def to_ray(rows=None, **read):  # rows of the subset: rows of this source's kept rows
+            return self.to_ray(kept if rows is None else kept[np.asarray(rows)], **read)
+
+        return Source(f"{self.name}[{len(kept)} rows]", self.labels[kept], self.class_names,
+                      f"{self.fingerprint}/rows-{digest}", to_ray,
+                      None if self.domains is None else self.domains[kept], self.domain_names, every_class=False)
 
 
 ROWS_PER_BLOCK = 64  # images per Ray Data block of an in-memory source: enough blocks to keep a pool busy
