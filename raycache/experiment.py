@@ -116,7 +116,7 @@ class Encoded:
 
 
 def prepare(cfg: ExperimentConfig, model_here: bool = False,
-            meanwhile: Callable[[ExperimentConfig, ModelSpec, Any], None] | None = None) -> Prepared:
+            meanwhile: Callable[[ExperimentConfig, ModelSpec, Any, Any], None] | None = None) -> Prepared:
     """Every check that needs no Ray and no training, in order; a user's mistake raises UserError here.
     `model_here`: build the model in this process, for a process that is reused (a sweep's driver and its
     trials: they pay the import once); else in a single-use one (`raycache.models.preflight`).
