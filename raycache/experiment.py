@@ -3,7 +3,8 @@
     prepare   check every input and derive the split, partition and text task (no Ray, no run yet)
     open      the MLflow run (a new one, or a resumed one with its checkpoint)
     log       the config, the partition and the data's sizes
-    encode    image features once per model and dataset (and the cache's source, and pixels if trained on)
+    encode    image features once per model and dataset (and the cache's source, and pixels if trained on):
+              `raycache.inputs`
     federate  the rounds, each checkpointed; the selected result
     finish    the result file and the run's end metrics
 
@@ -24,24 +25,17 @@ import numpy as np
 from raycache.config import ExperimentConfig, check_cache_size
 
 from raycache.config_file import dump_config
-from raycache.data.cache_source import cache_examples, prepare_synthetic
+from raycache.data.cache_source import prepare_synthetic
 from raycache.data.partition import class_counts, partition
 from raycache.data.sources import open_source
 from raycache.data.split import client_holdout, few_shot, predefined_split, stratified_split
 from raycache.errors import UserError
+from raycache.inputs import Encoded, ProgressCallback, encode, input_key, pixel_feature_rows
 from raycache.methods import method_class, weighting
 from raycache.methods.base import Task
 from raycache.models.clip import ModelSpec
 from raycache.models.preflight import start_preflight
 from raycache.round_loop import RoundCallback, Rounds, run_rounds
-
-ProgressCallback = Callable[[str, int, int], None]  # (what, done, total): long work as it advances
-
-
-def _work(progress: ProgressCallback | None, what: str) -> Callable[[int, int], None] | None:
-    """`progress` bound to one piece of work: (done, total) -> progress(what, done, total)."""
-    return None if progress is None else (lambda done, total: progress(what, done, total))
-
 
 @dataclass
 class Summary:
@@ -78,13 +72,6 @@ def partition_table(counts: np.ndarray, class_names: list[str]) -> str:
     return buf.getvalue()
 
 
-def client_sizes(parts: list[np.ndarray]) -> dict[str, float]:
-    """The spread of the clients' training-set sizes: min, median and max samples per client."""
-    sizes = np.array([len(p) for p in parts])
-    return {"client_size_min": float(sizes.min()), "client_size_median": float(np.median(sizes)),
-            "client_size_max": float(sizes.max())}
-
-
 @dataclass
 class Prepared:
     """Everything checked and derived before any compute: what `_run` needs to train and log."""
@@ -102,17 +89,11 @@ class Prepared:
     synth_store: object | None
     uses_cache: bool
     uses_pixels: bool
+    # The only rows whose frozen features the run encodes (`inputs.pixel_feature_rows`), or None for all: a
+    # method that trains and evaluates through the encoder on images, with no cache, uses features only for
+    # the zero-shot accuracy (test rows) and the server's hold-out.
+    encode_rows: np.ndarray | None
     timings: dict[str, float]
-
-
-@dataclass
-class Encoded:
-    """What the encode stage made: the features, the cache's source, the inputs clients train on."""
-
-    features: object  # raycache.data.features.Features
-    cache: tuple[np.ndarray, np.ndarray]  # (features, labels) the initial state is built from
-    inputs: Any  # features (np.ndarray), or ImageRows (decoded on demand) for a method that trains through the encoder
-    zeroshot_accuracy: float
 
 
 def prepare(cfg: ExperimentConfig, model_here: bool = False,
@@ -165,19 +146,20 @@ def prepare(cfg: ExperimentConfig, model_here: bool = False,
         from raycache.ray_session import check_reachable
 
         check_reachable(cfg.runtime.address)
+    uses_pixels = method.uses_pixels(cfg.method)
+    encode_rows = pixel_feature_rows(splits) if uses_pixels and not uses_cache else None
     t = time.perf_counter()
     # The model's weights exist and fit the method (its own check), the classes' text weights, the image
     # transform: made where the model is built, a single-use process unless this one holds torch already.
     # time_text_s is its whole span, `meanwhile` included (a run's Ray start lies inside it).
     with start_preflight(spec, source.class_names, cfg.model.templates, method, cfg.method, here=model_here) as job:
         if meanwhile is not None and job.running:
-            pixels_only = method.uses_pixels(cfg.method) and not uses_cache  # `encode` reads these rows only
-            meanwhile(cfg, spec, source, pixel_feature_rows(splits) if pixels_only else None)
+            meanwhile(cfg, spec, source, encode_rows)
         made = job.result()
     task = Task(source.class_names, made.text_weights, spec, tuple(cfg.model.templates), cfg.federation.rounds)
     transform = made.transform
-    return Prepared(cfg, spec, source, splits, parts, trainers, client_tests, counts, task, transform, synth_store, uses_cache,
-                    method.uses_pixels(cfg.method), {"time_text_s": time.perf_counter() - t})
+    return Prepared(cfg, spec, source, splits, parts, trainers, client_tests, counts, task, transform, synth_store,
+                    uses_cache, uses_pixels, encode_rows, {"time_text_s": time.perf_counter() - t})
 
 
 def _check_federation(cfg: ExperimentConfig, method) -> None:
@@ -212,7 +194,7 @@ def run_experiment(cfg: ExperimentConfig, on_round: RoundCallback | None = None,
     `resume`: the id of a run whose driver died: it continues, in the same MLflow run, from that run's last
     checkpoint (written after every round). `audit`: record every client message (`Summary.messages`).
 
-    `shared`: inputs another process already made, keyed by `shared_key` (a sweep's driver puts its
+    `shared`: inputs another process already made, keyed by `inputs.shared_key` (a sweep's driver puts its
     features and preprocessed images in the object store once; every trial reads them from there).
     `warm`: take the federation's actors from this process's warm pool and give them back after (a sweep's
     trials, whose process Tune reuses). `model_here`: build the model's preflight in this process, not a
@@ -287,17 +269,6 @@ def log_inputs(prep: Prepared, run) -> None:
     run.log_text(partition_table(prep.counts, prep.source.class_names), "partition.csv")
 
 
-def shared_key(kind: str, prep: Prepared) -> str:
-    """The key of a shared input: its kind ("features" or "pixels") and what it is made from."""
-    return input_key(kind, prep.spec, prep.source)
-
-
-def input_key(kind: str, spec: ModelSpec, source) -> str:
-    from raycache.data.feature_store import feature_key
-
-    return f"{kind}/{feature_key(spec, source)}"
-
-
 def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
     """Join or start Ray; on a local Ray, every actor pool must fit."""
     from raycache.ray_session import check_fits, ensure_ray
@@ -312,82 +283,6 @@ def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
         if prep.synth_store is not None:
             check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
     prep.timings["time_ray_start_s"] = prep.timings.get("time_ray_start_s", 0.0) + time.perf_counter() - t
-
-
-def pixel_feature_rows(splits) -> np.ndarray:
-    """The rows whose frozen features a method that trains on pixels uses: test (zero-shot accuracy), then
-    the server's hold-out."""
-    return np.concatenate([splits.test, splits.server])
-
-
-def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, np.ndarray],
-           progress: ProgressCallback | None = None, encoders=None) -> Encoded:
-    """Features once per model and dataset; zero-shot accuracy; the cache's source; pixels if trained on.
-    One encoder pool serves the run's encodes (the features, the cache's keys): `encoders`, started early
-    (`EarlyStart`), or else started by the first encode that finds the store without its features; stopped
-    before the pixels' pipeline and the federation, whose tasks and actors need its CPUs."""
-    from raycache.data.encoders import EncoderPool
-    from raycache.data.features import Features, load_or_encode, load_rows
-    from raycache.methods.zeroshot import zero_shot_predictions
-
-    cfg, spec, source, splits, timings = prep.cfg, prep.spec, prep.source, prep.splits, prep.timings
-    with encoders or EncoderPool(spec, cfg.runtime) as encoders:  # stopped before the pixels and the federation
-        stage("encoding images (once per model and dataset)")
-        t = time.perf_counter()
-        features_shared = shared_key("features", prep) in shared
-        y = source.labels
-        f = None  # every image's features, where the method trains or evaluates on them
-        if features_shared:
-            feats = Features(shared[shared_key("features", prep)], 0, None)
-            f = feats.features
-        elif prep.uses_pixels and not prep.uses_cache:
-            # Training and evaluation run through the encoder on images: the frozen features serve only the
-            # zero-shot accuracy (test rows) and the server's hold-out, so only those rows are encoded.
-            feats = load_rows(source, spec, cfg.runtime, pixel_feature_rows(splits), prep.transform,
-                              _work(progress, "encoding images"), encoders)
-        else:
-            feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform,
-                                   progress=_work(progress, "encoding images"), encoders=encoders)
-            f = feats.features
-        # pixel_feature_rows' order where only those rows were encoded
-        test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]
-        server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
-        timings["time_encode_s"] = time.perf_counter() - t
-
-        zs_pred = zero_shot_predictions(test_f, prep.task.text_weights)
-        zeroshot_accuracy = float((zs_pred == y[splits.test]).mean())
-        run.log_metrics({"zeroshot_accuracy": zeroshot_accuracy, "features_encoded": feats.encoded,
-                         "distinct_images": len(y), "num_classes": len(source.class_names),
-                         "samples_train": sum(len(p) for p in prep.parts), "samples_val": len(splits.val),
-                         "samples_trained_on": sum(len(t) for t in prep.trainers),  # tip_adapter: its K shots
-                         "samples_test": len(splits.test), "samples_server": len(splits.server),
-                         "samples_client_test": sum(len(p) for p in prep.client_tests),
-                         **client_sizes(prep.parts),
-                         "features_shared": float(features_shared)})
-
-        cache = (server_f, y[splits.server])  # the server's labelled hold-out
-        if prep.uses_cache:
-            stage(f"building the cache source ({cfg.method.cache_init})")
-            t = time.perf_counter()
-            cache_f, cache_y, cache_metrics = cache_examples(cfg, spec, source, splits, f, prep.synth_store,
-                                                             splits.train[prep.trainers[0]],
-                                                             _work(progress, "generating synthetic images"),
-                                                             prep.transform, encoders)
-            cache = (cache_f, cache_y)
-            run.log_metrics(cache_metrics)
-            timings["time_cache_source_s"] = time.perf_counter() - t
-
-    inputs = f
-    if prep.uses_pixels:  # the method trains through the image encoder: clients get images, not features
-        from raycache.data.pixels import load_pixels
-
-        stage("preprocessing images for in-actor encoding")
-        t = time.perf_counter()
-        inputs = shared.get(shared_key("pixels", prep))
-        if inputs is None:
-            inputs = load_pixels(source, prep.transform)
-        timings["time_pixels_s"] = time.perf_counter() - t
-    return Encoded(feats, cache, inputs, zeroshot_accuracy)
 
 
 def federate(prep: Prepared, enc: Encoded, run, on_round: RoundCallback | None, stage: Callable[[str], None],

@@ -174,12 +174,10 @@ def _share_inputs(prep, shared: dict[str, np.ndarray], encoders) -> None:
     from raycache.data.cache_source import cache_examples
     from raycache.data.features import load_or_encode, load_rows
     from raycache.data.pixels import load_pixels
-    from raycache.experiment import pixel_feature_rows, shared_key
+    from raycache.inputs import shared_key
 
-    pixels_only = prep.uses_pixels and not prep.uses_cache
-    if pixels_only:  # its trials read their test and server rows' features from the store, not encode them
-        load_rows(prep.source, prep.spec, prep.cfg.runtime, pixel_feature_rows(prep.splits), prep.transform,
-                  encoders=encoders)
+    if prep.encode_rows is not None:  # its trials read these rows' features from the store, not encode them
+        load_rows(prep.source, prep.spec, prep.cfg.runtime, prep.encode_rows, prep.transform, encoders=encoders)
     elif shared_key("features", prep) not in shared:
         shared[shared_key("features", prep)] = load_or_encode(prep.source, prep.spec, prep.cfg.runtime,
                                                               transform=prep.transform, encoders=encoders).features

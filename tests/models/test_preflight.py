@@ -59,9 +59,16 @@ PARENT = textwrap.dedent("""
     def children():
         return [p for p in psutil.Process().children() if "_serve" in " ".join(p.cmdline())]
 
-    beside = []
-    prep = prepare(load_config("experiments/tiny.yaml", []), meanwhile=lambda *a: beside.append(len(children())))
+    beside, rows = [], []
+
+    def meanwhile(cfg, spec, source, encode_rows):
+        beside.append(len(children()))
+        rows.append(encode_rows)
+
+    # a method that trains through the encoder: `meanwhile` looks for the rows the run's encode reads
+    prep = prepare(load_config("experiments/tiny.yaml", ["method.name=fedavg_full"]), meanwhile=meanwhile)
     report["beside"], report["after"] = beside, len(children())
+    report["rows"] = rows[0] is not None and rows[0].tolist() == prep.encode_rows.tolist()
     report["same_weights"] = bool(np.allclose(prep.task.text_weights, run_preflight(
         ModelSpec("tiny"), prep.source.class_names, prep.cfg.model.templates).text_weights, atol=1e-6))
 
@@ -86,7 +93,8 @@ def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_r
                       "augmented": "raycache.data.pil_stage.decode_block",
                       # `meanwhile` ran beside the model's process, which was gone once prepare returned; a
                       # failing one is raised as it is, and leaves no model process behind
-                      "beside": [1], "after": 0, "same_weights": True, "failed": "meanwhile failed", "left": 0}
+                      "beside": [1], "after": 0, "rows": True, "same_weights": True, "failed": "meanwhile failed",
+                      "left": 0}
     # A user's mistake found by the method's check in the child is the same one-line UserError here.
     assert report["error"].startswith("method.n_ctx: 500 context tokens")
 
