@@ -79,21 +79,51 @@ def preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tu
     return _made(spec, class_names, templates, method, settings)[0]
 
 
+# What this process has made already (a reused process: a sweep's trial processes and driver, whose trials
+# differ in data and method settings, rarely in the model): the preflights by (spec, class names, templates),
+# and the (spec, method, settings) whose method's own check has passed. A later preflight of the same model
+# builds it only for a check not yet passed. Weights are read once per process: a weights file changed under
+# a running sweep is not read again.
+_MADE: dict[tuple, tuple[Preflight, dict[str, Any]]] = {}
+_CHECKED: set[tuple] = set()
+_MADE_MAX = 8  # preflights kept (a few KB each: one text weight row per class, a transform)
+
+
+def _has_check(method) -> bool:
+    """Whether `method` checks the model itself (overrides `Method.check`, which checks nothing)."""
+    from raycache.methods.base import Method
+
+    return getattr(method.check, "__func__", None) is not Method.check.__func__
+
+
 def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, dict[str, Any]]:
     """(the preflight, the transform's recipe: open_clip's preprocessing config it was built from and its PIL
-    stage's compiled steps)."""
+    stage's compiled steps), from this process's earlier preflights where they hold it (`_MADE`)."""
+    key = (spec, tuple(class_names), tuple(templates))
+    check = (spec, method.name, settings.model_dump_json()) if method is not None and _has_check(method) else None
+    if key in _MADE and (check is None or check in _CHECKED):
+        made, recipe = _MADE[key]
+        return Preflight(made.text_weights.copy(), made.transform), recipe  # the caller's own weights
     from raycache.data.features import input_size, split_at_tensor
     from raycache.data.pil_stage import compile_steps
     from raycache.models.clip import load_clip
     from raycache.models.text import text_classifier
 
     model, transform, tokenizer = load_clip(spec)
-    if method is not None:
+    if check is not None:
         method.check(settings, model, spec)
-    made = Preflight(text_weights=text_classifier(model, tokenizer, class_names, list(templates)),
-                     transform=transform)
-    return made, {"preprocess": dict(model.visual.preprocess_cfg),
+        _CHECKED.add(check)
+    if key in _MADE:
+        made, recipe = _MADE[key]
+    else:
+        made = Preflight(text_weights=text_classifier(model, tokenizer, class_names, list(templates)),
+                         transform=transform)
+        recipe = {"preprocess": dict(model.visual.preprocess_cfg),
                   "pil_steps": compile_steps(split_at_tensor(transform)[0]), "input_size": input_size(transform)}
+        if len(_MADE) >= _MADE_MAX:
+            _MADE.pop(next(iter(_MADE)))  # the oldest
+        _MADE[key] = (made, recipe)
+    return Preflight(made.text_weights.copy(), made.transform), recipe
 
 
 def _serve(folder: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from raycache.config import settings_for
+from raycache.errors import UserError
 from raycache.methods import method_class
 from raycache.models.clip import ModelSpec
 from raycache.models.preflight import EvalTransform, preflight
@@ -145,3 +146,40 @@ def test_every_methods_settings_survive_the_json_the_preflight_process_reads():
         assert type(s).model_validate_json(s.model_dump_json()) == s, name
     inf = settings_for("cachefl", alpha=float("inf"))
     assert type(inf).model_validate_json(inf.model_dump_json()) == inf
+
+
+def test_a_reused_process_builds_the_model_only_for_what_it_has_not_made_or_checked(monkeypatch):
+    """A sweep's trial process makes a preflight for every trial: the same model, classes and templates are
+    made once, and the model is built again only for a method's own check of settings not yet checked. What
+    comes back is the same as from a fresh build, and each caller's weights are its own."""
+    from raycache.models import clip, preflight as pf
+
+    monkeypatch.setattr(pf, "_MADE", {})
+    monkeypatch.setattr(pf, "_CHECKED", set())
+    builds = []
+    real = clip.load_clip
+    monkeypatch.setattr(clip, "load_clip", lambda spec, *a, **k: builds.append(spec) or real(spec, *a, **k))
+    spec, names, templates = ModelSpec("tiny"), ["zero", "one", "two"], ("a photo of {}.", "{}")
+    cachefl, flora = method_class("cachefl"), method_class("flora")
+
+    first = preflight(spec, names, templates, cachefl, settings_for("cachefl"))
+    again = preflight(spec, names, templates, cachefl, settings_for("cachefl", shots=4))  # no check of its own
+    assert len(builds) == 1
+    np.testing.assert_array_equal(first.text_weights, again.text_weights)
+    again.text_weights[:] = 0  # a caller's weights are its own copy
+    assert np.abs(preflight(spec, names, templates).text_weights).sum() > 0 and len(builds) == 1
+
+    preflight(spec, names[:2], templates)  # other classes: made afresh
+    assert len(builds) == 2
+    vision = settings_for("flora", lora_targets=["vision.attn.q_proj"])
+    preflight(spec, names, templates, flora, vision)  # flora checks its targets against the model: built once
+    preflight(spec, names, templates, flora, vision)
+    assert len(builds) == 3
+    bad = settings_for("flora", lora_targets=["vision.attn.nope"])
+    for _ in range(2):  # a failed check is never remembered as passed
+        with pytest.raises(UserError, match="vision.attn.nope"):
+            preflight(spec, names, templates, flora, bad)
+    assert len(builds) == 5
+    # and what a fresh build makes is what was kept
+    monkeypatch.setattr(pf, "_MADE", {})
+    np.testing.assert_array_equal(preflight(spec, names, templates).text_weights, first.text_weights)
