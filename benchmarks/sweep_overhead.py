@@ -16,6 +16,7 @@ Usage:
 
     .venv/bin/python benchmarks/sweep_overhead.py           # warm trials (the default)
     .venv/bin/python benchmarks/sweep_overhead.py --cold    # a fresh trial process and actors every trial
+    .venv/bin/python benchmarks/sweep_overhead.py --timeline  # and each trial's start, end and stages
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> int:
     ap.add_argument("--max-concurrent", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="warm_trials: false (fresh processes for every trial)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print each trial's start and end (from the first trial's start) and stages")
     args = ap.parse_args()
     store = Path(tempfile.mkdtemp(prefix="raycache-bench-sweep-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
@@ -83,6 +86,13 @@ def main() -> int:
         span = max(ends) - min(s for s, _, _ in warm)
         row["warm_marginal_s"] = span * args.max_concurrent / len(warm) - statistics.mean(
             r.data.metrics["time_rounds_s"] for _, _, r in warm)
+    if args.timeline:
+        first = min(starts)
+        for s, e, r in sorted(zip(starts, ends, runs), key=lambda x: x[0]):
+            stages = " ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.2f}"
+                              for k, v in sorted(r.data.metrics.items()) if k.startswith("time_"))
+            print(f"trial {s - first:6.2f}-{e - first:6.2f} s  reused {r.data.metrics.get('actors_reused', 0):.0f}"
+                  f"  {stages}")
     print(" | ".join(row))
     print(" | ".join(str(v) if isinstance(v, int) else f"{v:.2f}" for v in row.values()))
     print("mean per trial (s): " + ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.2f}"
