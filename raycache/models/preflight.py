@@ -82,8 +82,8 @@ def preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tu
 # What this process has made already (a reused process: a sweep's trial processes and driver, whose trials
 # differ in data and method settings, rarely in the model): the preflights by (spec, class names, templates),
 # and the (spec, method, settings) whose method's own check has passed. A later preflight of the same model
-# builds it only for a check not yet passed. Weights are read once per process: a weights file changed under
-# a running sweep is not read again.
+# builds it only for a check not yet passed. The model is known by its fingerprint as well as its spec: local
+# weights rewritten in place (a notebook that saves over its checkpoint) are read again.
 _MADE: dict[tuple, tuple[Preflight, dict[str, Any]]] = {}
 _CHECKED: set[tuple] = set()
 _MADE_MAX = 8  # preflights kept (a few KB each: one text weight row per class, a transform)
@@ -99,8 +99,9 @@ def _has_check(method) -> bool:
 def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, dict[str, Any]]:
     """(the preflight, the transform's recipe: open_clip's preprocessing config it was built from and its PIL
     stage's compiled steps), from this process's earlier preflights where they hold it (`_MADE`)."""
-    key = (spec, tuple(class_names), tuple(templates))
-    check = (spec, method.name, settings.model_dump_json()) if method is not None and _has_check(method) else None
+    model_id = (spec, spec.fingerprint())
+    key = (model_id, tuple(class_names), tuple(templates))
+    check = (model_id, method.name, settings.model_dump_json()) if method is not None and _has_check(method) else None
     if key in _MADE and (check is None or check in _CHECKED):
         made, recipe = _MADE[key]
         return Preflight(made.text_weights.copy(), made.transform), recipe  # the caller's own weights

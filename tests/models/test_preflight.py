@@ -183,3 +183,36 @@ def test_a_reused_process_builds_the_model_only_for_what_it_has_not_made_or_chec
     # and what a fresh build makes is what was kept
     monkeypatch.setattr(pf, "_MADE", {})
     np.testing.assert_array_equal(preflight(spec, names, templates).text_weights, first.text_weights)
+
+
+def test_a_reused_process_reads_local_weights_again_once_they_are_rewritten(monkeypatch, tmp_path):
+    """A notebook holds torch, so its runs make their preflight in its own process: saving over the weights
+    file must give the next run the new model's text weights, not the kept ones."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from raycache.models import preflight as pf
+    from raycache.models.clip import load_clip
+
+    monkeypatch.setattr(pf, "_MADE", {})
+    path = tmp_path / "w.safetensors"
+    names, templates = ["zero", "one"], ("{}",)
+
+    def save(seed: int) -> None:
+        model, _, _ = load_clip(ModelSpec("tiny", init_seed=seed))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+    save(1)
+    spec = ModelSpec("tiny", pretrained=str(path))
+    first = preflight(spec, names, templates).text_weights
+    save(2)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later write, on any clock
+    second = preflight(spec, names, templates).text_weights
+    want, _, tok = load_clip(spec)  # the rewritten file, built afresh
+    from raycache.models.text import text_classifier
+
+    with torch.no_grad():
+        np.testing.assert_allclose(second, text_classifier(want, tok, names, list(templates)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(first, second)
