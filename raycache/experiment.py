@@ -89,9 +89,10 @@ class Prepared:
     synth_store: object | None
     uses_cache: bool
     uses_pixels: bool
-    # The only rows whose frozen features the run encodes (`inputs.pixel_feature_rows`), or None for all: a
-    # method that trains and evaluates through the encoder on images, with no cache, uses features only for
-    # the zero-shot accuracy (test rows) and the server's hold-out.
+    # The only rows whose frozen features the run encodes (`inputs.pixel_feature_rows`), or None for every
+    # row (unless a sweep's driver shared them: `inputs.encode`): a method that trains and evaluates through
+    # the encoder on images, with no cache, uses features only for the zero-shot accuracy (test rows) and the
+    # server's hold-out.
     encode_rows: np.ndarray | None
     timings: dict[str, float]
 

@@ -75,7 +75,7 @@ class Preflight:
 def preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tuple[str, ...], method=None,
               settings=None) -> Preflight:
     """In this process: build the model (its spec checked first), run `method.check(settings, model, spec)`,
-    and make the text weights."""
+    and make the text weights; what this process made or checked before is not made again (`_MADE`)."""
     return _made(spec, class_names, templates, method, settings)[0]
 
 
@@ -83,10 +83,12 @@ def preflight(spec: ModelSpec, class_names: list[str], templates: list[str] | tu
 # differ in data and method settings, rarely in the model): the preflights by (spec, class names, templates),
 # and the (spec, method, settings) whose method's own check has passed. A later preflight of the same model
 # builds it only for a check not yet passed. The model is known by its fingerprint as well as its spec: local
-# weights rewritten in place (a notebook that saves over its checkpoint) are read again.
+# weights rewritten in place (a notebook that saves over its checkpoint) are read again, once their mtime
+# moves (as the feature store tells them apart). A kept preflight is not checked again: weights removed from
+# a hub cache since then are missed here, and fail where the encoder builds the model.
 _MADE: dict[tuple, tuple[Preflight, dict[str, Any]]] = {}
 _CHECKED: set[tuple] = set()
-_MADE_MAX = 8  # preflights kept (a few KB each: one text weight row per class, a transform)
+_MADE_MAX = 8  # preflights kept (one text weight row per class each: 3 MB for 1,000 classes at 768 wide)
 
 
 def _has_check(method) -> bool:
@@ -101,9 +103,9 @@ def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, di
     stage's compiled steps), from this process's earlier preflights where they hold it (`_MADE`)."""
     model_id = (spec, spec.fingerprint())
     key = (model_id, tuple(class_names), tuple(templates))
-    check = (model_id, method.name, settings.model_dump_json()) if method is not None and _has_check(method) else None
+    check = (model_id, method, settings.model_dump_json()) if method is not None and _has_check(method) else None
     if key in _MADE and (check is None or check in _CHECKED):
-        made, recipe = _MADE[key]
+        made, recipe = _MADE[key] = _MADE.pop(key)  # the newest again: the oldest unused leaves first
         return Preflight(made.text_weights.copy(), made.transform), recipe  # the caller's own weights
     from raycache.data.features import input_size, split_at_tensor
     from raycache.data.pil_stage import compile_steps
@@ -122,7 +124,7 @@ def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, di
         recipe = {"preprocess": dict(model.visual.preprocess_cfg),
                   "pil_steps": compile_steps(split_at_tensor(transform)[0]), "input_size": input_size(transform)}
         if len(_MADE) >= _MADE_MAX:
-            _MADE.pop(next(iter(_MADE)))  # the oldest
+            _MADE.pop(next(iter(_MADE)), None)  # the least recently used
         _MADE[key] = (made, recipe)
     return Preflight(made.text_weights.copy(), made.transform), recipe
 

@@ -69,7 +69,8 @@ PARENT = textwrap.dedent("""
     # a method that trains through the encoder: `meanwhile` looks for the rows the run's encode reads
     prep = prepare(load_config("experiments/tiny.yaml", ["method.name=fedavg_full"]), meanwhile=meanwhile)
     report["beside"], report["after"] = beside, len(children())
-    report["rows"] = rows[0] is not None and rows[0].tolist() == prep.encode_rows.tolist()
+    report["rows"] = rows[0] is not None and rows[0].tolist() == np.concatenate([prep.splits.test,
+                                                                                prep.splits.server]).tolist()
     report["same_weights"] = bool(np.allclose(prep.task.text_weights, run_preflight(
         ModelSpec("tiny"), prep.source.class_names, prep.cfg.model.templates).text_weights, atol=1e-6))
 
