@@ -101,8 +101,12 @@ def _has_check(method) -> bool:
 def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, dict[str, Any]]:
     """(the preflight, the transform's recipe: open_clip's preprocessing config it was built from and its PIL
     stage's compiled steps), from this process's earlier preflights where they hold it (`_MADE`)."""
+    import torch
+
     model_id = (spec, spec.fingerprint())
-    key = (model_id, tuple(class_names), tuple(templates))
+    # torch's threads too: the text weights' last bits depend on them, and a kept preflight must be the bits a
+    # fresh one would be (a sweep's trial, 1 thread, computes what the same config run alone computes)
+    key = (model_id, tuple(class_names), tuple(templates), torch.get_num_threads())
     check = (model_id, method, settings.model_dump_json()) if method is not None and _has_check(method) else None
     if key in _MADE and (check is None or check in _CHECKED):
         made, recipe = _MADE[key] = _MADE.pop(key)  # the newest again: the oldest unused leaves first

@@ -181,6 +181,15 @@ def test_a_reused_process_builds_the_model_only_for_what_it_has_not_made_or_chec
         with pytest.raises(UserError, match="vision.attn.nope"):
             preflight(spec, names, templates, flora, bad)
     assert len(builds) == 5
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads == 1 else 1)
+    try:  # torch's threads change the text weights' last bits: made afresh, as a fresh process would
+        preflight(spec, names, templates)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(builds) == 6
     # and what a fresh build makes is what was kept
     monkeypatch.setattr(pf, "_MADE", {})
     np.testing.assert_array_equal(preflight(spec, names, templates).text_weights, first.text_weights)
