@@ -18,7 +18,7 @@ from raycache.data.cache_source import cache_examples
 from raycache.models.clip import ModelSpec
 
 if TYPE_CHECKING:
-    from raycache.experiment import Prepared
+    from raycache.prepare import Prepared
 
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total): long work as it advances
 
@@ -36,12 +36,6 @@ class Encoded:
     cache: tuple[np.ndarray, np.ndarray]  # (features, labels) the initial state is built from
     inputs: Any  # features (np.ndarray), or ImageRows (decoded on demand) for a method that trains through the encoder
     zeroshot_accuracy: float
-
-
-def pixel_feature_rows(splits) -> np.ndarray:
-    """The rows whose frozen features a method that trains on pixels uses: test (zero-shot accuracy), then
-    the server's hold-out."""
-    return np.concatenate([splits.test, splits.server])
 
 
 def shared_key(kind: str, prep: Prepared) -> str:
@@ -89,7 +83,7 @@ def encode(prep: Prepared, run, stage: Callable[[str], None], shared: dict[str, 
             feats = load_or_encode(source, spec, cfg.runtime, transform=prep.transform,
                                    progress=work(progress, "encoding images"), encoders=encoders)
             f = feats.features
-        # pixel_feature_rows' order where only those rows were encoded
+        # prepare.pixel_feature_rows' order where only those rows were encoded
         test_f = f[splits.test] if f is not None else feats.features[:len(splits.test)]
         server_f = f[splits.server] if f is not None else feats.features[len(splits.test):]
         timings["time_encode_s"] = time.perf_counter() - t
