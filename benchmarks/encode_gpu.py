@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from raycache.config import DataConfig, RuntimeConfig  # noqa: E402
 from raycache.data.sources import open_source  # noqa: E402
-from raycache.data.features import input_size  # noqa: E402
+from raycache.data.transforms import input_size  # noqa: E402
 from raycache.data.sources.base import decode_image  # noqa: E402
 from raycache.models.clip import ModelSpec, load_clip  # noqa: E402
 

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from raycache.config import settings_for  # noqa: E402
-from raycache.data.features import input_size  # noqa: E402
+from raycache.data.transforms import input_size  # noqa: E402
 from raycache.methods import method_class  # noqa: E402
 from raycache.methods.base import Task  # noqa: E402
 from raycache.models.clip import ModelSpec, load_clip  # noqa: E402

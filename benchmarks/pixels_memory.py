@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         s = run_experiment(cfg, on_stage=stage, on_round=lambda r, m: stage(f"after round {r}"))
         ray.shutdown()
     wall = time.perf_counter() - t
-    from raycache.data.features import input_size
+    from raycache.data.transforms import input_size
     from raycache.data.sources import open_source
     from raycache.models.clip import ModelSpec, load_clip
 

@@ -167,7 +167,7 @@ def start_ray(prep: Prepared, stage: Callable[[str], None]) -> None:
     if cfg.runtime.address is None:  # a local Ray never grows; a cluster's autoscaler may add nodes to fit
         rt = cfg.runtime
         check_fits("runtime.client", min(rt.client_actors, cfg.data.clients), rt.client_cpus, rt.client_gpus)
-        check_fits("runtime.encoder", rt.encoder_actors, 0.0, rt.encoder_gpus)  # CPUs: features.encoder_plan
+        check_fits("runtime.encoder", rt.encoder_actors, 0.0, rt.encoder_gpus)  # CPUs: encoders.encoder_plan
         if prep.synth_store is not None:
             check_fits("synth.num", cfg.synth.actors, cfg.synth.num_cpus, cfg.synth.num_gpus)
     prep.timings["time_ray_start_s"] = prep.timings.get("time_ray_start_s", 0.0) + time.perf_counter() - t

@@ -182,7 +182,8 @@ class Classifier:
             return ImageRows(data, offsets, np.asarray(keys), self.transform)
         import torch
 
-        from raycache.data.features import ImageEncoder, decode_views
+        from raycache.data.encoders import ImageEncoder
+        from raycache.data.features import decode_views
 
         if self._encoder is None:
             self._encoder = ImageEncoder(self.spec, use_gpu=False, threads=torch.get_num_threads(),

@@ -35,7 +35,7 @@ class EvalTransform:
     def __init__(self, cfg: dict[str, Any], pil_steps=None, input_size=None) -> None:
         """`pil_steps`: the transform's PIL stage compiled where it was built (`pil_stage.compile_steps`, None
         if it does not compile), so that the encode pipeline's decode tasks run it without torch;
-        `input_size`: its last crop or resize (`features.input_size`), the augmented views' size."""
+        `input_size`: its last crop or resize (`transforms.input_size`), the augmented views' size."""
         from raycache.data.pil_stage import as_steps
 
         self.cfg = dict(cfg)
@@ -111,7 +111,7 @@ def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, di
     if key in _MADE and (check is None or check in _CHECKED):
         made, recipe = _MADE[key] = _MADE.pop(key)  # the newest again: the oldest unused leaves first
         return Preflight(made.text_weights.copy(), made.transform), recipe  # the caller's own weights
-    from raycache.data.features import input_size, split_at_tensor
+    from raycache.data.transforms import input_size, split_at_tensor
     from raycache.data.pil_stage import compile_steps
     from raycache.models.clip import load_clip
     from raycache.models.text import text_classifier

@@ -140,7 +140,7 @@ def test_an_encoder_pool_that_leaves_no_cpu_for_decoding_is_sized_down_or_refuse
                                                                                  tmp_path, capsys):
     """On a local Ray the decode tasks need a CPU beside the encoder actors: two 1-CPU actors on this
     2-CPU Ray once hung the encode for ever; now the pool is sized to fit, said in one line."""
-    from raycache.data.features import encoder_plan
+    from raycache.data.encoders import encoder_plan
 
     assert encoder_plan(RuntimeConfig()) == (1, 1.0, 2)  # one CPU reserved, both cores' threads
     assert encoder_plan(RuntimeConfig(encoder_actors=2, encoder_cpus=0.5)) == (2, 0.5, 1)
@@ -164,7 +164,8 @@ def test_pixels_cross_as_uint8_and_the_encoder_finishes_the_transform_exactly():
     from PIL import Image
     from torchvision import transforms as T
 
-    from raycache.data.features import decode_views, split_at_tensor
+    from raycache.data.features import decode_views
+    from raycache.data.transforms import split_at_tensor
 
     transform = T.Compose([T.Resize(20), T.CenterCrop(16), T.ToTensor(),
                            T.Normalize((0.3, 0.5, 0.7), (0.2, 0.25, 0.3))])

@@ -54,7 +54,7 @@ def test_the_compiled_steps_give_torchvisions_pixels_byte_for_byte(name):
     from PIL import Image
 
     from raycache.data import pil_stage
-    from raycache.data.features import split_at_tensor, to_pixels
+    from raycache.data.transforms import split_at_tensor, to_pixels
 
     transform = transforms()[name]
     stage = split_at_tensor(transform)[0]
@@ -85,7 +85,8 @@ def test_steps_it_does_not_know_keep_the_torchvision_path():
     from torchvision import transforms as T
 
     from raycache.data import features, pil_stage
-    from raycache.data.features import decode_task, split_at_tensor
+    from raycache.data.features import decode_task
+    from raycache.data.transforms import split_at_tensor
 
     eval_32 = open_clip.image_transform(32, is_train=False)
     unknown = [open_clip.image_transform((20, 14), is_train=False),

@@ -109,12 +109,12 @@ def test_a_process_without_torch_gets_the_preflight_from_a_child_with_the_same_r
     np.testing.assert_array_equal(shipped(img).numpy(), here.transform(img).numpy())
     # the decode tasks' steps, compiled in the child, are the ones this process compiles from its transform
     from raycache.data import pil_stage
-    from raycache.data.features import split_at_tensor
+    from raycache.data.transforms import split_at_tensor
 
     steps = pil_stage.compile_steps(split_at_tensor(here.transform)[0])
     assert steps and json.loads((tmp_path / "steps.json").read_text()) == json.loads(json.dumps(steps))
     # the augmented views' crop size, from the child: the model's input size, read here from its transform
-    from raycache.data.features import input_size
+    from raycache.data.transforms import input_size
 
     size = input_size(here.transform)
     assert json.loads((tmp_path / "views.json").read_text()) == ([size, size] if isinstance(size, int) else list(size))
