@@ -28,7 +28,7 @@ IN_FLIGHT = 2  # blocks queued per actor: one encoding, one waiting, so an actor
 
 
 class ImageEncoder:
-    """The pipeline's model stage (held by an `encoders.EncoderActor`, or by a served model): one model,
+    """The pipeline's model stage (held by an `EncoderActor`, or by a served model): one model,
     (B, views, 3, H, W) pixels in, (B, D) features out (the mean over the views). It only runs the model and
     the transform's tensor stage (uint8 pixels scaled to [0, 1] and normalised on the actor's device, exactly
     as `ToTensor` and `Normalize` would): decoding and the PIL work happen in `decode_block` tasks upstream,

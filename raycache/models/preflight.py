@@ -108,29 +108,25 @@ def _made(spec, class_names, templates, method, settings) -> tuple[Preflight, di
     # fresh one would be (a sweep's trial, 1 thread, computes what the same config run alone computes)
     key = (model_id, tuple(class_names), tuple(templates), torch.get_num_threads())
     check = (model_id, method, settings.model_dump_json()) if method is not None and _has_check(method) else None
-    if key in _MADE and (check is None or check in _CHECKED):
-        made, recipe = _MADE[key] = _MADE.pop(key)  # the newest again: the oldest unused leaves first
-        return Preflight(made.text_weights.copy(), made.transform), recipe  # the caller's own weights
-    from raycache.data.transforms import input_size, split_at_tensor
-    from raycache.data.pil_stage import compile_steps
-    from raycache.models.clip import load_clip
-    from raycache.models.text import text_classifier
+    if key not in _MADE or (check is not None and check not in _CHECKED):  # the model is needed
+        from raycache.data.pil_stage import compile_steps
+        from raycache.data.transforms import input_size, split_at_tensor
+        from raycache.models.clip import load_clip
+        from raycache.models.text import text_classifier
 
-    model, transform, tokenizer = load_clip(spec)
-    if check is not None:
-        method.check(settings, model, spec)
-        _CHECKED.add(check)
-    if key in _MADE:
-        made, recipe = _MADE[key]
-    else:
-        made = Preflight(text_weights=text_classifier(model, tokenizer, class_names, list(templates)),
-                         transform=transform)
-        recipe = {"preprocess": dict(model.visual.preprocess_cfg),
-                  "pil_steps": compile_steps(split_at_tensor(transform)[0]), "input_size": input_size(transform)}
-        if len(_MADE) >= _MADE_MAX:
-            _MADE.pop(next(iter(_MADE)), None)  # the least recently used
-        _MADE[key] = (made, recipe)
-    return Preflight(made.text_weights.copy(), made.transform), recipe
+        model, transform, tokenizer = load_clip(spec)
+        if check is not None:
+            method.check(settings, model, spec)
+            _CHECKED.add(check)
+        if key not in _MADE:
+            if len(_MADE) >= _MADE_MAX:
+                _MADE.pop(next(iter(_MADE)), None)  # the least recently used
+            _MADE[key] = (Preflight(text_classifier(model, tokenizer, class_names, list(templates)), transform),
+                          {"preprocess": dict(model.visual.preprocess_cfg),
+                           "pil_steps": compile_steps(split_at_tensor(transform)[0]),
+                           "input_size": input_size(transform)})
+    made, recipe = _MADE[key] = _MADE.pop(key)  # the newest again: the oldest unused leaves first
+    return Preflight(made.text_weights.copy(), made.transform), recipe  # the caller's own weights
 
 
 def _serve(folder: str) -> None:
